@@ -39,14 +39,42 @@ def main():
 @click.option("-o", "--outfile", "out", type=click.Path(dir_okay=False), default=None,
               help="Output GGUF path (default: <model name>-<TYPE>.gguf in the current folder).")
 @click.option("--type", "qtype", default=None, metavar="TYPE",
-              help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (default: the checkpoint's own float type).")
+              help="F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K "
+                   "(Q4_K = Q4_K_M, ...). Default: the checkpoint's own float type.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
-def convert(src, out, qtype, force):
-    """Convert a Hugging Face checkpoint (folder or hub id) to a GGUF file."""
+@click.option("--output-tensor-type", default=None, metavar="TYPE", help="ggml type for output.weight.")
+@click.option("--token-embedding-type", default=None, metavar="TYPE", help="ggml type for token_embd.weight.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="ggml type for tensors whose name matches the regex PATTERN (repeatable).")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None, help="Importance matrix (llama.cpp imatrix .gguf or .dat).")
+@click.option("--allow-requantize", is_flag=True, help="Allow a quantized GGUF input (its error adds up).")
+def convert(src, out, qtype, force, output_tensor_type, token_embedding_type, tensor_types, imatrix, allow_requantize):
+    """Convert a Hugging Face checkpoint (folder or hub id), or a GGUF file, to a GGUF file."""
     from ggq.convert.pipeline import convert as run_convert
 
-    path = run_convert(src, out, qtype=qtype, force=force, progress=True)
+    overrides = _overrides(output_tensor_type, token_embedding_type, tensor_types)
+    path = run_convert(src, out, qtype=qtype, force=force, progress=True, overrides=overrides, imatrix=imatrix,
+                       allow_requantize=allow_requantize)
     click.echo(f"wrote {path}")
+
+
+def _overrides(output_tensor_type, token_embedding_type, tensor_types):
+    """llama-quantize style per-tensor overrides, or None when none are given."""
+    if not (output_tensor_type or token_embedding_type or tensor_types):
+        return None
+    from ggq.convert.mixes import MixOverrides, parse_ggml_type
+
+    pairs = []
+    for spec in tensor_types:
+        if "=" not in spec:
+            raise GGQError(f"--tensor-type {spec!r}: expected PATTERN=TYPE")
+        pat, t = spec.rsplit("=", 1)
+        pairs.append((pat, parse_ggml_type(t)))
+    return MixOverrides(
+        output_tensor_type=parse_ggml_type(output_tensor_type) if output_tensor_type else None,
+        token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
+        tensor_types=pairs,
+    )
 
 
 @main.command()

@@ -54,9 +54,15 @@ class TensorSource:
     loader: Callable[[], np.ndarray]
     native: Callable[[object], np.ndarray | None] | None = None
     origin: str = ""
+    releaser: Callable[[], None] | None = None
 
     def load(self) -> np.ndarray:
         return self.loader()
+
+    def release(self) -> None:
+        """Drop this tensor's pages from memory (they stay on disk); a no-op for most sources."""
+        if self.releaser is not None:
+            self.releaser()
 
     @property
     def n_elements(self) -> int:
@@ -115,6 +121,20 @@ class _SafetensorsFile:
         arr = np.frombuffer(self._map(), dtype=_ST_DTYPES[dtype], count=(end - start) // np.dtype(_ST_DTYPES[dtype]).itemsize,
                             offset=self.base + start).reshape(shape)
         return bf16_to_f32(arr) if dtype == "BF16" else arr
+
+    def release(self, name: str) -> None:
+        """madvise(DONTNEED) the pages of tensor ``name`` so they leave our resident set."""
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        _dtype, _shape, start, end = self.entries[name]
+        page = mmap.PAGESIZE
+        a = (self.base + start) // page * page
+        b = min(len(self._mm), -(-(self.base + end) // page) * page)
+        if b > a:
+            try:
+                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+            except (OSError, ValueError):
+                pass
 
 
 def _torch_file_sources(path: Path) -> dict[str, TensorSource]:
@@ -201,7 +221,8 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
         for p in st_files:
             f = _SafetensorsFile(p)
             for name, (dtype, shape, _s, _e) in f.entries.items():
-                ck.tensors[name] = TensorSource(name, shape, dtype, (lambda f=f, n=name: f.get(n)), origin=str(p))
+                ck.tensors[name] = TensorSource(name, shape, dtype, (lambda f=f, n=name: f.get(n)), origin=str(p),
+                                                releaser=(lambda f=f, n=name: f.release(n)))
         return ck
     bins = sorted(model_dir.glob("pytorch_model*.bin"))
     if not bins:

@@ -1,0 +1,284 @@
+"""``ggq convert``: a Hugging Face checkpoint (or a GGUF file) to a GGUF file, streaming.
+
+The pipeline plans every output tensor first (GGUF name, shape, ggml type), writes the header,
+metadata and tensor table, then loads, converts and writes one tensor at a time into a temporary
+file that is renamed into place at the end. Peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from ggq import quants
+from ggq.convert import arch as archmod
+from ggq.convert.checkpoint import Checkpoint, TensorSource, open_checkpoint, resolve_source
+from ggq.errors import GGQError
+from ggq.format.output import atomic_output, check_output
+
+T = gguf.GGMLQuantizationType
+FT = gguf.LlamaFileType
+log = logging.getLogger("ggq.convert")
+
+#: --type values that map every 2-D weight to one ggml type (llama.cpp's converter for the floats
+#: and Q8_0; llama-quantize's per-tensor rules for the others come from ggq.convert.mixes)
+BASIC_TYPES: dict[str, tuple[FT, T]] = {
+    "F32": (FT.ALL_F32, T.F32),
+    "F16": (FT.MOSTLY_F16, T.F16),
+    "BF16": (FT.MOSTLY_BF16, T.BF16),
+    "Q8_0": (FT.MOSTLY_Q8_0, T.Q8_0),
+    "Q4_0": (FT.MOSTLY_Q4_0, T.Q4_0),
+    "Q4_1": (FT.MOSTLY_Q4_1, T.Q4_1),
+    "Q5_0": (FT.MOSTLY_Q5_0, T.Q5_0),
+    "Q5_1": (FT.MOSTLY_Q5_1, T.Q5_1),
+}
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: its GGUF name, numpy-order shape, source and how to transform it."""
+
+    name: str
+    shape: tuple[int, ...]
+    source: TensorSource | None
+    permute_heads: int = 0  # >0: permute Q/K rows with this many heads
+    data: np.ndarray | None = None  # for generated tensors (rope_freqs)
+    qtype: T = T.F32
+
+    @property
+    def ne(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        n_rows = int(np.prod(self.shape[:-1], dtype=np.int64)) if len(self.shape) > 1 else 1
+        return n_rows * quants.row_bytes(self.qtype, self.shape[-1])
+
+
+def parse_type(name: str) -> str:
+    """Normalise a ``--type`` value (case-insensitive) to its canonical name; GGQError if unknown."""
+    try:
+        from ggq.convert import mixes
+    except ImportError:
+        mixes = None
+    key = name.strip().upper()
+    if key in BASIC_TYPES:
+        return key
+    if mixes is not None:
+        return mixes.parse_file_type(name).name.replace("MOSTLY_", "").replace("ALL_", "")
+    raise GGQError(f"unknown --type {name!r} (valid: {', '.join(BASIC_TYPES)})")
+
+
+def _basic_plan(planned: list[PlannedTensor], qtype: T) -> None:
+    """Per-tensor types for a single-type file, as llama.cpp's converter chooses them: 1-D tensors
+    and norms F32; a row length the block size does not divide falls back to F16 (F32 for F32)."""
+    for p in planned:
+        if len(p.shape) <= 1 or p.name.endswith("_norm.weight") or p.name == "rope_freqs.weight":
+            p.qtype = T.F32
+        elif p.shape[-1] % quants.block_size(qtype):
+            p.qtype = T.F16
+        else:
+            p.qtype = qtype
+
+
+def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, overrides, src_float: T) -> FT:
+    if type_name in BASIC_TYPES and type_name in ("F32", "F16", "BF16", "Q8_0") and overrides is None:
+        ftype, qtype = BASIC_TYPES[type_name]
+        _basic_plan(planned, qtype)
+        return ftype
+    try:
+        from ggq.convert import mixes
+    except ImportError:
+        ftype, qtype = BASIC_TYPES[type_name]
+        _basic_plan(planned, qtype)
+        return ftype
+    ftype = mixes.parse_file_type(type_name)
+    hparams = {"n_layer": hp.n_layer, "n_head": hp.n_head, "n_head_kv": hp.n_head_kv, "n_embd": hp.n_embd,
+               "n_ff": hp.n_ff, "n_expert": 0, "n_vocab": hp.vocab_size}
+    types = mixes.plan_types([(p.name, p.ne) for p in planned], ftype, spec.name, hparams, overrides,
+                             source_float_type=src_float)
+    for p in planned:
+        p.qtype = types[p.name]
+    return ftype
+
+
+def plan_checkpoint(ck: Checkpoint, spec: archmod.ArchSpec, hp: archmod.HParams) -> list[PlannedTensor]:
+    """Every output tensor in file order, with GGUF names and shapes (types not yet chosen)."""
+    names = archmod.NameMap(spec, hp.n_layer)
+    planned: list[PlannedTensor] = []
+    seen: dict[str, str] = {}
+    for hf_name in sorted(ck.tensors, key=archmod.natural_key):
+        src = ck.tensors[hf_name]
+        if hp.tie_embeddings and hf_name == "lm_head.weight":
+            continue  # llama.cpp uses token_embd when output.weight is absent
+        try:
+            name = names.gguf_name(hf_name)
+        except GGQError as e:
+            raise GGQError(f"{ck.path}: {e}") from None
+        if name is None:
+            continue
+        if name in seen:
+            raise GGQError(f"{ck.path}: tensors {seen[name]!r} and {hf_name!r} both map to {name}")
+        seen[name] = hf_name
+        if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
+            raise GGQError(f"{src.origin or ck.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
+        heads = 0
+        if spec.permute_qk:
+            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                heads = hp.n_head
+            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                heads = hp.n_head_kv
+        planned.append(PlannedTensor(name, tuple(src.shape), src, permute_heads=heads))
+    factors = hp.llama3_rope_factors()
+    if factors is not None:
+        planned.insert(0, PlannedTensor("rope_freqs.weight", factors.shape, None, data=factors))
+    if not any(p.name == "token_embd.weight" for p in planned):
+        raise GGQError(f"{ck.path}: no token embedding tensor (model.embed_tokens.weight)")
+    return planned
+
+
+def _produce(p: PlannedTensor) -> np.ndarray:
+    """Load, transform and encode one tensor into the array written to the file."""
+    if p.data is not None:
+        return p.data.astype(np.float32)
+    src = p.source
+    assert src is not None
+    if src.native is not None and p.qtype not in (T.F32, T.F16, T.BF16):
+        raw = src.native(p.qtype)
+        if raw is not None:
+            return archmod.permute_qk_rows(raw, p.permute_heads) if p.permute_heads else raw
+    arr = src.load()
+    if arr.dtype != np.float16 or p.qtype != T.F16:
+        arr = arr.astype(np.float32, copy=False)
+    if tuple(arr.shape) != p.shape:
+        raise GGQError(f"{src.origin}: tensor {src.name!r} has shape {arr.shape}, expected {p.shape}")
+    if p.permute_heads:
+        arr = archmod.permute_qk_rows(arr, p.permute_heads)
+    if p.qtype == T.F32:
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    return quants.quantize(arr, p.qtype)
+
+
+def default_output(model_dir: Path, type_name: str) -> Path:
+    return Path.cwd() / f"{model_dir.name}-{type_name}.gguf"
+
+
+def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = None, force: bool = False,
+            progress: bool = True, overrides=None, imatrix: str | Path | None = None,
+            allow_requantize: bool = False) -> Path:
+    """Convert the checkpoint ``src`` (folder, hub id, or a ``.gguf`` file) to the GGUF file ``out``.
+
+    ``qtype``: a file type name (``F16``, ``Q8_0``, ``Q4_K_M``, ...), default: the checkpoint's own
+    float type (or, for a GPTQ/AWQ checkpoint, the type that keeps its codes). ``overrides``: a
+    :class:`ggq.convert.mixes.MixOverrides`; ``imatrix``: an imatrix file for the K-quants.
+    Returns the output path. Raises GGQError for any bad input; never leaves a partial ``out``.
+    """
+    src_s = str(src)
+    if src_s.endswith(".gguf") and Path(src_s).is_file():
+        from ggq.convert.requantize import requantize
+
+        if qtype is None:
+            raise GGQError(f"{src_s}: converting a GGUF file needs --type")
+        out_p = Path(out) if out else Path.cwd() / f"{Path(src_s).stem}-{parse_type(qtype)}.gguf"
+        return requantize(src_s, out_p, qtype, allow_requantize=allow_requantize, overrides=overrides,
+                          imatrix=imatrix, force=force, progress=progress)
+
+    type_name = parse_type(qtype) if qtype is not None else None  # fail fast on a bad --type
+    if out is not None:
+        check_output(Path(out), force)
+    model_dir = resolve_source(src_s)
+    ck = open_checkpoint(model_dir)
+    spec = archmod.arch_for(ck.config, str(model_dir / "config.json"))
+    hp = archmod.HParams.from_config(ck.config, str(model_dir / "config.json"))
+
+    qinfo = None
+    try:
+        from ggq.convert import quantized
+    except ImportError:
+        quantized = None
+    if quantized is not None:
+        qinfo = quantized.prepare(ck)
+    elif "quantization_config" in ck.config:
+        raise GGQError(f"{model_dir}: quantized checkpoints are not supported by this build")
+
+    if type_name is None:
+        type_name = qinfo.default_type if qinfo is not None else ck.float_type
+    out_p = Path(out) if out else default_output(model_dir, type_name)
+    check_output(out_p, force)
+
+    planned = plan_checkpoint(ck, spec, hp)
+    src_float = {"F16": T.F16, "BF16": T.BF16}.get(ck.float_type, T.F32)
+    ftype = _plan_types(planned, type_name, spec, hp, overrides, src_float)
+    if qinfo is not None:
+        warned = set()
+        for p in planned:
+            if p.source is not None and p.source.native is not None:
+                msg = qinfo.lost(p.qtype)
+                if msg and msg not in warned:
+                    warned.add(msg)
+                    print(f"ggq: warning: {msg}", file=sys.stderr)
+
+    imat = None
+    if imatrix is not None:
+        from ggq.convert.imatrix import load_imatrix
+
+        imat = load_imatrix(imatrix)
+
+    w = gguf.GGUFWriter(None, spec.name)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(model_dir.name)
+    hp.write(w, spec)
+    w.add_file_type(int(ftype))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    from ggq.convert.vocab import write_vocab
+
+    write_vocab(w, model_dir, ck.config, spec.name)
+    for p in planned:
+        w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+
+    total = sum(p.nbytes for p in planned)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{out_p.name}", file=sys.stderr,
+                   dynamic_ncols=True, leave=False)
+    with atomic_output(out_p, force) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, p in enumerate(planned):
+            if bar is not None:
+                bar.set_postfix_str(f"{i + 1}/{len(planned)} {p.name} {p.qtype.name}", refresh=False)
+            if imat is not None and p.name in imat and p.qtype not in (T.F32, T.F16, T.BF16):
+                data = _produce_weighted(p, imat[p.name])
+            else:
+                data = _produce(p)
+            if data.nbytes != p.nbytes:
+                raise GGQError(f"internal error: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
+            w.write_tensor_data(data)
+            if p.source is not None:
+                p.source.release()
+            if bar is not None:
+                bar.update(p.nbytes)
+        w.close()
+    if bar is not None:
+        bar.close()
+    return out_p
+
+
+def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:
+    """Like :func:`_produce`, quantizing with importance weights (float32 ``(n_per_row,)``)."""
+    src = p.source
+    assert src is not None
+    arr = src.load().astype(np.float32, copy=False)
+    if p.permute_heads:
+        arr = archmod.permute_qk_rows(arr, p.permute_heads)
+    if weights.shape != (p.shape[-1],):
+        raise GGQError(f"imatrix entry for {p.name} has {weights.shape[0]} columns, the tensor has {p.shape[-1]}")
+    return quants.quantize(arr, p.qtype, imatrix=weights)
