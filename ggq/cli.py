@@ -62,7 +62,8 @@ def _overrides(output_tensor_type, token_embedding_type, tensor_types):
     """llama-quantize style per-tensor overrides, or None when none are given."""
     if not (output_tensor_type or token_embedding_type or tensor_types):
         return None
-    from ggq.convert.mixes import MixOverrides, parse_ggml_type
+    from ggq.convert.mixes import MixOverrides
+    from ggq.quants import parse_ggml_type
 
     pairs = []
     for spec in tensor_types:

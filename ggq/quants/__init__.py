@@ -51,6 +51,23 @@ def _module(qtype: GGMLQuantizationType):
     return importlib.import_module(f"ggq.quants.{name}")
 
 
+def parse_ggml_type(name: str) -> GGMLQuantizationType:
+    """A ggml type from its name (``q4_k``, ``Q8_0``, ``f16``; case-insensitive).
+
+    Raises :class:`ggq.errors.GGQError` listing the types ggq can write if the name is unknown.
+    """
+    from ggq.errors import GGQError
+
+    try:
+        t = GGMLQuantizationType[name.strip().upper()]
+    except KeyError:
+        t = None
+    if t is None or t not in _MODULES or t == T.Q8_K:
+        valid = ", ".join(x.name for x in _MODULES if x != T.Q8_K)
+        raise GGQError(f"unknown ggml type {name!r} (valid: {valid})")
+    return t
+
+
 def supported(qtype: GGMLQuantizationType) -> bool:
     """True if ggq can quantize to and dequantize from ``qtype``."""
     try:
