@@ -121,3 +121,30 @@ def ggml_quantize(x: np.ndarray, qtype: int, imatrix: np.ndarray | None = None) 
 
 if __name__ == "__main__":
     print(llama_cpp_source())
+
+
+def load_llama(path: Path, n_ctx: int = 512, n_threads: int = 2, vocab_only: bool = False):
+    """A ``llama_cpp.Llama`` on ``path`` (quiet, CPU, ``n_threads``)."""
+    import llama_cpp
+
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                           verbose=False, vocab_only=vocab_only, n_gpu_layers=0)
+
+
+def next_logits(llm, tokens: list[int]) -> np.ndarray:
+    """llama.cpp's float32 ``(n_vocab,)`` logits after ``tokens`` (a fresh context each call)."""
+    llm.reset()
+    llm.eval(list(tokens))
+    return np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+
+
+def greedy(llm, tokens: list[int], n: int) -> list[int]:
+    """``n`` greedy (argmax) continuation tokens from llama.cpp after ``tokens``."""
+    llm.reset()
+    llm.eval(list(tokens))
+    out = []
+    for _ in range(n):
+        t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(t)
+        llm.eval([t])
+    return out
