@@ -128,7 +128,7 @@ def load_llama(path: Path, n_ctx: int = 512, n_threads: int = 2, vocab_only: boo
     import llama_cpp
 
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                           verbose=False, vocab_only=vocab_only, n_gpu_layers=0)
+                           verbose=False, vocab_only=vocab_only, n_gpu_layers=0, logits_all=True)
 
 
 def next_logits(llm, tokens: list[int]) -> np.ndarray:
