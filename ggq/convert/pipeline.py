@@ -248,27 +248,32 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"{out_p.name}", file=sys.stderr,
                    dynamic_ncols=True, leave=False)
-    with atomic_output(out_p, force) as tmp:
-        w.write_header_to_file(tmp)
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, p in enumerate(planned):
-            if bar is not None:
-                bar.set_postfix_str(f"{i + 1}/{len(planned)} {p.name} {p.qtype.name}", refresh=False)
-            if imat is not None and p.name in imat and p.qtype not in (T.F32, T.F16, T.BF16):
-                data = _produce_weighted(p, imat[p.name])
-            else:
-                data = _produce(p)
-            if data.nbytes != p.nbytes:
-                raise GGQError(f"internal error: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
-            w.write_tensor_data(data)
-            if p.source is not None:
-                p.source.release()
-            if bar is not None:
-                bar.update(p.nbytes)
-        w.close()
-    if bar is not None:
-        bar.close()
+    try:
+        with atomic_output(out_p, force) as tmp:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, p in enumerate(planned):
+                if bar is not None:
+                    bar.set_postfix_str(f"{i + 1}/{len(planned)} {p.name} {p.qtype.name}", refresh=False)
+                if imat is not None and p.name in imat and p.qtype not in (T.F32, T.F16, T.BF16):
+                    data = _produce_weighted(p, imat[p.name])
+                else:
+                    data = _produce(p)
+                if data.nbytes != p.nbytes:
+                    raise GGQError(f"internal error: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
+                w.write_tensor_data(data)
+                if p.source is not None:
+                    p.source.release()
+                if bar is not None:
+                    bar.update(p.nbytes)
+            w.close()
+    finally:
+        if bar is not None:
+            bar.close()
+        if w.fout:
+            for f in w.fout:
+                f.close()
     return out_p
 
 
