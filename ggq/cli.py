@@ -88,5 +88,76 @@ def info(file, all_metadata):
     click.echo(format_info(file, full_arrays=all_metadata))
 
 
+# ---------------------------------------------------------------- run / generate (runtime chat)
+
+def _sampling_options(f):
+    """Sampling and runtime options shared by ``run`` and ``generate`` (llama.cpp's names and defaults)."""
+    opts = [
+        click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
+                     help="Context size in tokens (default: the runtime's, like llama.cpp's 4096)."),
+        click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+        click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
+                     help="Tokens to generate per reply (-1: until end of turn or a full context)."),
+        click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (0: greedy)."),
+        click.option("--top-k", type=int, default=40, show_default=True, help="Top-k (0: off)."),
+        click.option("--top-p", type=float, default=0.95, show_default=True, help="Top-p (1.0: off)."),
+        click.option("--min-p", type=float, default=0.05, show_default=True, help="Min-p (0.0: off)."),
+        click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
+                     help="Repeat penalty (1.0: off)."),
+        click.option("--repeat-last-n", type=int, default=64, show_default=True,
+                     help="Tokens the repeat penalty looks back over (0: off)."),
+        click.option("--seed", type=int, default=-1, show_default=True, help="Random seed (-1: random)."),
+        click.option("-v", "--verbose", is_flag=True, help="Print prompt/generation speed after each reply."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed):
+    from ggq.runtime.sampler import SamplerParams
+
+    return SamplerParams(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                         repeat_last_n=repeat_last_n, seed=None if seed < 0 else seed)
+
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("-s", "--system", default=None, help="System prompt.")
+@_sampling_options
+def run(model, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+        seed, verbose):
+    """Chat with a GGUF model (default: SmolLM2-135M-Instruct, fetched on first use).
+
+    Type a message and press Enter; /reset clears the conversation, /exit or Ctrl-D quits,
+    Ctrl-C stops a reply.
+    """
+    from ggq.runtime.chat import run_chat
+
+    if model is None:
+        from ggq.runtime.default_model import default_model_path
+
+        model = str(default_model_path())
+    run_chat(model, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
+             system=system, n_predict=n_predict, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-p", "--prompt", default=None, help="Prompt text (default: read from standard input).")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template (the prompt is one user message).")
+@click.option("-s", "--system", default=None, help="System prompt (with --chat).")
+@_sampling_options
+def generate(model, prompt, chat, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
+             repeat_last_n, seed, verbose):
+    """Print the continuation of a prompt (for scripts and pipes)."""
+    from ggq.runtime.chat import run_generate
+
+    if prompt is None:
+        prompt = sys.stdin.read()
+    run_generate(model, prompt, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
+                 n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
+
+
 if __name__ == "__main__":
     main()

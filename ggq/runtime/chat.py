@@ -1,0 +1,392 @@
+"""Chat templates, token generation, the interactive chat loop (``ggq run``) and ``ggq generate``.
+
+Templates: the GGUF's ``tokenizer.chat_template`` is rendered with jinja2 in an
+``ImmutableSandboxedEnvironment`` set up as transformers' ``apply_chat_template`` does
+(trim_blocks, lstrip_blocks, loopcontrols, ``raise_exception``, ``strftime_now``, a ``tojson``
+filter). A file without a template gets a plain ``role: content`` layout.
+
+Multi-turn chats reuse the KV cache: every turn renders the whole conversation, tokenizes it, keeps
+the longest prefix that is already in the cache (``Model.truncate``) and evaluates only the rest.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Callable
+
+from ggq.errors import GGQError
+from ggq.runtime.sampler import Sampler, SamplerParams
+from ggq.runtime.tokenizer import StreamDecoder, Tokenizer
+
+#: used when a file has no tokenizer.chat_template
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def _compile(template: str):
+    try:
+        import jinja2
+        from jinja2.ext import loopcontrols
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as e:  # pragma: no cover
+        raise GGQError(f"jinja2 is needed for chat templates: {e}") from e
+    import json
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    def strftime_now(fmt):
+        return datetime.now().strftime(fmt)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = strftime_now
+    try:
+        return env.from_string(template)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise GGQError(f"chat template: syntax error: {e}") from e
+
+
+class ChatTemplate:
+    """A compiled chat template. ``render(messages, add_generation_prompt=True) -> str``.
+
+    ``messages``: list of ``{"role": "system"|"user"|"assistant", "content": str}``.
+    Raises :class:`GGQError` when the template raises (e.g. roles out of order).
+    """
+
+    def __init__(self, template: str | None, bos_token: str = "", eos_token: str = ""):
+        self.source = template or PLAIN_TEMPLATE
+        self.is_plain = not template
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self._tpl = _compile(self.source)
+
+    @classmethod
+    def for_model(cls, metadata: dict, tok: Tokenizer) -> "ChatTemplate":
+        """The template of a GGUF file (``tokenizer.chat_template``), or the plain fallback."""
+        tpl = metadata.get("tokenizer.chat_template")
+        bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
+        eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
+        return cls(tpl if isinstance(tpl, str) and tpl.strip() else None, bos, eos)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        import jinja2
+
+        try:
+            return self._tpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                    bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
+                                    documents=None, custom_tools=None, tools_in_user_message=False)
+        except jinja2.exceptions.TemplateError as e:
+            raise GGQError(f"chat template: {e}") from e
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _SigintFlag:
+    """While active, Ctrl-C sets ``self.hit`` instead of raising (so a reply can stop cleanly)."""
+
+    def __init__(self):
+        self.hit = False
+        self._old = None
+
+    def __enter__(self):
+        self.hit = False
+        try:
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handler(self, signum, frame):
+        self.hit = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+@dataclass
+class GenStats:
+    n_prompt: int = 0          # tokens evaluated for the prompt (after cache reuse)
+    n_cached: int = 0          # prompt tokens reused from the KV cache
+    n_gen: int = 0             # tokens generated
+    t_prompt: float = 0.0      # seconds
+    t_gen: float = 0.0         # seconds
+    stop: str = ""             # "eog", "length", "ctx", "interrupt"
+    text: str = ""
+
+    def summary(self) -> str:
+        pp = self.n_prompt / self.t_prompt if self.t_prompt > 0 else 0.0
+        tg = (self.n_gen - 1) / self.t_gen if self.t_gen > 0 and self.n_gen > 1 else 0.0
+        return (f"prompt: {self.n_prompt} tokens ({self.n_cached} cached), {pp:.1f} tok/s | "
+                f"generated: {self.n_gen} tokens, {tg:.1f} tok/s | stop: {self.stop}")
+
+
+@dataclass
+class Generator:
+    """Drives a model: keeps the token list that is in its KV cache and generates from prompts.
+
+    ``model``: a ``ggq.runtime.model.Model`` (``eval``, ``truncate``, ``reset``, ``n_ctx``).
+    """
+
+    model: object
+    tok: Tokenizer
+    params: SamplerParams = field(default_factory=SamplerParams)
+    cached: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.sampler = Sampler(self.params)
+
+    def reset(self) -> None:
+        self.model.reset()
+        self.cached = []
+        self.sampler.reset()
+
+    def generate(self, prompt: list[int], n_predict: int = -1,
+                 on_text: Callable[[str], None] | None = None, stop_flag: _SigintFlag | None = None) -> GenStats:
+        """Evaluate ``prompt`` (reusing the cached prefix) and sample until EOG, ``n_predict`` tokens
+        (``< 0``: no limit) or a full context. ``on_text`` receives text as it completes (UTF-8 safe).
+        """
+        st = GenStats()
+        n_ctx = int(self.model.n_ctx)
+        if len(prompt) >= n_ctx:
+            raise GGQError(f"prompt is {len(prompt)} tokens, the context holds {n_ctx} (use --ctx-size)")
+        keep = common_prefix(self.cached, prompt)
+        if keep == len(prompt):  # need logits for the last prompt token: evaluate it again
+            keep -= 1
+        keep = max(0, min(keep, int(self.model.n_past)))
+        self.model.truncate(keep)
+        self.cached = list(prompt[:keep])
+        st.n_cached = keep
+        t0 = time.perf_counter()
+        logits = self.model.eval(prompt[keep:])
+        self.cached = list(prompt)
+        st.n_prompt = len(prompt) - keep
+        st.t_prompt = time.perf_counter() - t0
+        self.sampler.reset()
+        self.sampler.accept_many(prompt[-max(0, self.params.repeat_last_n):] if self.params.repeat_last_n > 0 else [])
+        dec = StreamDecoder(self.tok)
+        out: list[str] = []
+        t1 = time.perf_counter()
+        st.stop = "length"
+        while n_predict < 0 or st.n_gen < n_predict:
+            if stop_flag is not None and stop_flag.hit:
+                st.stop = "interrupt"
+                break
+            tid = self.sampler.sample(logits)
+            if self.tok.is_eog(tid):
+                st.stop = "eog"
+                break
+            self.sampler.accept(tid)
+            st.n_gen += 1
+            piece = dec.push(tid)
+            if piece:
+                out.append(piece)
+                if on_text:
+                    on_text(piece)
+            if len(self.cached) + 1 >= n_ctx:
+                st.stop = "ctx"
+                break
+            if n_predict >= 0 and st.n_gen >= n_predict:
+                break
+            if stop_flag is not None and stop_flag.hit:
+                st.stop = "interrupt"
+                break
+            logits = self.model.eval([tid])
+            self.cached.append(tid)
+        rest = dec.flush()
+        if rest:
+            out.append(rest)
+            if on_text:
+                on_text(rest)
+        st.t_gen = time.perf_counter() - t1
+        st.text = "".join(out)
+        return st
+
+
+class ChatSession:
+    """A conversation over one model: ``turn(user_text) -> GenStats`` streams the reply to ``out``."""
+
+    def __init__(self, model, tok: Tokenizer, template: ChatTemplate, params: SamplerParams | None = None,
+                 system: str | None = None, n_predict: int = -1, out=None):
+        self.gen = Generator(model, tok, params or SamplerParams())
+        self.tok, self.template = tok, template
+        self.system, self.n_predict = system, n_predict
+        self.out = out if out is not None else sys.stdout
+        self.messages: list[dict] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (keeps the system prompt) and clear the KV cache."""
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.gen.reset()
+
+    def tokens_for(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        """Rendered and tokenized conversation (special tokens parsed, BOS added once)."""
+        text = self.template.render(messages, add_generation_prompt)
+        ids = self.tok.encode(text, add_special=False, parse_special=True)
+        if self.tok.add_bos and self.tok.bos_id is not None and (not ids or ids[0] != self.tok.bos_id):
+            ids.insert(0, self.tok.bos_id)
+        return ids
+
+    def _fit(self, msgs: list[dict]) -> list[int]:
+        """Tokens of ``msgs``; drops the oldest turns (not the system prompt) until they fit."""
+        n_ctx = int(self.gen.model.n_ctx)
+        budget = n_ctx - max(16, min(256, n_ctx // 4))
+        ids = self.tokens_for(msgs)
+        while len(ids) > budget:
+            first = 1 if msgs and msgs[0]["role"] == "system" else 0
+            if len(msgs) - first <= 1:
+                break
+            del msgs[first:first + 2 if len(msgs) - first > 2 else first + 1]
+            ids = self.tokens_for(msgs)
+        return ids
+
+    def turn(self, user_text: str, stop_flag: _SigintFlag | None = None) -> GenStats:
+        msgs = self.messages + [{"role": "user", "content": user_text}]
+        ids = self._fit(msgs)
+
+        def emit(s: str) -> None:
+            self.out.write(s)
+            self.out.flush()
+
+        st = self.gen.generate(ids, self.n_predict, on_text=emit, stop_flag=stop_flag)
+        msgs.append({"role": "assistant", "content": st.text})
+        self.messages = msgs
+        return st
+
+
+HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
+
+
+def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=None) -> None:
+    """Interactive loop on stdin/stdout: read a line, stream the reply; ``/reset``, ``/exit``."""
+    out = session.out
+    interactive = sys.stdin.isatty() if inp is None else False
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    err = sys.stderr
+    if name:
+        err.write(f"ggq: chatting with {name}. {HELP}\n")
+        err.flush()
+    prompt_str = "> " if interactive else ""
+    ctrl_c = 0
+    while True:
+        try:
+            if inp is None:
+                line = input(prompt_str)
+            else:
+                line = inp.readline()
+                if not line:
+                    raise EOFError
+                line = line.rstrip("\n")
+            ctrl_c = 0
+        except EOFError:
+            if interactive:
+                out.write("\n")
+            break
+        except KeyboardInterrupt:
+            if ctrl_c:
+                out.write("\n")
+                break
+            ctrl_c = 1
+            out.write("\n(Ctrl-C again, /exit or Ctrl-D to quit)\n")
+            out.flush()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit", "/bye"):
+            break
+        if text == "/reset":
+            session.reset()
+            err.write("(conversation cleared)\n")
+            err.flush()
+            continue
+        if text in ("/help", "/?"):
+            err.write(HELP + "\n")
+            err.flush()
+            continue
+        with _SigintFlag() as flag:
+            st = session.turn(text, stop_flag=flag)
+        if st.stop == "interrupt":
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+        if verbose:
+            err.write(st.summary() + "\n")
+            err.flush()
+
+
+# ---------------------------------------------------------------------- entry points for the CLI
+
+def load(model_path: str, n_ctx: int | None, n_threads: int | None):
+    """Load a model and its tokenizer: ``(model, tokenizer)``. Raises GGQError on a bad file."""
+    from ggq.runtime.model import Model
+
+    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    tok = Tokenizer.from_metadata(model.metadata, source=str(model_path))
+    return model, tok
+
+
+def run_chat(model_path: str, params: SamplerParams, system: str | None = None, n_predict: int = -1,
+             n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False) -> None:
+    """``ggq run``: interactive chat with the model at ``model_path``."""
+    from pathlib import Path
+
+    model, tok = load(model_path, n_ctx, n_threads)
+    template = ChatTemplate.for_model(model.metadata, tok)
+    if template.is_plain:
+        sys.stderr.write("ggq: this file has no chat template; using a plain 'User:/Assistant:' layout\n")
+    session = ChatSession(model, tok, template, params, system=system, n_predict=n_predict)
+    name = model.metadata.get("general.name") or Path(model_path).name
+    chat_loop(session, name=str(name), verbose=verbose)
+
+
+def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
+                 system: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
+                 verbose: bool = False) -> None:
+    """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
+    model, tok = load(model_path, n_ctx, n_threads)
+    if chat:
+        template = ChatTemplate.for_model(model.metadata, tok)
+        session = ChatSession(model, tok, template, params, system=system, n_predict=n_predict)
+        msgs = session.messages + [{"role": "user", "content": prompt}]
+        ids = session.tokens_for(msgs)
+    else:
+        ids = tok.encode(prompt, add_special=True, parse_special=True)
+    if not ids:
+        raise GGQError("empty prompt")
+    gen = Generator(model, tok, params)
+    out = sys.stdout
+
+    def emit(s: str) -> None:
+        out.write(s)
+        out.flush()
+
+    with _SigintFlag() as flag:
+        st = gen.generate(ids, n_predict, on_text=emit, stop_flag=flag)
+    out.write("\n")
+    out.flush()
+    if verbose:
+        sys.stderr.write(st.summary() + "\n")

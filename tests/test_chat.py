@@ -1,0 +1,247 @@
+"""Chat: template rendering (against transformers), KV-cache reuse across turns, stopping, and
+end-to-end runs of ``ggq run`` through a pseudo-terminal and ``ggq generate`` through a pipe."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import select
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, VOCABS
+from ggq.errors import GGQError
+from ggq.runtime.chat import ChatSession, ChatTemplate, Generator, _SigintFlag, chat_loop, common_prefix
+from ggq.runtime.sampler import SamplerParams
+from ggq.runtime.tokenizer import Tokenizer, read_metadata
+
+QWEN = VOCABS / "ggml-vocab-qwen2.gguf"
+PHI3 = VOCABS / "ggml-vocab-phi-3.gguf"
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    if not QWEN.exists():
+        pytest.skip(f"{QWEN} not found")
+    md = read_metadata(QWEN)
+    return md, Tokenizer.from_metadata(md)
+
+
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "What is 2+2?"},
+]
+
+
+@pytest.mark.parametrize("path", [QWEN, PHI3], ids=["qwen2", "phi-3"])
+def test_template_matches_transformers(path):
+    render = pytest.importorskip("transformers.utils.chat_template_utils").render_jinja_template
+    if not path.exists():
+        pytest.skip(f"{path} not found")
+    md = read_metadata(path)
+    tok = Tokenizer.from_metadata(md)
+    tpl = ChatTemplate.for_model(md, tok)
+    assert not tpl.is_plain
+    conv = CONV if "qwen" in path.name else CONV[1:]
+    for agp in (True, False):
+        ref = render([conv], chat_template=md["tokenizer.chat_template"], add_generation_prompt=agp,
+                     bos_token=tpl.bos_token, eos_token=tpl.eos_token)
+        ref = ref[0][0] if isinstance(ref, tuple) else ref
+        ref = ref[0] if isinstance(ref, list) else ref
+        assert tpl.render(conv, agp) == ref
+
+
+def test_plain_fallback_and_errors():
+    tpl = ChatTemplate(None)
+    assert tpl.is_plain
+    assert tpl.render([{"role": "user", "content": "hi"}]) == "User: hi\nAssistant:"
+    bad = ChatTemplate("{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(GGQError, match="roles must alternate"):
+        bad.render([])
+    sandboxed = ChatTemplate("{{ ''.__class__.__mro__ }}")
+    with pytest.raises(Exception):
+        sandboxed.render([])
+
+
+class FakeModel:
+    """Records what it evaluates; its logits spell ``script`` then the end-of-turn token."""
+
+    def __init__(self, n_vocab, script, n_ctx=512):
+        self.n_vocab, self.n_ctx, self.n_past = n_vocab, n_ctx, 0
+        self.script, self.evals, self.kv = list(script), [], []
+        self.k = 0
+
+    def eval(self, tokens, all_logits=False):
+        tokens = list(tokens)
+        self.evals.append(tokens)
+        self.kv = self.kv[: self.n_past] + tokens
+        self.n_past = len(self.kv)
+        if len(tokens) > 1 or not tokens or tokens[0] not in self.script:
+            self.k = 0  # a new prompt: start the script again
+        nxt = self.script[min(self.k, len(self.script) - 1)]
+        self.k += 1
+        out = np.zeros(self.n_vocab, np.float32)
+        out[nxt] = 10.0
+        return out
+
+    def reset(self):
+        self.n_past, self.kv = 0, []
+
+    def truncate(self, n):
+        self.n_past = min(self.n_past, n)
+        self.kv = self.kv[: self.n_past]
+
+
+def _session(qwen, reply="Four.", **kw):
+    md, tok = qwen
+    script = tok.encode(reply, add_special=False) + [tok.token_to_id["<|im_end|>"]]
+    model = FakeModel(tok.n_vocab, script)
+    out = io.StringIO()
+    s = ChatSession(model, tok, ChatTemplate.for_model(md, tok), SamplerParams(temp=0), out=out, **kw)
+    return s, model, out
+
+
+def test_turns_stream_stop_at_eot_and_reuse_cache(qwen):
+    s, model, out = _session(qwen, system="Be brief.")
+    st1 = s.turn("What is 2+2?")
+    assert out.getvalue() == "Four." and st1.stop == "eog" and st1.text == "Four."
+    assert st1.n_cached == 0
+    full1 = s.tokens_for(s.messages[:2])
+    assert model.evals[0] == full1
+    n_before = len(model.evals)
+    kv1 = list(model.kv)  # prompt + reply tokens (the end-of-turn token is never evaluated)
+    assert kv1[: len(full1)] == full1 and len(kv1) == len(full1) + st1.n_gen
+    st2 = s.turn("And 3+3?")
+    full2 = s.tokens_for(s.messages[:4])
+    # only the tokens after the common prefix with what the cache holds are evaluated
+    assert st2.n_cached == common_prefix(kv1, full2) == len(kv1)
+    assert model.evals[n_before] == full2[st2.n_cached:]
+    assert model.kv[: len(full2)] == full2
+    s.reset()
+    assert s.messages == [{"role": "system", "content": "Be brief."}] and model.n_past == 0
+
+
+def test_n_predict_and_interrupt(qwen):
+    s, model, out = _session(qwen, reply="one two three four five six", n_predict=3)
+    st = s.turn("count")
+    assert st.stop == "length" and st.n_gen == 3
+    s2, model2, out2 = _session(qwen, reply="one two three four five six")
+    flag = _SigintFlag()
+    flag.hit = True
+    st2 = s2.turn("count", stop_flag=flag)
+    assert st2.stop == "interrupt" and st2.n_gen == 0
+
+
+def test_chat_loop_commands(qwen):
+    s, model, out = _session(qwen)
+    chat_loop(s, inp=io.StringIO("hello\n/reset\n\nhi again\n/exit\nnot read\n"))
+    assert out.getvalue() == "Four.\nFour.\n"
+    assert [m["role"] for m in s.messages] == ["user", "assistant"]
+
+
+def test_generator_full_prompt_in_cache_reevaluates_last(qwen):
+    md, tok = qwen
+    model = FakeModel(tok.n_vocab, [tok.token_to_id["<|im_end|>"]])
+    g = Generator(model, tok, SamplerParams(temp=0))
+    ids = tok.encode("hello world", add_special=False)
+    g.generate(ids)
+    g.generate(ids)
+    assert model.evals[-1] == ids[-1:]
+
+
+# ------------------------------------------------------------------ end to end (real runtime)
+
+def _need_runtime():
+    if importlib.util.find_spec("ggq.runtime.model") is None:
+        pytest.skip("ggq.runtime.model (the Numba runtime) is not there yet")
+
+
+def _ggq_env(tmp_path):
+    env = dict(os.environ, GGQ_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+@pytest.mark.slow
+def test_chat_through_pty(smollm2_gguf, tmp_path):
+    """`ggq run FILE` in a pseudo-terminal: ask, read the streamed reply, /exit."""
+    _need_runtime()
+    import pty
+
+    import fcntl
+    import termios
+
+    def controlling_tty():  # so that ^C on the terminal sends SIGINT, as in a real shell
+        os.setsid()
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    master, slave = pty.openpty()
+    cmd = [sys.executable, "-m", "ggq.cli", "run", str(smollm2_gguf), "--temp", "0", "-n", "48",
+           "--system", "You are a helpful assistant."]
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=_ggq_env(tmp_path), close_fds=True,
+                            preexec_fn=controlling_tty)
+    os.close(slave)
+    buf = b""
+
+    def read_until(pred, timeout):
+        nonlocal buf
+        end = time.time() + timeout
+        while time.time() < end and not pred(buf):
+            r, _, _ = select.select([master], [], [], 0.5)
+            if r:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                buf += chunk
+        return pred(buf)
+
+    try:
+        assert read_until(lambda b: b"> " in b, 300), buf.decode(errors="replace")
+        # Ctrl-C stops a reply, not the session
+        start = len(buf)
+        os.write(master, b"Tell me a long story about a dragon.\r")
+        read_until(lambda b: len(b) > start + 60, 120)
+        os.write(master, b"\x03")
+        assert read_until(lambda b: b"\n> " in b[start + 40:], 300), buf[start:].decode(errors="replace")
+        assert proc.poll() is None
+        start = len(buf)
+        os.write(master, b"What is the capital of France?\r")
+        ok = read_until(lambda b: b"\n> " in b[start + 32:], 300)
+        reply = buf[start:].decode(errors="replace")
+        assert ok, reply
+        assert "Paris" in reply, reply
+        os.write(master, b"/exit\r")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+
+
+@pytest.mark.slow
+def test_generate_from_stdin(smollm2_gguf, tmp_path):
+    _need_runtime()
+    cmd = [sys.executable, "-m", "ggq.cli", "generate", str(smollm2_gguf), "--chat", "--temp", "0", "-n", "24",
+           "--system", "You are a helpful assistant."]
+    r = subprocess.run(cmd, input="What is the capital of France?", capture_output=True, text=True,
+                       env=_ggq_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+
+
+@pytest.mark.slow
+def test_generate_missing_file(tmp_path):
+    _need_runtime()
+    r = subprocess.run([sys.executable, "-m", "ggq.cli", "generate", str(tmp_path / "nope.gguf"), "-p", "x"],
+                       capture_output=True, text=True, env=_ggq_env(tmp_path), timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
