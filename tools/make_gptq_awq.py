@@ -1,0 +1,86 @@
+"""Make real GPTQ and AWQ checkpoints of SmolLM2-135M-Instruct on this CPU with gptqmodel.
+
+gptqmodel declares a newer torch than this machine has, so it lives in its own virtual
+environment, never in the project's venv:
+
+    python3.11 -m venv VENV                       # no --system-site-packages
+    VENV/bin/pip install torch==2.13.0 transformers==5.23.0 accelerate numpy safetensors \\
+        threadpoolctl packaging device-smi protobuf pillow requests pypcre tokenicer logbar \\
+        jinja2 datasets pyarrow dill torchao defuser sentencepiece
+    VENV/bin/pip install --no-deps gptqmodel==7.7.0
+    GPTQMODEL_CPU_WORKERS=2 VENV/bin/python tools/make_gptq_awq.py SRC OUT [gptq|awq|gptq-act ...]
+
+``SRC`` is a float SmolLM2 checkpoint (``tools/smollm2_checkpoint.py`` builds one); ``OUT`` gets
+``smollm2-gptq`` (4-bit, symmetric, group 64, no act-order: maps to Q4_0 losslessly),
+``smollm2-awq`` (4-bit GEMM, asymmetric, group 64: maps to Q4_1) and optionally
+``smollm2-gptq-act`` (act-order: requantized on import). Group 64 because SmolLM2's hidden
+size 576 is not a multiple of 128. Calibration text: the first lines of wikitext-2's test set
+(``../shared/data/wikitext-2-raw/wiki.test.raw``). Each takes about 3 minutes on 2 cores.
+``tests/test_quantized_import.py`` uses these folders when they exist under
+``.cache/tests/`` (skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIKI = Path(os.environ.get("GGQ_SHARED", REPO.parent / "shared")) / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def calibration(n: int = 128, min_chars: int = 200) -> list[str]:
+    """``n`` non-heading wikitext-2 paragraphs of at least ``min_chars`` characters."""
+    out = []
+    for line in WIKI.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if len(line) >= min_chars and not line.startswith("="):
+            out.append(line[:2000])
+            if len(out) == n:
+                break
+    return out
+
+
+def make(src: Path, out: Path, kind: str) -> Path:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import AWQConfig, GPTQConfig, GPTQModel
+
+    if kind == "gptq":
+        cfg = GPTQConfig(bits=4, group_size=64, sym=True, desc_act=False)
+    elif kind == "gptq-act":
+        cfg = GPTQConfig(bits=4, group_size=64, sym=True, desc_act=True)
+    elif kind == "gptq8":
+        cfg = GPTQConfig(bits=8, group_size=64, sym=True, desc_act=False)
+    elif kind == "awq":
+        cfg = AWQConfig(bits=4, group_size=64, sym=False)
+    else:
+        raise SystemExit(f"unknown kind {kind!r}")
+    target = out / f"smollm2-{kind}"
+    if (target / "config.json").exists():
+        print(f"{target} exists")
+        return target
+    t0 = time.time()
+    model = GPTQModel.load(str(src), cfg)  # no device= (the CPU is chosen by itself)
+    model.quantize(calibration(), batch_size=1)
+    tmp = target.with_name(target.name + ".tmp")
+    model.save(str(tmp))
+    tmp.rename(target)
+    print(f"{target}: {time.time() - t0:.0f} s")
+    return target
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3:
+        print(__doc__)
+        return 2
+    src, out = Path(argv[1]), Path(argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    for kind in argv[3:] or ["gptq", "awq"]:
+        make(src, out, kind)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
