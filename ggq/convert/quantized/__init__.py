@@ -365,9 +365,18 @@ def prepare(ck) -> QuantizedInfo | None:
 
 
 def make_source(name: str, shape: tuple[int, int], dtype: str, decode: Callable[[], QuantizedWeight],
-                info: QuantizedInfo, origin: str):
-    """A TensorSource whose loader dequantizes and whose native(qtype) maps the codes (see module doc)."""
+                info: QuantizedInfo, origin: str, parts=()):
+    """A TensorSource whose loader dequantizes and whose native(qtype) maps the codes (see module doc).
+
+    ``parts``: the packed TensorSources it reads (released together with it)."""
     from ggq.convert.checkpoint import TensorSource
+
+    parts = [p for p in parts if p is not None]
+
+    def releaser() -> None:
+        for p in parts:
+            if hasattr(p, "release"):
+                p.release()
 
     def loader() -> np.ndarray:
         return decode().dequantize()
@@ -391,7 +400,10 @@ def make_source(name: str, shape: tuple[int, int], dtype: str, decode: Callable[
             info.stats.setdefault("m_error", {})[name] = e
         return data
 
-    return TensorSource(name, tuple(shape), dtype, loader, native, origin)
+    src = TensorSource(name, tuple(shape), dtype, loader, native, origin)
+    if hasattr(src, "releaser"):
+        src.releaser = releaser
+    return src
 
 
 def replace_tensors(ck, repl: dict, info: QuantizedInfo) -> None:

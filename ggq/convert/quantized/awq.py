@@ -99,7 +99,7 @@ def prepare_awq(ck, qc: dict) -> QuantizedInfo:
                                    np.ascontiguousarray(z.astype(np.int16)), g)
 
         name = f"{prefix}.weight"
-        repl[qname] = (make_source(name, (out, n_in), "AWQ", decode, info, tq.origin),
+        repl[qname] = (make_source(name, (out, n_in), "AWQ", decode, info, tq.origin, [tq, tz, ts]),
                        [f"{prefix}.{p}" for p in ("qweight", "qzeros", "scales")])
     replace_tensors(ck, repl, info)
     return info

@@ -152,7 +152,8 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
             return QuantizedWeight(np.ascontiguousarray(q), np.ascontiguousarray(s), np.ascontiguousarray(z), g)
 
         name = f"{prefix}.weight"
-        repl[pname] = (make_source(name, (out, n_in), "COMPRESSED", decode, info, tp.origin),
+        repl[pname] = (make_source(name, (out, n_in), "COMPRESSED", decode, info, tp.origin,
+                                   [tp, ts, tz, tg, tshape]),
                        [f"{prefix}.{p}" for p in _SUFFIXES])
     replace_tensors(ck, repl, info)
     return info

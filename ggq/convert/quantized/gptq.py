@@ -78,7 +78,7 @@ def prepare_gptq(ck, qc: dict) -> QuantizedInfo:
                            f"of {n_in} inputs (quantization_config says bits={bits})")
         gs = n_in if group_size == -1 else group_size
         n_groups = -(-n_in // gs)
-        if tg is None and parts["scales"].shape[0] != n_groups:
+        if parts["scales"].shape[0] != n_groups:
             raise GGQError(f"{parts['scales'].origin}: {prefix}.scales has {parts['scales'].shape[0]} groups, "
                            f"group_size={group_size} over {n_in} inputs needs {n_groups}")
         n_groups = parts["scales"].shape[0]
@@ -104,7 +104,8 @@ def prepare_gptq(ck, qc: dict) -> QuantizedInfo:
                                    np.ascontiguousarray(z.T), g)
 
         name = f"{prefix}.weight"
-        repl[qname] = (make_source(name, (out, n_in), "GPTQ", decode, info, tq.origin),
+        repl[qname] = (make_source(name, (out, n_in), "GPTQ", decode, info, tq.origin,
+                                   [tq, tg, *parts.values()]),
                        [f"{prefix}.{p}" for p in ("qweight", "qzeros", "scales", "g_idx")])
     replace_tensors(ck, repl, info)
     return info

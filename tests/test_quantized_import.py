@@ -1,0 +1,196 @@
+"""GPTQ / AWQ / compressed-tensors import: unpacking, lossless block mapping, conversion, errors.
+
+Synthetic checkpoints are packed by ``tests/quant_packers.py`` (written from the published
+formats, independently of ggq's unpackers); the reference weights are ``s * (q - z)`` computed
+from the codes before packing. GGUF blocks are decoded with ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as T
+from gguf.quants import dequantize as gguf_dequantize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant_packers as qp  # noqa: E402
+
+from ggq.convert.checkpoint import open_checkpoint  # noqa: E402
+from ggq.convert.quantized import prepare, unpack_bits  # noqa: E402
+from ggq.convert.quantized.awq import unpack_gemm  # noqa: E402
+from ggq.errors import GGQError  # noqa: E402
+
+
+# ------------------------------------------------------------------------ unpacking
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_unpack_gptq_bitstream(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=(96, 7))
+    packed = qp.pack_gptq_rows(codes, bits)
+    assert packed.shape == (96 * bits // 32, 7)
+    assert np.array_equal(unpack_bits(packed, bits, 96, axis=0), codes)
+    cols = rng.integers(0, 1 << bits, size=(5, 64))
+    assert np.array_equal(unpack_bits(qp.pack_gptq_cols(cols, bits), bits, 64, axis=1), cols)
+
+
+def test_unpack_awq_gemm_interleave():
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, size=(6, 32))
+    packed = qp.pack_awq_gemm(codes)
+    assert np.array_equal(unpack_gemm(packed, 32), codes)
+    # the interleave is real: a sequential unpack gives a different order
+    assert not np.array_equal(unpack_bits(packed, 4, 32, axis=1), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_unpack_sequential_padded(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 1 << bits, size=(3, 50))  # 50 is not a multiple of 32 / bits
+    assert np.array_equal(unpack_bits(qp.pack_seq(codes, bits), bits, 50, axis=1), codes)
+
+
+# ------------------------------------------------------------------------ prepare + native mapping
+
+#: (method, kwargs, default type, types that must be exact, types that must be refused)
+CASES = {
+    "gptq4-sym": ("gptq", dict(bits=4, group_size=64, sym=True), "Q4_0", ["Q4_0", "Q4_1", "Q5_0", "Q8_0"], ["Q4_K"]),
+    "gptq4-asym-v1": ("gptq", dict(bits=4, group_size=32, sym=False), "Q4_1", ["Q5_0", "Q8_0"], ["Q4_0"]),
+    "gptq4-sym-v2-rowwise": ("gptq", dict(bits=4, group_size=-1, sym=True, fmt="gptq_v2"), "Q4_0", ["Q4_0"], []),
+    "gptq3-sym": ("gptq", dict(bits=3, group_size=64, sym=True), "Q4_0", ["Q4_0", "Q8_0"], []),
+    "gptq2-asym-v2": ("gptq", dict(bits=2, group_size=32, sym=False, fmt="gptq_v2"), "Q4_0", ["Q4_0", "Q8_0"], []),
+    "gptq8-sym": ("gptq", dict(bits=8, group_size=128, sym=True), "Q8_0", ["Q8_0"], ["Q4_0", "Q5_0", "Q4_1"]),
+    "gptq4-act-order": ("gptq", dict(bits=4, group_size=32, sym=True, act_order=True), None, [],
+                        ["Q4_0", "Q8_0", "Q4_1"]),
+    "awq-gemm": ("awq", dict(bits=4, group_size=64, sym=False), "Q4_1", ["Q5_0", "Q8_0"], ["Q4_0"]),
+    "awq-gemv": ("awq", dict(bits=4, group_size=32, sym=False, fmt="gemv"), "Q4_1", ["Q5_0"], []),
+    "ct4-sym": ("compressed-tensors", dict(bits=4, group_size=32, sym=True), "Q4_0", ["Q4_0", "Q8_0"], []),
+    "ct4-asym": ("compressed-tensors", dict(bits=4, group_size=64, sym=False), "Q4_1", ["Q5_0"], ["Q4_0"]),
+    "ct4-asym-int8zp": ("compressed-tensors", dict(bits=4, group_size=128, sym=False, packed_zp=False), "Q4_1",
+                        ["Q5_0"], []),
+    "ct8-channel": ("compressed-tensors", dict(bits=8, group_size=-1, sym=True), "Q8_0", ["Q8_0"], ["Q4_0"]),
+}
+
+
+def _build(tmp_path, stories_dir, name):
+    method, kw, *_ = CASES[name]
+    if method == "compressed-tensors":
+        pytest.importorskip("torch")  # bf16 scales are written with torch
+    d = tmp_path / name
+    layers = qp.make_checkpoint(d, stories_dir, method, **kw)
+    return d, layers
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_prepare_maps_codes(tmp_path, stories_dir, name):
+    method, kw, default, exact, refused = CASES[name]
+    d, layers = _build(tmp_path, stories_dir, name)
+    ck = open_checkpoint(d)
+    info = prepare(ck)
+    assert info is not None and info.method == method and info.bits == kw["bits"]
+    assert info.n_tensors == len(layers)
+    if default is not None:
+        assert info.default_type == default, info.reason
+    assert not [k for k in ck.tensors if k.endswith((".qweight", ".qzeros", ".scales", ".g_idx", "_packed",
+                                                      "_scale", "_zero_point", "_shape"))]
+    for hf_name, L in list(layers.items())[:7]:
+        src = ck.tensors[hf_name]
+        ref = L.dequantize()
+        assert src.shape == ref.shape
+        w = src.load()
+        assert w.dtype == np.float32 and np.array_equal(w, ref), hf_name
+        for t in exact:
+            raw = src.native(t)
+            assert raw is not None, (hf_name, t, info.stats.get("not_native"))
+            assert raw.dtype == np.uint8 and raw.shape[0] == ref.shape[0]
+            assert np.array_equal(gguf_dequantize(raw, T[t]), ref), (hf_name, t)
+            assert info.lost(t) is None or t in ("Q4_1", "Q5_1")
+        for t in refused:
+            assert src.native(t) is None, (hf_name, t)
+    for t in refused:
+        assert info.lost(t), t
+    if kw.get("act_order"):
+        assert "act-order" in info.lost("Q4_0")
+
+
+@pytest.mark.parametrize("name", ["gptq4-asym-v1", "awq-gemm", "ct4-asym"])
+def test_q4_1_m_rounding_reported(tmp_path, stories_dir, name):
+    """4-bit asymmetric -> Q4_1 keeps codes and d = s; only m = -s*z is rounded to fp16."""
+    d, layers = _build(tmp_path, stories_dir, name)
+    ck = open_checkpoint(d)
+    info = prepare(ck)
+    assert "m = -s*z" in info.lost("Q4_1")
+    hf_name, L = next(iter(layers.items()))
+    raw = ck.tensors[hf_name].native("Q4_1")
+    assert raw is not None
+    got = gguf_dequantize(raw, T.Q4_1)
+    ref = L.dequantize()
+    m = (L.s * L.z)[:, L.g]  # |m| of each weight's block
+    err = np.abs(got - ref)
+    assert (err <= m * 2.0 ** -11 + 1e-7).all()
+    steps = err / L.s[:, L.g]
+    assert 0 < info.m_error <= 2.0 ** (4 + 1 - 11) and steps.max() <= info.m_error + 1e-6
+
+
+# ------------------------------------------------------------------------ bad input
+
+def _gptq_dir(tmp_path, stories_dir, **kw):
+    d = tmp_path / "bad"
+    qp.make_checkpoint(d, stories_dir, "gptq", bits=4, group_size=64, sym=True)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"].update(kw)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(bits=8), "does not hold 8-bit codes"),
+    (dict(bits=5), "5 bits is not supported"),
+    (dict(quant_method="bitsandbytes"), "'bitsandbytes' is not supported"),
+    (dict(group_size=32), "groups"),
+    (dict(checkpoint_format="marlin"), "'marlin' is not supported"),
+    (dict(quant_method="awq", bits=4), "do not match AWQ GEMM"),
+])
+def test_bad_config_errors(tmp_path, stories_dir, change, message):
+    d = _gptq_dir(tmp_path, stories_dir, **change)
+    with pytest.raises(GGQError, match=message) as e:
+        prepare(open_checkpoint(d))
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
+def test_missing_companion_tensor(tmp_path, stories_dir):
+    from safetensors.numpy import load_file, save_file
+
+    d = _gptq_dir(tmp_path, stories_dir)
+    t = load_file(str(d / "model.safetensors"))
+    del t["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(GGQError, match="up_proj.qweight has no .*qzeros"):
+        prepare(open_checkpoint(d))
+
+
+def test_quant_config_without_packed_tensors(tmp_path, stories_dir):
+    d = tmp_path / "float"
+    d.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (d / f).write_bytes((stories_dir / f).read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GGQError, match="no tensor of the checkpoint is packed"):
+        prepare(open_checkpoint(d))
+    assert prepare(open_checkpoint(stories_dir)) is None  # a float checkpoint
+
+
+def test_awq_other_widths_and_ct_formats(tmp_path, stories_dir):
+    d = _gptq_dir(tmp_path, stories_dir, quant_method="awq", bits=3)
+    with pytest.raises(GGQError, match="AWQ with 3 bits"):
+        prepare(open_checkpoint(d))
+    d = _gptq_dir(tmp_path / "ct", stories_dir, quant_method="compressed-tensors", format="float-quantized",
+                  config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}})
+    with pytest.raises(GGQError, match="'float-quantized' is not supported"):
+        prepare(open_checkpoint(d))
