@@ -159,5 +159,35 @@ def generate(model, prompt, chat, system, ctx_size, threads, n_predict, temp, to
                  n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
 
 
+# ---------------------------------------------------------------- perplexity (quality)
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-f", "--text", "text", type=click.Path(dir_okay=False), default=None,
+              help="Text file to score (e.g. wikitext-2-raw/wiki.test.raw); not needed with --kl-base.")
+@click.option("-c", "--ctx", "ctx", type=int, default=None, help="Tokens per chunk (default 512; with --kl-base: the file's).")
+@click.option("--chunks", type=int, default=None, help="Score only the first N chunks (default: all).")
+@click.option("-b", "--batch", type=int, default=None, help="Tokens per evaluation call (default: --ctx).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--save-logits", type=click.Path(dir_okay=False), default=None,
+              help="Store this (reference) model's log-probabilities for a later --kl-base run.")
+@click.option("--kl-base", type=click.Path(dir_okay=False), default=None,
+              help="KL divergence against a --save-logits file (scores that file's tokens).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def perplexity(model, text, ctx, chunks, batch, threads, save_logits, kl_base, quiet):
+    """Perplexity of MODEL on a text, llama-perplexity's method (second half of each chunk scored)."""
+    from ggq.perplexity import run as run_ppl
+
+    if kl_base and text:
+        click.echo("ggq: note: --text is ignored with --kl-base (the logits file holds the tokens)", err=True)
+    if kl_base and save_logits:
+        raise GGQError("--save-logits and --kl-base cannot be used together")
+    res = run_ppl(model, None if kl_base else text, n_ctx=ctx, n_chunks=chunks, n_batch=batch, n_threads=threads,
+                  save_logits=save_logits, kl_base=kl_base, progress=not quiet)
+    click.echo(res.report())
+    if save_logits:
+        click.echo(f"wrote {save_logits}")
+
+
 if __name__ == "__main__":
     main()
