@@ -91,26 +91,45 @@ def smollm2_q8(smollm2_hf, tmp_path_factory):
     return convert(smollm2_hf, tmp_path_factory.mktemp("smol") / "smollm2-Q8_0.gguf", qtype="Q8_0", progress=False)
 
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n"]
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nHello!<|im_end|>\n<|im_start|>assistant\n",
+           "Once upon a time, there was a"]
 
 
 @pytest.mark.slow
-def test_smollm2_q8_logits_match_transformers(smollm2_hf, smollm2_q8):
+def test_smollm2_q8_logits_match_transformers(smollm2_hf, smollm2_q8, cache_dir):
+    """llama.cpp on our Q8_0 file against transformers.
+
+    Two references: transformers on the original float32 checkpoint, and transformers reading our
+    Q8_0 file itself through its own GGUF loader (an independent reader of our bytes: this isolates
+    conversion from the Q8_0 rounding). Measured here: >= 0.9991 against the latter; against the
+    float32 model llama.cpp's own converter output gives the same 0.9988..0.9994 as ours (its CPU
+    kernels also round activations to Q8_0), and our tensors are byte-identical to it.
+    """
     llamacpp_ref = pytest.importorskip("llamacpp_ref")
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm2_hf)
     model = AutoModelForCausalLM.from_pretrained(smollm2_hf, dtype=torch.float32)
+    from_gguf = AutoModelForCausalLM.from_pretrained(smollm2_q8.parent, gguf_file=smollm2_q8.name, dtype=torch.float32)
     llm = llamacpp_ref.load_llama(smollm2_q8, n_ctx=256)
     for prompt in PROMPTS:
         ids = tok(prompt).input_ids
         with torch.no_grad():
             hf = model(torch.tensor([ids])).logits[0, -1].numpy()
+            hf_q = from_gguf(torch.tensor([ids])).logits[0, -1].numpy()
         ours = llamacpp_ref.next_logits(llm, ids)
-        corr = np.corrcoef(hf, ours)[0, 1]
-        assert corr >= 0.999, (prompt, corr)
+        assert np.corrcoef(hf_q, ours)[0, 1] >= 0.999, prompt
+        assert np.corrcoef(hf, ours)[0, 1] >= 0.998, prompt
         assert int(np.argmax(hf)) == int(np.argmax(ours)), prompt
+
+    ref = cache_dir / "smollm2-llamacpp-Q8_0.gguf"
+    if not ref.exists():
+        llamacpp_ref.convert_hf(smollm2_hf, ref, "q8_0")
+    theirs = {x.name: x for x in gguf.GGUFReader(ref).tensors}
+    for x in gguf.GGUFReader(smollm2_q8).tensors:
+        assert x.tensor_type == theirs[x.name].tensor_type, x.name
+        assert bytes(x.data.tobytes()) == bytes(theirs[x.name].data.tobytes()), x.name
 
 
 @pytest.mark.slow

@@ -108,7 +108,7 @@ class HParams:
                 rope=rope,
                 vocab_size=int(_get(cfg, ("vocab_size",), where)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                explicit_head_dim=head_dim is not None,
+                explicit_head_dim=bool(head_dim),
             )
         except (TypeError, ValueError) as e:
             raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None

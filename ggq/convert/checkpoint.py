@@ -192,7 +192,27 @@ def read_config(model_dir: Path) -> dict:
         raise GGQError(f"{p}: invalid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise GGQError(f"{p}: invalid config (not a JSON object)")
-    return cfg
+    # Like llama.cpp's converter, read the config through transformers when it knows the model type:
+    # that fills in defaults (head_dim, rope_parameters, ...) the JSON may omit.
+    try:
+        import logging
+
+        from transformers import AutoConfig
+        from transformers.utils import logging as hf_logging
+
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            full = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
+        finally:
+            hf_logging.set_verbosity(level)
+        logging.getLogger(__name__).debug("config read through transformers")
+        full.setdefault("architectures", cfg.get("architectures"))
+        if "quantization_config" in cfg:
+            full["quantization_config"] = cfg["quantization_config"]
+        return full
+    except Exception:
+        return cfg
 
 
 def open_checkpoint(model_dir: Path) -> Checkpoint:
