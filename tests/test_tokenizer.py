@@ -137,3 +137,17 @@ def test_against_llamacpp(name, request):
         for special in (False, True):
             n = llama_cpp.llama_token_to_piece(vocab, i, buf, 512, 0, special)
             assert tok.token_to_piece(i, special) == bytes(buf[:n]), (i, special)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_wikitext_against_llamacpp(name):
+    """20 kB of real text (wikitext-2 test) tokenizes exactly as llama.cpp does."""
+    from conftest import WIKITEXT
+
+    if not WIKITEXT.exists():
+        pytest.skip(f"{WIKITEXT} not found")
+    path = _vocab(name)
+    _, llm = _llama(path)
+    text = WIKITEXT.read_text(encoding="utf-8")[:20000]
+    assert _tok(name).encode(text, add_special=True) == llm.tokenize(text.encode(), add_bos=True, special=False)
