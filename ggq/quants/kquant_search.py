@@ -133,15 +133,24 @@ def _qx_weight(x, i, rmse_type, qw):
         return qw[i]
 
 
+#: float32 scratch length the searches need (``work`` argument); allocate once per row
+WORK_SIZE = 64
+
+
 @njit(cache=True)
-def make_qx_quants(n, nmax, x, L, rmse_type, qw):
+def make_qx_quants(n, nmax, x, L, rmse_type, qw, work):
     """Symmetric levels in [-nmax, nmax-1] for ``x[:n]``; writes ``L`` (int8, offset by +nmax).
 
     Returns the float32 scale. Same search as llama.cpp's ``make_qx_quants``: start at
     ``-nmax/max``, refine the scale by weighted least squares, then try 18 nearby inverse scales
     and keep the best weighted fit. Weights are ``qw`` when given (float32 array, or ``None``),
     else x**2 / 1 / |x| / sqrt|x| for ``rmse_type`` 1 / 2 / 3 / other. ``rmse_type == 0``: plain
-    rounding; negative: return early after the first refinement.
+    rounding; negative: return early after the first refinement. ``work``: float32 scratch of at
+    least :data:`WORK_SIZE`.
+
+    The 18 candidates do not depend on one another, so their sums are accumulated side by side
+    (each still in llama.cpp's element order, so bit-identical) and compared afterwards in
+    llama.cpp's order; this vectorizes across candidates.
     """
     mx = np.float32(0.0)
     amax = np.float32(0.0)
@@ -180,25 +189,34 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw):
             return np.float32(0.5) * (scale + np.float32(1.0) / iscale)
         return np.float32(1.0) / iscale
     best = scale * sumlx
-    for is_ in range(-9, 10):
-        if is_ == 0:
-            continue
-        iscale = -(np.float32(nmax) + np.float32(0.1) * np.float32(is_)) / mx
-        sumlx = np.float32(0.0)
-        suml2 = np.float32(0.0)
+    isc = work[0:18]
+    sx = work[18:36]
+    s2 = work[36:54]
+    for k in range(18):
+        is_ = k - 9 if k < 9 else k - 8  # -9..-1, 1..9
+        isc[k] = -(np.float32(nmax) + np.float32(0.1) * np.float32(is_)) / mx
+        sx[k] = np.float32(0.0)
+        s2[k] = np.float32(0.0)
+    for i in range(n):
+        xi = x[i]
+        w = _qx_weight(x, i, rmse_type, qw)
+        wx = w * xi
+        for k in range(18):
+            l = nearest_int(isc[k] * xi)
+            fl = np.float32(max(-nmax, min(nmax - 1, l)))
+            sx[k] += wx * fl
+            s2[k] += w * fl * fl
+    best_k = -1
+    for k in range(18):
+        if s2[k] > 0 and sx[k] * sx[k] > best * s2[k]:
+            best_k = k
+            scale = sx[k] / s2[k]
+            best = scale * sx[k]
+    if best_k >= 0:
+        iscale = isc[best_k]
         for i in range(n):
             l = nearest_int(iscale * x[i])
-            l = max(-nmax, min(nmax - 1, l))
-            w = _qx_weight(x, i, rmse_type, qw)
-            fl = np.float32(l)
-            sumlx += w * x[i] * fl
-            suml2 += w * fl * fl
-        if suml2 > 0 and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = nearest_int(iscale * x[i])
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
-            scale = sumlx / suml2
-            best = scale * sumlx
+            L[i] = nmax + max(-nmax, min(nmax - 1, l))
     return scale
 
 

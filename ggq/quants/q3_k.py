@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kquant_search import (
-    QK_K, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_q3_quants,
+    QK_K, WORK_SIZE, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_q3_quants,
     make_qx_quants, nearest_int, put_f16,
 )
 
@@ -101,7 +101,7 @@ def _quantize_block_ref(x, out, L, scales):
 
 
 @njit(cache=True)
-def _quantize_block_impl(x, qw, out, L, scales, weight, sw, Ls):
+def _quantize_block_impl(x, qw, out, L, scales, weight, sw, Ls, work):
     # quantize_row_q3_K_impl with quant_weights, one super-block
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
@@ -115,10 +115,10 @@ def _quantize_block_impl(x, qw, out, L, scales, weight, sw, Ls):
         for l in range(16):
             sumw += weight[l]
         sw[j] = sumw
-        scales[j] = make_qx_quants(16, 4, xs, L[16 * j:16 * j + 16], 1, weight)
+        scales[j] = make_qx_quants(16, 4, xs, L[16 * j:16 * j + 16], 1, weight, work)
     sc = out[_SC:_SC + 12]
     sc[:] = 0
-    d_block = make_qx_quants(16, 32, scales, Ls, 1, sw)
+    d_block = make_qx_quants(16, 32, scales, Ls, 1, sw, work)
     for j in range(16):
         _put_scale(sc, j, np.int64(Ls[j]))
     hd, d = fp16_round(d_block)
@@ -147,9 +147,10 @@ def _quantize_rows_imatrix(x, qw, out):
         weight = np.empty(16, np.float32)
         sw = np.empty(16, np.float32)
         Ls = np.empty(16, np.int8)
+        work = np.empty(WORK_SIZE, np.float32)
         for i in range(nb):
             _quantize_block_impl(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K],
-                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, weight, sw, Ls)
+                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, weight, sw, Ls, work)
 
 
 @njit(cache=True, parallel=True)

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kquant_search import (
-    GROUP_MAX_EPS, QK_K, check_dequantize_args, check_quantize_args, fp16_round, get_f16,
+    GROUP_MAX_EPS, QK_K, WORK_SIZE, check_dequantize_args, check_quantize_args, fp16_round, get_f16,
     make_qx_quants, nearest_int, put_f16,
 )
 
@@ -23,15 +23,15 @@ TYPE_SIZE = 210
 
 
 @njit(cache=True)
-def _quantize_block(x, qw, out, L, scales):
+def _quantize_block(x, qw, out, L, scales, work):
     # quantize_row_q6_K_ref (qw is None) / quantize_row_q6_K_impl, one super-block
     max_scale = np.float32(0.0)
     max_abs_scale = np.float32(0.0)
     for ib in range(16):
         if qw is None:
-            s = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, None)
+            s = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, None, work)
         else:
-            s = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, qw[16 * ib:16 * ib + 16])
+            s = make_qx_quants(16, 32, x[16 * ib:16 * ib + 16], L[16 * ib:16 * ib + 16], 1, qw[16 * ib:16 * ib + 16], work)
         scales[ib] = s
         a = abs(s)
         if a > max_abs_scale:
@@ -76,12 +76,13 @@ def _quantize_rows(x, qw, out):
     for r in prange(nrows):
         L = np.empty(QK_K, np.int8)
         scales = np.empty(16, np.float32)
+        work = np.empty(WORK_SIZE, np.float32)
         for i in range(nb):
             if qw is None:
-                _quantize_block(x[r, i * QK_K:(i + 1) * QK_K], None, out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales)
+                _quantize_block(x[r, i * QK_K:(i + 1) * QK_K], None, out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, work)
             else:
                 _quantize_block(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K],
-                                out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales)
+                                out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, work)
 
 
 @njit(cache=True, parallel=True)
