@@ -152,9 +152,11 @@ def test_stories_matches_llamacpp(stories_dir, tmp_path):
 
 
 def _spm_added_tokens(d: Path) -> None:
-    # padding past the SentencePiece model, added_tokens.json, added_tokens_decoder, add_prefix_space
-    edit_json(d / "config.json", lambda c: c.update(vocab_size=520))
-    (d / "added_tokens.json").write_text(json.dumps({"<extra_1>": 512, "<extra_2>": 513, "<far>": 600}))
+    # vocab_size 32016: padding past the SentencePiece model and llama.cpp's CodeLlama fill-in-the-middle
+    # ids; added_tokens.json, added_tokens_decoder (special, user-defined, looking special, out of range),
+    # add_prefix_space and an inline chat template
+    edit_json(d / "config.json", lambda c: c.update(vocab_size=32016))
+    (d / "added_tokens.json").write_text(json.dumps({"<extra_1>": 512, "<extra_2>": 513, "<far>": 40000}))
 
     def tc(c):
         c["add_prefix_space"] = False
@@ -164,26 +166,17 @@ def _spm_added_tokens(d: Path) -> None:
             "513": {"content": "<|user|>", "special": False},
             "514": {"content": "\u2581sp\u2581ace", "special": False},
             "515": {"content": "<unused0>", "special": False},
-            "700": {"content": "<too_far>", "special": True},
+            "32010": {"content": "<EOT>", "special": True},
+            "40001": {"content": "<too_far>", "special": True},
         }
         c["pad_token"] = "<unk>"
     edit_json(d / "tokenizer_config.json", tc)
 
 
-def _spm_codellama(d: Path) -> None:
-    # vocab_size 32016 triggers llama.cpp's CodeLlama fill-in-the-middle ids
-    edit_json(d / "config.json", lambda c: c.update(vocab_size=32016))
-
-
-def _spm_qwen2(d: Path) -> None:
-    edit_json(d / "config.json", lambda c: c.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2"))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [_spm_added_tokens, _spm_codellama, _spm_qwen2], ids=lambda f: f.__name__[1:])
-def test_spm_variants_match_llamacpp(stories_dir, tmp_path, variant):
+def test_spm_added_tokens_match_llamacpp(stories_dir, tmp_path):
     d = copy_files(stories_dir, tmp_path / "ckpt", ["config.json", "tokenizer.model", "tokenizer_config.json"])
-    variant(d)
+    _spm_added_tokens(d)
     assert_same_tokenizer(write_ours(d, tmp_path / "ours.gguf"), write_llamacpp(d, tmp_path / "ref.gguf"))
 
 
@@ -208,12 +201,6 @@ def _seq(x):
 
 def _tok(x):
     return {"SpecialToken": {"id": x, "type_id": 0}}
-
-
-def _bpe_qwen2_padded(d: Path) -> None:
-    # qwen2 arch (no vocab_size rule), config vocab_size past the tokenizer -> [PAD] tokens
-    # (model_type stays "llama": with "qwen2" transformers swaps in its Qwen2Tokenizer pre-tokenizer)
-    edit_json(d / "config.json", lambda c: c.update(architectures=["Qwen2ForCausalLM"], vocab_size=49160))
 
 
 def _bpe_template_bos(d: Path) -> None:
@@ -251,8 +238,10 @@ def _bpe_roberta_lowercase(d: Path) -> None:
 
 
 def _bpe_added_tokens(d: Path) -> None:
-    # added tokens past the model vocabulary: user-defined (normalized or not), looking special, extra templates
-    edit_json(d / "config.json", lambda c: c.update(vocab_size=49160))
+    # qwen2 arch (no vocab_size rule) with config vocab_size past the tokenizer ([PAD] tokens); added
+    # tokens past the model vocabulary: user-defined (normalized or not), looking special; extra templates.
+    # (model_type stays "llama": with "qwen2" transformers swaps in its Qwen2Tokenizer pre-tokenizer)
+    edit_json(d / "config.json", lambda c: c.update(architectures=["Qwen2ForCausalLM"], vocab_size=49160))
     extra = [("\u2581custom\u2581tok", False, False), ("<pad>", False, False), ("<|tool|>", False, False),
              ("hello world", True, False), ("<sep>", False, True)]
 
@@ -267,10 +256,9 @@ def _bpe_added_tokens(d: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", [_bpe_qwen2_padded, _bpe_added_tokens], ids=lambda f: f.__name__[1:])
-def test_bpe_variants_match_llamacpp(smollm2_hf, tmp_path, variant):
+def test_bpe_added_tokens_match_llamacpp(smollm2_hf, tmp_path):
     d = copy_files(smollm2_hf, tmp_path / "ckpt", BPE_FILES)
-    variant(d)
+    _bpe_added_tokens(d)
     assert_same_tokenizer(write_ours(d, tmp_path / "ours.gguf"), write_llamacpp(d, tmp_path / "ref.gguf"))
 
 
@@ -282,7 +270,8 @@ w.write_header_to_file(); w.write_kv_data_to_file(); w.close()
 """
 
 
-@pytest.mark.parametrize("variant", [_bpe_template_bos, _bpe_template_eot, _bpe_roberta_lowercase, _bpe_added_tokens],
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [_bpe_template_bos, _bpe_template_eot, _bpe_roberta_lowercase],
                          ids=lambda f: f.__name__[1:])
 def test_special_vocab_matches_llamacpp(smollm2_hf, tmp_path, variant):
     """Post-processor, normalizer and chat-template handling against the SpecialVocab of llama.cpp's gguf-py.
@@ -374,8 +363,7 @@ def hf_from_vocab_gguf(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,hf_arch,pre", [("gpt-2", "LlamaForCausalLM", "gpt-2"),
-                                              ("qwen2", "Qwen2ForCausalLM", "qwen2")])
+@pytest.mark.parametrize("name,hf_arch,pre", [("gpt-2", "LlamaForCausalLM", "gpt-2")])
 def test_llama_vocab_vectors(hf_from_vocab_gguf, tmp_path, name, hf_arch, pre):
     """Identify the pre-tokenizer from a rebuilt HF tokenizer, then pass llama.cpp's own test vectors."""
     d = hf_from_vocab_gguf(name, hf_arch)
