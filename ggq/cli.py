@@ -78,6 +78,61 @@ def _overrides(output_tensor_type, token_embedding_type, tensor_types):
     )
 
 
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("src", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("qtype", metavar="TYPE")
+@click.option("--allow-requantize", is_flag=True, help="Allow tensors that are already quantized (their error adds up).")
+@click.option("--imatrix", type=click.Path(dir_okay=False), default=None,
+              help="Importance matrix (llama.cpp imatrix .gguf or legacy .dat).")
+@click.option("--output-tensor-type", default=None, metavar="TYPE", help="ggml type for output.weight.")
+@click.option("--token-embedding-type", default=None, metavar="TYPE", help="ggml type for token_embd.weight.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="ggml type for tensors whose name matches the regex PATTERN (repeatable), e.g. attn_v=q8_0.")
+@click.option("--pure", is_flag=True, help="No mix rules: every quantizable tensor in TYPE's default type.")
+@click.option("--leave-output-tensor", is_flag=True, help="Keep output.weight as it is.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def quantize(src, out, qtype, allow_requantize, imatrix, output_tensor_type, token_embedding_type, tensor_types,
+             pure, leave_output_tensor, force, quiet):
+    """Requantize a GGUF file to TYPE (llama-quantize's argument order).
+
+    TYPE: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K
+    (Q3_K = Q3_K_M, Q4_K = Q4_K_M, Q5_K = Q5_K_M), with llama.cpp's per-tensor mix rules.
+    """
+    from ggq.convert.mixes import MixOverrides, parse_file_type
+    from ggq.convert.requantize import requantize
+
+    ftype = parse_file_type(qtype)  # fail fast on a bad TYPE
+    ov = MixOverrides.parse(output_tensor_type, token_embedding_type, tensor_types)
+    ov.pure, ov.leave_output_tensor = pure, leave_output_tensor
+    path = requantize(src, out, ftype, allow_requantize=allow_requantize, overrides=ov, imatrix=imatrix,
+                      force=force, progress=not quiet)
+    click.echo(f"wrote {path}")
+
+
+@main.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.option("-f", "--text", "text", type=click.Path(dir_okay=False, exists=False), required=True,
+              help="Calibration text file (UTF-8).")
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="imatrix.gguf", show_default=True,
+              help="Output imatrix file (llama.cpp's GGUF imatrix format).")
+@click.option("-c", "--ctx", "ctx", type=int, default=512, show_default=True, help="Tokens per chunk.")
+@click.option("--chunks", type=int, default=None, help="Use at most N chunks (default: all).")
+@click.option("--force", is_flag=True, help="Overwrite the output if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def imatrix(model, text, out, ctx, chunks, force, quiet):
+    """Collect an importance matrix (mean squared input activations of every matmul weight).
+
+    MODEL: a Hugging Face checkpoint folder (or hub id) or a GGUF file; the forward passes run in
+    transformers (PyTorch, CPU). Use the result with `ggq quantize --imatrix` or `ggq convert --imatrix`.
+    """
+    from ggq.convert.imatrix import collect_imatrix
+
+    path = collect_imatrix(model, text, out, ctx=ctx, chunks=chunks, force=force, progress=not quiet)
+    click.echo(f"wrote {path}")
+
+
 @main.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--all-metadata", is_flag=True, help="Print long arrays (vocabularies) in full.")

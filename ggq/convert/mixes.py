@@ -412,7 +412,11 @@ def plan_types_from(tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationTy
             qs.n_attention_wv += 1
         if c == "output":
             qs.has_tied_embeddings = False
-    pats = [(re.compile(p), t) for p, t in ov.tensor_types]
+    try:
+        # llama-quantize lowers the pattern (tensor names are lower case)
+        pats = [(re.compile(p.lower()), T(t)) for p, t in ov.tensor_types]
+    except re.error as e:
+        raise GGQError(f"bad --tensor-type regular expression: {e}") from None
     out: dict[str, GGMLQuantizationType] = {}
     for n in order:
         shape, cur = by_name[n]
