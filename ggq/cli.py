@@ -205,11 +205,19 @@ def run(model, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, 
 @_sampling_options
 def generate(model, prompt, chat, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
              repeat_last_n, seed, verbose):
-    """Print the continuation of a prompt (for scripts and pipes)."""
+    """Print the continuation of a prompt (for scripts and pipes).
+
+    The prompt is -p's text, else standard input (one trailing newline dropped). The raw text is
+    continued; --chat sends it as a user message through the model's chat template instead.
+    """
     from ggq.runtime.chat import run_generate
 
     if prompt is None:
+        if sys.stdin.isatty():
+            click.echo("ggq: reading the prompt from standard input (end it with Ctrl-D)", err=True)
         prompt = sys.stdin.read()
+        if prompt.endswith("\n"):  # the newline `echo` adds is not part of the prompt
+            prompt = prompt[:-1]
     run_generate(model, prompt, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
                  n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
 

@@ -245,6 +245,17 @@ def test_generate_from_stdin(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.slow
+def test_generate_raw_completion_from_stdin(smollm2_gguf, tmp_path):
+    """Raw continuation (no template); llama.cpp's top logit here beats the next by 2.5."""
+    _need_runtime()
+    cmd = [sys.executable, "-m", "ggq.cli", "generate", str(smollm2_gguf), "--temp", "0", "-n", "4"]
+    r = subprocess.run(cmd, input="The capital of France is\n", capture_output=True, text=True,
+                       env=_ggq_env(tmp_path), timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(" Paris"), r.stdout
+
+
+@pytest.mark.slow
 def test_generate_missing_file(tmp_path):
     _need_runtime()
     r = subprocess.run([sys.executable, "-m", "ggq.cli", "generate", str(tmp_path / "nope.gguf"), "-p", "x"],
