@@ -86,7 +86,8 @@ def _basic_plan(planned: list[PlannedTensor], qtype: T) -> None:
             p.qtype = qtype
 
 
-def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, overrides, src_float: T) -> FT:
+def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, overrides, src_float: T,
+                has_imatrix: bool = False) -> FT:
     if type_name in BASIC_TYPES and type_name in ("F32", "F16", "BF16", "Q8_0") and overrides is None:
         ftype, qtype = BASIC_TYPES[type_name]
         _basic_plan(planned, qtype)
@@ -101,7 +102,7 @@ def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, override
     hparams = {"n_layer": hp.n_layer, "n_head": hp.n_head, "n_head_kv": hp.n_head_kv, "n_embd": hp.n_embd,
                "n_ff": hp.n_ff, "n_expert": 0, "n_vocab": hp.vocab_size}
     types = mixes.plan_types([(p.name, p.ne) for p in planned], ftype, spec.name, hparams, overrides,
-                             source_float_type=src_float)
+                             source_float_type=src_float, has_imatrix=has_imatrix)
     for p in planned:
         p.qtype = types[p.name]
     return ftype
@@ -213,7 +214,7 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
     planned = plan_checkpoint(ck, spec, hp)
     src_float = {"F16": T.F16, "BF16": T.BF16}.get(ck.float_type, T.F32)
-    ftype = _plan_types(planned, type_name, spec, hp, overrides, src_float)
+    ftype = _plan_types(planned, type_name, spec, hp, overrides, src_float, has_imatrix=imatrix is not None)
     if qinfo is not None:
         warned = set()
         for p in planned:
