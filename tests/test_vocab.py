@@ -357,7 +357,10 @@ def hf_from_vocab_gguf(tmp_path_factory):
             tok = transformers.AutoTokenizer.from_pretrained(str(VOCABS), gguf_file=src.name)
             tok.save_pretrained(str(out))
             n = len(gguf.GGUFReader(str(src)).fields["tokenizer.ggml.tokens"].data)
-            (out / "config.json").write_text(json.dumps({"architectures": [hf_arch], "vocab_size": n}))
+            (out / "config.json").write_text(json.dumps({
+                "architectures": [hf_arch], "model_type": "llama", "vocab_size": n, "hidden_size": 64,
+                "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "max_position_embeddings": 512, "rms_norm_eps": 1e-5}))
         return out
     return build
 
@@ -374,3 +377,13 @@ def test_llama_vocab_vectors(hf_from_vocab_gguf, tmp_path, name, hf_arch, pre):
     llm = load_vocab_only(out)
     for text, ids in zip(texts, expected):
         assert llm.tokenize(text.encode(), add_bos=False, special=False) == [int(x) for x in ids.split()], repr(text)
+
+
+@pytest.mark.slow
+def test_hf_llama_tokenizer_json_matches_llamacpp(hf_from_vocab_gguf, tmp_path):
+    """A Llama SentencePiece vocab stored only as a byte-fallback BPE tokenizer.json (llama.cpp's LlamaHfVocab)."""
+    d = hf_from_vocab_gguf("llama-spm", "LlamaForCausalLM")
+    assert not (d / "tokenizer.model").exists()
+    ours = write_ours(d, tmp_path / "ours.gguf")
+    assert tokenizer_fields(ours)["tokenizer.ggml.model"][1] == "llama"
+    assert_same_tokenizer(ours, write_llamacpp(d, tmp_path / "ref.gguf"))
