@@ -194,3 +194,159 @@ def test_awq_other_widths_and_ct_formats(tmp_path, stories_dir):
                   config_groups={"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}})
     with pytest.raises(GGQError, match="'float-quantized' is not supported"):
         prepare(open_checkpoint(d))
+
+
+# ------------------------------------------------------------------------ end to end (ggq convert)
+
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+def _llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Q/K row order of llama.cpp's converter (LlamaModel.permute in convert_hf_to_gguf.py)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _reference_gguf_weights(layers: dict) -> dict[str, np.ndarray]:
+    """{GGUF name: reference float32 weights in GGUF row order}."""
+    cfg = qp.CONFIG
+    out = {}
+    for hf_name, L in layers.items():
+        i = int(hf_name.split(".")[2])
+        lin = hf_name.split(".", 3)[3].rsplit(".", 1)[0]
+        w = L.dequantize()
+        if lin == "self_attn.q_proj":
+            w = _llama_permute(w, cfg["num_attention_heads"])
+        elif lin == "self_attn.k_proj":
+            w = _llama_permute(w, cfg["num_key_value_heads"])
+        out[f"blk.{i}.{GGUF_NAMES[lin]}.weight"] = w
+    return out
+
+
+def _gguf_weights(path: Path) -> tuple[dict[str, tuple[T, np.ndarray]], int]:
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    ftype = int(r.fields["general.file_type"].parts[-1][0])
+    return {t.name: (T(t.tensor_type), gguf_dequantize(np.asarray(t.data), t.tensor_type)) for t in r.tensors}, ftype
+
+
+def _convert(src: Path, out: Path, qtype=None) -> Path:
+    convert = pytest.importorskip("ggq.convert.pipeline").convert
+    return convert(str(src), str(out), qtype=qtype, force=True, progress=False)
+
+
+@pytest.mark.parametrize("name,qtype,gtype", [
+    ("gptq4-sym", None, "Q4_0"),
+    ("gptq8-sym", None, "Q8_0"),
+    ("ct4-sym", None, "Q4_0"),
+    ("awq-gemm", "Q5_0", "Q5_0"),
+])
+def test_convert_lossless(tmp_path, stories_dir, name, qtype, gtype, capfd):
+    d, layers = _build(tmp_path, stories_dir, name)
+    path = _convert(d, tmp_path / f"{name}.gguf", qtype)
+    got, ftype = _gguf_weights(path)
+    assert ftype == {"Q4_0": 2, "Q8_0": 7, "Q5_0": 8}[gtype]
+    for gname, ref in _reference_gguf_weights(layers).items():
+        t, w = got[gname]
+        assert t == T[gtype], gname
+        assert np.array_equal(w, ref), gname
+    assert "warning" not in capfd.readouterr().err
+
+
+def test_convert_awq_q4_1(tmp_path, stories_dir, capfd):
+    d, layers = _build(tmp_path, stories_dir, "awq-gemm")
+    path = _convert(d, tmp_path / "awq.gguf")
+    got, ftype = _gguf_weights(path)
+    assert ftype == 3  # MOSTLY_Q4_1
+    assert "m = -s*z" in capfd.readouterr().err
+    for gname, ref in _reference_gguf_weights(layers).items():
+        t, w = got[gname]
+        assert t == T.Q4_1
+        np.testing.assert_allclose(w, ref, rtol=0, atol=np.abs(ref).max() * 2.0 ** -10)
+
+
+def test_convert_act_order_requantizes(tmp_path, stories_dir, capfd):
+    d, layers = _build(tmp_path, stories_dir, "gptq4-act-order")
+    path = _convert(d, tmp_path / "act.gguf", "Q8_0")
+    err = capfd.readouterr().err
+    assert "act-order" in err and "quantized again" in err
+    got, _ = _gguf_weights(path)
+    for gname, ref in _reference_gguf_weights(layers).items():
+        t, w = got[gname]
+        assert t == T.Q8_0
+        # Q8_0 rounding: half a step of max|block| / 127, plus the fp16 rounding of d (127 * 2^-11 steps)
+        blocks = np.abs(ref).reshape(ref.shape[0], -1, 32).max(axis=-1, keepdims=True)
+        step = np.repeat(blocks / 127, 32, axis=-1).reshape(ref.shape)
+        assert (np.abs(w - ref) <= step * (0.5 + 127 * 2.0 ** -11) + 1e-7).all(), gname
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gptq4-sym", "awq-gemm"])
+def test_llama_cpp_generates(tmp_path, stories_dir, name):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    d, _ = _build(tmp_path, stories_dir, name)
+    path = _convert(d, tmp_path / f"{name}.gguf")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, seed=1)
+    toks = llm.tokenize(b"Once upon a time", add_bos=True)
+    out = []
+    for tok in llm.generate(toks, temp=0.0):
+        out.append(tok)
+        if len(out) == 4:
+            break
+    assert len(out) == 4 and all(0 <= t < qp.CONFIG["vocab_size"] for t in out)
+
+
+# ------------------------------------------------------------------------ real checkpoints (optional)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,gtype", [("gptq", "Q4_0"), ("awq", "Q4_1")])
+def test_real_smollm2_checkpoint(kind, gtype, cache_dir, tmp_path):
+    """SmolLM2 quantized by gptqmodel (tools/make_gptq_awq.py); skipped when not made on this machine.
+
+    The unpacked codes, zeros and scales must reproduce gptqmodel's own CPU dequantization (which
+    rounds the scale and the product to bf16: relative difference at most 2^-7 per weight, i.e.
+    at most 1/16 of a step for |q - z| <= 8, while a wrong code or zero point is off by a whole
+    step), and the GGUF must decode to our dequantized weights (bit for
+    bit for Q4_0; within the fp16 rounding of m for Q4_1)."""
+    d = cache_dir / f"smollm2-{kind}"
+    if not (d / "config.json").exists():
+        pytest.skip(f"{d} not made (tools/make_gptq_awq.py)")
+    ck = open_checkpoint(d)
+    info = prepare(ck)
+    assert info.method == kind and info.default_type == gtype
+    ref_file = d.with_name(d.name + ".reference.safetensors")
+    if ref_file.exists():
+        from safetensors.numpy import load_file
+
+        ref = load_file(str(ref_file))
+        names = [k for k in ref if k.endswith(".weight")]
+        assert len(names) == info.n_tensors
+        for k in names:
+            w = ck.tensors[k].load()
+            assert (np.abs(w - ref[k]) <= np.abs(w) * 2.0 ** -7).all(), k
+
+    path = _convert(d, tmp_path / f"{kind}.gguf")
+    got, _ = _gguf_weights(path)
+    cfg = ck.config
+    ck2 = open_checkpoint(d)
+    prepare(ck2)
+    for i in (0, cfg["num_hidden_layers"] - 1):
+        for lin, short in GGUF_NAMES.items():
+            w = ck2.tensors[f"model.layers.{i}.{lin}.weight"].load()
+            if lin == "self_attn.q_proj":
+                w = _llama_permute(w, cfg["num_attention_heads"])
+            elif lin == "self_attn.k_proj":
+                w = _llama_permute(w, cfg["num_key_value_heads"])
+            t, g = got[f"blk.{i}.{short}.weight"]
+            assert t == T[gtype]
+            if gtype == "Q4_0":
+                assert np.array_equal(g, w)
+            else:
+                assert np.abs(g - w).max() <= np.abs(w).max() * 2.0 ** -10
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, verbose=False, seed=1)
+    text = llm("The capital of France is", max_tokens=8, temperature=0.0)["choices"][0]["text"]
+    assert text.strip()

@@ -9,6 +9,7 @@ environment, never in the project's venv:
         jinja2 datasets pyarrow dill torchao defuser sentencepiece
     VENV/bin/pip install --no-deps gptqmodel==7.7.0
     GPTQMODEL_CPU_WORKERS=2 VENV/bin/python tools/make_gptq_awq.py SRC OUT [gptq|awq|gptq-act ...]
+    VENV/bin/python tools/make_gptq_awq.py reference OUT/smollm2-gptq OUT/smollm2-awq
 
 ``SRC`` is a float SmolLM2 checkpoint (``tools/smollm2_checkpoint.py`` builds one); ``OUT`` gets
 ``smollm2-gptq`` (4-bit, symmetric, group 64, no act-order: maps to Q4_0 losslessly),
@@ -22,6 +23,7 @@ size 576 is not a multiple of 128. Calibration text: the first lines of wikitext
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -71,7 +73,50 @@ def make(src: Path, out: Path, kind: str) -> Path:
     return target
 
 
+def reference(ckpt: Path) -> Path:
+    """Write ``<ckpt>.reference.safetensors`` (beside the folder, not in it): every quantized linear's weight (out, in) as
+    gptqmodel itself dequantizes it (its torch kernels' ``dequantize_weight``), for the tests."""
+    import torch
+    from gptqmodel import BACKEND, GPTQModel
+    from safetensors.torch import save_file
+
+    target = ckpt.with_name(ckpt.name + ".reference.safetensors")
+    if target.exists():
+        return target
+    qc = json.loads((ckpt / "config.json").read_text())["quantization_config"]
+    ref = {}
+    if qc["quant_method"] == "awq":  # gptqmodel's own AWQ-GEMM dequantization, on the stored tensors
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+        from safetensors.torch import load_file
+
+        sd = load_file(str(ckpt / "model.safetensors"))
+        for k in [k for k in sd if k.endswith(".qweight")]:
+            p = k[: -len(".qweight")]
+            w = dequantize_gemm(sd[k], sd[p + ".qzeros"], sd[p + ".scales"], qc["bits"], qc["group_size"])
+            ref[p + ".weight"] = w.T.float().contiguous()
+            ref[p + ".weight_dtype"] = torch.tensor([{torch.float16: 16, torch.bfloat16: 17}.get(w.dtype, 32)])
+        save_file(ref, str(target))
+        print(f"{target}: {len(ref) // 2} tensors")
+        return target
+    model = GPTQModel.load(str(ckpt), backend=BACKEND.GPTQ_TORCH)
+    with torch.no_grad():
+        for name, mod in model.model.named_modules():
+            if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
+                w = mod.dequantize_weight()
+                if tuple(w.shape) == (mod.in_features, mod.out_features):
+                    w = w.T  # torch kernels return (in, out); square layers are transposed too
+                ref[f"{name}.weight"] = w.float().contiguous().cpu()
+                ref[f"{name}.weight_dtype"] = torch.tensor([{torch.float16: 16, torch.bfloat16: 17}.get(w.dtype, 32)])
+    save_file(ref, str(target))
+    print(f"{target}: {len(ref) // 2} tensors, dequantized in {set(int(v) for k, v in ref.items() if k.endswith('_dtype'))}")
+    return target
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) >= 3 and argv[1] == "reference":
+        for p in argv[2:]:
+            reference(Path(p))
+        return 0
     if len(argv) < 3:
         print(__doc__)
         return 2
