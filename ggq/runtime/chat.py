@@ -327,8 +327,13 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
             err.write(HELP + "\n")
             err.flush()
             continue
-        with _SigintFlag() as flag:
-            st = session.turn(text, stop_flag=flag)
+        try:
+            with _SigintFlag() as flag:
+                st = session.turn(text, stop_flag=flag)
+        except GGQError as e:  # e.g. a message longer than the context: say so, keep the session
+            err.write(f"ggq: error: {e}\n")
+            err.flush()
+            continue
         if st.stop == "interrupt":
             out.write(" [stopped]")
         out.write("\n")
