@@ -63,7 +63,8 @@ def write_llamacpp(model_dir: Path, out: Path) -> Path:
 def tokenizer_fields(path: Path) -> dict:
     """``tokenizer.*`` key -> (value types, value), in file order."""
     r = gguf.GGUFReader(str(path))
-    return {k: (tuple(int(t) for t in f.types), f.contents()) for k, f in r.fields.items() if k.startswith("tokenizer.")}
+    return {k: (tuple(int(t) for t in f.types), f.contents())
+            for k, f in r.fields.items() if k.startswith("tokenizer.")}
 
 
 def assert_same_tokenizer(ours: Path, ref: Path) -> None:

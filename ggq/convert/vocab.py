@@ -393,7 +393,8 @@ class _SpecialVocab:
         if tid < 0:
             raise GGQError(f"{self.dir}: invalid {typ} token id {tid}")
         if self.n_vocab is not None and tid >= self.n_vocab:
-            log.warning("%s: %s token id %d is not below the vocabulary size %d; skipped", self.dir, typ, tid, self.n_vocab)
+            log.warning("%s: %s token id %d is not below the vocabulary size %d; skipped",
+                        self.dir, typ, tid, self.n_vocab)
             return
         self.ids.setdefault(typ, tid)
 
