@@ -160,7 +160,7 @@ def _sampling_options(f):
         click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
                      help="Repeat penalty (1.0: off)."),
         click.option("--repeat-last-n", type=int, default=64, show_default=True,
-                     help="Tokens the repeat penalty looks back over (0: off)."),
+                     help="Tokens the repeat penalty looks back over (0: off, -1: the whole context)."),
         click.option("--seed", type=int, default=-1, show_default=True, help="Random seed (-1: random)."),
         click.option("-v", "--verbose", is_flag=True, help="Print prompt/generation speed after each reply."),
     ]

@@ -181,7 +181,8 @@ class Generator:
         st.n_prompt = len(prompt) - keep
         st.t_prompt = time.perf_counter() - t0
         self.sampler.reset()
-        self.sampler.accept_many(prompt[-max(0, self.params.repeat_last_n):] if self.params.repeat_last_n > 0 else [])
+        n_last = self.params.repeat_last_n  # -1: the whole context, as in llama.cpp
+        self.sampler.accept_many(prompt if n_last < 0 else prompt[len(prompt) - n_last:] if n_last > 0 else [])
         dec = StreamDecoder(self.tok)
         out: list[str] = []
         t1 = time.perf_counter()
