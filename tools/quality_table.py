@@ -62,7 +62,8 @@ def make_files(types, work: Path, rebuild: bool, log=print) -> dict:
     f16 = work / "llamacpp-F16.gguf"
     if rebuild or not f16.exists():
         log("llama.cpp F16")
-        convert_hf(hf, f16, "f16")
+        convert_hf(hf, f16.with_suffix(".part"), "f16")
+        f16.with_suffix(".part").replace(f16)
     for t in types:
         p = work / f"ggq-{t}.gguf"
         if rebuild or not p.exists():
@@ -77,7 +78,8 @@ def make_files(types, work: Path, rebuild: bool, log=print) -> dict:
         q = work / f"llamacpp-{t}.gguf"
         if rebuild or not q.exists():
             log(f"llama.cpp {t}")
-            quantize_file(f16, q, t)
+            quantize_file(f16, q.with_suffix(".part"), t)  # renamed when complete: a cache never holds half a file
+            q.with_suffix(".part").replace(q)
         files[("llama.cpp", t)] = q
     files["base"] = f16
     return files
@@ -122,11 +124,17 @@ def measure(files, types, n_chunks: int, n_ctx: int, runtime: str, speed: bool, 
         for maker in ("ggq", "llama.cpp"):
             p = files[(maker, t)]
             log(f"{maker} {t}")
-            s = run(p, None, kl_base=base_logits, n_chunks=n_chunks, progress=True, load_model=load).stats()
             bpw, n_w = bits_per_weight(p)
+            try:
+                s = run(p, None, kl_base=base_logits, n_chunks=n_chunks, progress=True, load_model=load).stats()
+            except Exception as e:  # a type the runtime cannot run: keep the row, say why
+                log(f"  failed: {e}")
+                s = {k: float("nan") for k in ("ppl", "ppl_unc", "kld", "kld_unc", "same_top", "dp_rms")}
+                s["count"], s["error"] = 0, f"{type(e).__name__}: {e}"
             row = {"maker": maker, "type": t, "size_mib": p.stat().st_size / 2 ** 20, "bpw": bpw,
                    "ppl": s["ppl"], "ppl_unc": s["ppl_unc"], "kld": s["kld"], "kld_unc": s["kld_unc"],
-                   "same_top": s["same_top"], "dp_rms": s["dp_rms"], "count": s["count"]}
+                   "same_top": s["same_top"], "dp_rms": s["dp_rms"], "count": s["count"],
+                   "error": s.get("error")}
             if speed:
                 row["tps_ggq"] = decode_speed(p, "ggq")
                 row["tps_llamacpp"] = decode_speed(p, "llamacpp")
@@ -139,7 +147,7 @@ def write_markdown(rows, out: Path, args, elapsed: float) -> None:
     speed = "tps_ggq" in rows[0]
     by = {(r["maker"], r["type"]): r for r in rows}
     types = [t for t in TYPES if ("ggq", t) in by]
-    n = rows[0]["count"]
+    n = max(r["count"] for r in rows)
     L = ["# Size versus quality: SmolLM2-135M-Instruct", "",
          f"Every file type ggq writes, made by ggq's quantizer and by llama.cpp's (`llama_model_quantize` "
          f"from llama.cpp's own F16 conversion), evaluated with llama-perplexity's method (`ggq perplexity`) "
@@ -170,6 +178,10 @@ def write_markdown(rows, out: Path, args, elapsed: float) -> None:
         if speed:
             line += f" {g['tps_ggq']:.1f} / {g['tps_llamacpp']:.1f} |"
         L.append(line)
+    errs = [r for r in rows if r.get("error")]
+    if errs:
+        L += ["", "Failed evaluations (shown as nan): " + "; ".join(f"{r['maker']} {r['type']}: {r['error']}"
+                                                                 for r in errs)]
     L += ["", "KLD ratio = ggq's mean KL divergence / llama.cpp's for the same type (below 1: ggq's file is "
           "closer to F16). Regenerate with the command above; raw numbers are in `quality.json` next to the "
           "cached files (`.cache/tests/quality`).", ""]
@@ -193,7 +205,7 @@ def write_plot(rows, out: Path, args) -> None:
     plt = ensure_matplotlib()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
     for ax, maker, color in ((axes[0], "ggq", "tab:blue"), (axes[1], "llama.cpp", "tab:orange")):
-        rs = [r for r in rows if r["maker"] == maker and r["kld"] > 0]
+        rs = [r for r in rows if r["maker"] == maker and r["kld"] > 0]  # NaN (failed) rows drop out
         for other, oc in (("ggq", "tab:blue"), ("llama.cpp", "tab:orange")):
             if other != maker:
                 os_ = [r for r in rows if r["maker"] == other and r["kld"] > 0]
