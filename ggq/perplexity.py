@@ -142,6 +142,7 @@ class LogitsFile:
 
     @property
     def n_vocab(self) -> int:
+        """Vocabulary size the log-probabilities were stored for."""
         return int(self.header["n_vocab"])
 
     @property
@@ -242,6 +243,7 @@ class LogitsWriter:
         self.n_written += 1
 
     def close(self, ok: bool = True) -> None:
+        """Finish: rename the ``.part`` file into place if ``ok`` and every chunk was written, else delete it."""
         self.fh.close()
         if ok and self.n_written == self.header["n_chunk"]:
             os.replace(self.tmp, self.path)
@@ -299,6 +301,7 @@ class PerplexityResult:
 
     @property
     def ppl(self) -> float:
+        """``exp(mean nll)`` over the scored tokens so far."""
         return math.exp(self.sum_nll / self.count)
 
     @property
@@ -309,6 +312,7 @@ class PerplexityResult:
         return math.sqrt(v / (self.count - 1)) * self.ppl if v > 0 and self.count > 1 else float("nan")
 
     def report(self) -> str:
+        """Two lines: what was scored, and llama.cpp's ``Final estimate: PPL = x +/- e``."""
         return (f"chunks {self.n_chunk}, n_ctx {self.n_ctx}, scored tokens {self.count}\n"
                 f"Final estimate: PPL = {self.ppl:.4f} +/- {self.ppl_error:.5f}")
 
