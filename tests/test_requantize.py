@@ -23,7 +23,7 @@ from ggq.convert.requantize import requantize
 from ggq.errors import GGQError
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_mixes import llamacpp_mix, read_table, smollm2_f16, synth_f16, synth_hf  # noqa: E402,F401
+from test_mixes import _ref, llamacpp_mix, read_table, smollm2_f16, synth_f16, synth_hf  # noqa: E402,F401
 
 T = GGMLQuantizationType
 K_MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
@@ -137,3 +137,76 @@ def test_cli_quantize(synth_f16, tmp_path):
     assert read_table(out)[0]["general.file_type"] == 16
     res = CliRunner().invoke(main, ["quantize", str(synth_f16), str(out), "q5_k_s", "-q"])
     assert res.exit_code == 1 and "exists" in res.output
+
+
+def _llamacpp_quantize(inp: Path, out: Path, mix: str, imatrix: dict | None = None,
+                       tensor_types: list[tuple[str, int]] = (), output_tensor_type: int | None = None,
+                       token_embedding_type: int | None = None) -> Path:
+    """llama_model_quantize with an imatrix and overrides, built with llama-cpp-python's ctypes structs."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ref = _ref()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = 2
+    params.ftype = ref.FTYPES[mix]
+    if output_tensor_type is not None:
+        params.output_tensor_type = output_tensor_type
+    if token_embedding_type is not None:
+        params.token_embedding_type = token_embedding_type
+    keep = []
+    if imatrix:
+        arr = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (k, v) in enumerate(imatrix.items()):
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            keep.append(v)
+            arr[i].name = k.encode()
+            arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            arr[i].size = v.size
+        arr[len(imatrix)].name = None
+        params.imatrix = arr
+        keep.append(arr)
+    if tensor_types:
+        tts = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (p, t) in enumerate(tensor_types):
+            tts[i].pattern = p.encode()
+            tts[i].type = int(t)
+        tts[len(tensor_types)].pattern = None
+        params.tt_overrides = tts
+        keep.append(tts)
+    rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
+    assert rc == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["Q4_K_M", "Q3_K_S", "Q4_0"])
+def test_imatrix_and_overrides_match_llamacpp(synth_f16, out_dir, mix):
+    """Same imatrix and --tensor-type/--output-tensor-type overrides: llama.cpp's types, and its
+    blocks bit for bit on most tensors (error never worse)."""
+    _ref()
+    rng = np.random.default_rng(1)
+    _, f16_tensors = read_table(synth_f16)
+    imat = {n: rng.gamma(1.0, 1.0, ne[0]).astype(np.float32) for n, ne, _ in f16_tensors
+            if n.startswith("blk.") and len(ne) == 2}
+    tts = [("ffn_up", T.Q5_K), (r"blk\.[01]\.attn_q", T.Q8_0)]
+    ref = _llamacpp_quantize(synth_f16, out_dir / f"lc-im-{mix}.gguf", mix, imatrix=imat, tensor_types=tts,
+                             output_tensor_type=int(T.Q5_K))
+    ov = MixOverrides(output_tensor_type=T.Q5_K, tensor_types=tts)
+    out = requantize(synth_f16, out_dir / f"ggq-im-{mix}.gguf", mix, imatrix=imat, overrides=ov, progress=False)
+    assert read_table(out)[1] == read_table(ref)[1]
+    a, b = GGUFReader(out), GGUFReader(ref)
+    f16 = {t.name: dequantize(t.data, t.tensor_type).astype(np.float64) for t in GGUFReader(synth_f16).tensors}
+    same = 0
+    for ta, tb in zip(a.tensors, b.tensors):
+        same += np.array_equal(np.asarray(ta.data), np.asarray(tb.data))
+        if ta.tensor_type in (T.F32, T.F16) or ta.name not in imat:
+            continue
+        w = imat[ta.name]
+        ea = np.sum(w * (dequantize(ta.data, ta.tensor_type) - f16[ta.name]) ** 2)
+        eb = np.sum(w * (dequantize(tb.data, tb.tensor_type) - f16[ta.name]) ** 2)
+        assert ea <= eb * 1.001, f"{mix} {ta.name}: weighted error {ea:.4g} vs llama.cpp {eb:.4g}"
+    assert same >= 0.9 * len(a.tensors)
+    types = {n: t for n, _, t in read_table(out)[1]}
+    assert types["blk.0.attn_q.weight"] == T.Q8_0 and types["blk.5.ffn_up.weight"] == T.Q5_K
+    assert types["output.weight"] == T.Q5_K
