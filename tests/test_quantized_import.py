@@ -136,6 +136,20 @@ def test_q4_1_m_rounding_reported(tmp_path, stories_dir, name):
     assert 0 < info.m_error <= 2.0 ** (4 + 1 - 11) and steps.max() <= info.m_error + 1e-6
 
 
+def test_scales_not_exact_in_fp16_fall_back():
+    from ggq.convert.quantized import QuantizedWeight
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 16, size=(4, 64)).astype(np.uint8)
+    s = np.full((4, 2), 0.1, np.float32)  # 0.1 in float32 is not an fp16 value
+    qw = QuantizedWeight(q, s, np.full((4, 2), 8, np.int16), np.arange(64) // 32)
+    data, why = qw.to_blocks("Q4_0")
+    assert data is None and "fp16" in why
+    qw.scales = s.astype(np.float16).astype(np.float32)
+    data, _ = qw.to_blocks("Q4_0")
+    assert np.array_equal(gguf_dequantize(data, T.Q4_0), qw.dequantize())
+
+
 # ------------------------------------------------------------------------ bad input
 
 def _gptq_dir(tmp_path, stories_dir, **kw):

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -389,6 +390,11 @@ def make_source(name: str, shape: tuple[int, int], dtype: str, decode: Callable[
         data, why = qw.to_blocks(qt)
         if data is None:
             info.stats.setdefault("not_native", {})[name] = why
+            if info.holds(qt) and why not in info.stats.setdefault("warned", set()):
+                # the config promised a lossless mapping but this tensor's data does not fit it
+                info.stats["warned"].add(why)
+                print(f"ggq: warning: {origin}: {name} is not kept in {qt.name} ({why}): dequantized and "
+                      "quantized again", file=sys.stderr)
             return None
         if qt in _UNSIGNED_MAX:
             bg = qw.block_groups()
