@@ -13,7 +13,12 @@ integers are converted with ``np.float32(l)`` before they meet a float), and no 
 integer results stored into ``int8``/``uint8`` arrays truncate as the C assignments do.
 
 All functions take 1-D contiguous float32 arrays (slices of a row are fine) and write the chosen
-integer levels into the ``L`` array given; they allocate nothing.
+integer levels into the ``L`` array given; they allocate nothing (``work`` is caller scratch).
+
+Speed: the searches evaluate their candidate scales side by side (vectorizing across candidates)
+and then take llama.cpp's decisions in llama.cpp's order, which keeps every bit while running
+faster than the C loops. Development note: Numba's on-disk cache of the ``q*_k`` kernels does not
+notice edits to this file; delete ``ggq/quants/__pycache__/*.nb[ic]`` after changing it.
 """
 
 from __future__ import annotations
@@ -134,7 +139,7 @@ def _qx_weight(x, i, rmse_type, qw):
 
 
 #: float32 scratch length the searches need (``work`` argument); allocate once per row
-WORK_SIZE = 64
+WORK_SIZE = 320  # 7 arrays of up to 37 candidates (make_qkx3_quants), 3 of 18 (make_qx_quants)
 
 
 @njit(cache=True)
@@ -281,10 +286,19 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
     return np.float32(1.0) / iscale
 
 
+_QKX_CHUNK = 16  # candidates evaluated per pass: one AVX-512 vector, and bounds the re-evaluation after a min change
+
+
 @njit(cache=True)
-def _qkx_search(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, strict):
-    # shared body of make_qkx2_quants (strict=False: max == min test) and make_qkx3_quants
-    # (strict=True: max <= min test); returns (scale, the_min)
+def _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, strict, work):
+    # Shared body of make_qkx2_quants (strict=False: max == min test) and make_qkx3_quants
+    # (strict=True: max <= min test); returns (scale, the_min).
+    #
+    # llama.cpp tries the candidate inverse scales one after the other, and a candidate that
+    # wins replaces `min`, which the later candidates then use. We evaluate all remaining
+    # candidates side by side for the current `min` (each sum still in llama.cpp's element
+    # order), walk them in llama.cpp's order, and when a winner changes `min` we re-evaluate the
+    # candidates after it with the new `min`. Same arithmetic on the same values, so the same bits.
     rmin = np.float32(rmin)
     rdelta = np.float32(rdelta)
     mn = x[0]
@@ -317,63 +331,104 @@ def _qkx_search(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, stri
         best_error += weights[i] * diff
     if nstep < 1:
         return scale, -mn
-    for is_ in range(nstep + 1):
-        iscale = (rmin + rdelta * np.float32(is_) + np.float32(nmax)) / (mx - mn)
-        sum_l = np.float32(0.0)
-        sum_l2 = np.float32(0.0)
-        sum_xl = np.float32(0.0)
+    nc_all = nstep + 1
+    isc = work[0:nc_all]
+    sl = work[nc_all:2 * nc_all]
+    sl2 = work[2 * nc_all:3 * nc_all]
+    sxl = work[3 * nc_all:4 * nc_all]
+    tsc = work[4 * nc_all:5 * nc_all]
+    tmn = work[5 * nc_all:6 * nc_all]
+    err = work[6 * nc_all:7 * nc_all]
+    best_isc = np.float32(0.0)
+    best_base = mn
+    found = False
+    start = 0
+    while start < nc_all:
+        nc = min(nc_all - start, _QKX_CHUNK)
+        base = mn  # the min every candidate from `start` on is evaluated with
+        rng = mx - base
+        for k in range(nc):
+            isc[k] = (rmin + rdelta * np.float32(start + k) + np.float32(nmax)) / rng
+            sl[k] = np.float32(0.0)
+            sl2[k] = np.float32(0.0)
+            sxl[k] = np.float32(0.0)
+            err[k] = np.float32(0.0)
         for i in range(n):
-            l = nearest_int(iscale * (x[i] - mn))
-            l = max(0, min(nmax, l))
-            Laux[i] = l
+            xi = x[i]
+            xm = xi - base
             w = weights[i]
-            fl = np.float32(l)
-            sum_l += w * fl
-            sum_l2 += w * fl * fl
-            sum_xl += w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > 0:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > 0:
-                this_min = np.float32(0.0)
-                this_scale = sum_xl / sum_l2
-            cur_error = np.float32(0.0)
-            for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+            for k in range(nc):
+                fl = np.float32(max(0, min(nmax, nearest_int(isc[k] * xm))))
+                wl = w * fl
+                sl[k] += wl
+                sl2[k] += wl * fl
+                sxl[k] += wl * xi
+        for k in range(nc):
+            D = sum_w * sl2[k] - sl[k] * sl[k]
+            ts = np.float32(0.0)
+            tm = np.float32(0.0)
+            if D > 0:
+                ts = (sum_w * sxl[k] - sum_x * sl[k]) / D
+                tm = (sl2[k] * sum_x - sl[k] * sxl[k]) / D
+                if tm > 0:
+                    tm = np.float32(0.0)
+                    ts = sxl[k] / sl2[k]
+            else:
+                sl[k] = np.float32(np.nan)  # marks "D <= 0: skipped"
+            tsc[k] = ts
+            tmn[k] = tm
+        for i in range(n):
+            xi = x[i]
+            xm = xi - base
+            w = weights[i]
+            for k in range(nc):
+                fl = np.float32(max(0, min(nmax, nearest_int(isc[k] * xm))))
+                diff = tsc[k] * fl + tmn[k] - xi
                 diff = abs(diff) if use_mad else diff * diff
-                cur_error += weights[i] * diff
-            if cur_error < best_error:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_error = cur_error
-                scale = this_scale
-                mn = this_min
+                err[k] += w * diff
+        nxt = start + nc
+        for k in range(nc):
+            if sl[k] != sl[k]:  # D <= 0
+                continue
+            if err[k] < best_error:
+                best_error = err[k]
+                scale = tsc[k]
+                best_isc = isc[k]
+                best_base = base
+                found = True
+                mn = tmn[k]
+                if mn != base:  # later candidates need the new min
+                    nxt = start + k + 1
+                    break
+        start = nxt
+    if found:
+        for i in range(n):
+            L[i] = max(0, min(nmax, nearest_int(best_isc * (x[i] - best_base))))
     return scale, -mn
 
 
 @njit(cache=True)
-def make_qkx2_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work):
     """Asymmetric levels in [0, nmax] with a min, for Q2_K/Q4_K/Q5_K (llama.cpp's ``make_qkx2_quants``).
 
-    ``x``, ``weights``: float32 ``(n,)``; ``L``, ``Laux``: uint8 ``(n,)`` (``Laux`` is scratch).
-    ``rmin``, ``rdelta``: float32; tries inverse scales ``(rmin + rdelta*is + nmax)/(max - min)``
-    for ``is`` in ``0..nstep``, fitting scale and min by weighted least squares each time, and keeps
-    the lowest weighted squared (or absolute, ``use_mad``) error. Returns ``(scale, the_min)``
-    with ``x ~= scale*L - the_min``.
+    ``x``, ``weights``: float32 ``(n,)``; ``L``: uint8 ``(n,)`` output; ``work``: float32 scratch
+    of at least :data:`WORK_SIZE`. ``rmin``, ``rdelta``: float32; tries inverse scales
+    ``(rmin + rdelta*is + nmax)/(max - min)`` for ``is`` in ``0..nstep``, fitting scale and min
+    by weighted least squares each time, and keeps the lowest weighted squared (or absolute,
+    ``use_mad``) error. Returns ``(scale, the_min)`` with ``x ~= scale*L - the_min``.
     """
-    return _qkx_search(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, False)
+    return _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, False, work)
 
 
 @njit(cache=True)
-def make_qkx3_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
+def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work):
     """llama.cpp's ``make_qkx3_quants`` (the weighted search of the imatrix paths).
 
     Same search as :func:`make_qkx2_quants`; differs only in treating ``max <= min`` (not just
     ``==``) as a constant block. ``weights`` must be given: llama.cpp's NULL case (x**2 weights)
     is never used by the K-quants. Returns ``(scale, the_min)``.
     """
-    return _qkx_search(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, True)
+    return _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, True, work)
 
 
 @njit(cache=True)

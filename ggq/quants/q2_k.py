@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kquant_search import (
-    QK_K, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_qkx2_quants,
+    QK_K, WORK_SIZE, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_qkx2_quants,
     make_qkx3_quants, make_qp_quants, nearest_int, put_f16,
 )
 from .q3_k import pack_2bit
@@ -39,7 +39,7 @@ def _finish(x, out, L, d, dmin):
 
 
 @njit(cache=True)
-def _quantize_block_ref(x, out, L, Laux, weights, scales, mins):
+def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     # quantize_row_q2_K_ref, one super-block: x float32 (256,), out uint8 (84,)
     q4scale = np.float32(15.0)
     max_scale = np.float32(0.0)
@@ -48,8 +48,8 @@ def _quantize_block_ref(x, out, L, Laux, weights, scales, mins):
         xs = x[16 * j:16 * j + 16]
         for l in range(16):
             weights[l] = abs(xs[l])
-        s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j:16 * j + 16], Laux,
-                                np.float32(-0.5), np.float32(0.1), 15, True)
+        s, m = make_qkx2_quants(16, 3, xs, weights, L[16 * j:16 * j + 16],
+                                np.float32(-0.5), np.float32(0.1), 15, True, work)
         scales[j] = s
         mins[j] = m
         if s > max_scale:
@@ -79,7 +79,7 @@ def _quantize_block_ref(x, out, L, Laux, weights, scales, mins):
 
 
 @njit(cache=True)
-def _quantize_block_impl(x, qw, out, L, Laux, weight, scales, mins, sw, Ls, Lm):
+def _quantize_block_impl(x, qw, out, L, work, weight, scales, mins, sw, Ls, Lm):
     # quantize_row_q2_K_impl with quant_weights, one super-block
     sumx2 = np.float32(0.0)
     for j in range(QK_K):
@@ -93,8 +93,8 @@ def _quantize_block_impl(x, qw, out, L, Laux, weight, scales, mins, sw, Ls, Lm):
         for l in range(16):
             sumw += weight[l]
         sw[j] = sumw
-        s, m = make_qkx3_quants(16, 3, xs, weight, L[16 * j:16 * j + 16], Laux,
-                                np.float32(-0.9), np.float32(0.05), 36, False)
+        s, m = make_qkx3_quants(16, 3, xs, weight, L[16 * j:16 * j + 16],
+                                np.float32(-0.9), np.float32(0.05), 36, False, work)
         scales[j] = s
         mins[j] = m
     dm = make_qp_quants(16, 15, scales, Ls, sw)
@@ -114,13 +114,13 @@ def _quantize_rows(x, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(16, np.uint8)
+        work = np.empty(WORK_SIZE, np.float32)
         weights = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
         for i in range(nb):
             _quantize_block_ref(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE],
-                                L, Laux, weights, scales, mins)
+                                L, work, weights, scales, mins)
 
 
 @njit(cache=True, parallel=True)
@@ -129,7 +129,7 @@ def _quantize_rows_imatrix(x, qw, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(16, np.uint8)
+        work = np.empty(WORK_SIZE, np.float32)
         weight = np.empty(16, np.float32)
         scales = np.empty(16, np.float32)
         mins = np.empty(16, np.float32)
@@ -138,7 +138,7 @@ def _quantize_rows_imatrix(x, qw, out):
         Lm = np.empty(16, np.uint8)
         for i in range(nb):
             _quantize_block_impl(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K],
-                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, Laux, weight, scales, mins, sw, Ls, Lm)
+                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, work, weight, scales, mins, sw, Ls, Lm)
 
 
 @njit(cache=True, parallel=True)

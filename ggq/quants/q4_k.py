@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit, prange
 
 from .kquant_search import (
-    QK_K, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_qkx2_quants,
+    QK_K, WORK_SIZE, check_dequantize_args, check_quantize_args, fp16_round, get_f16, make_qkx2_quants,
     make_qkx3_quants, make_qp_quants, nearest_int, put_f16,
 )
 
@@ -62,7 +62,7 @@ def requantize_k4(x, out, sc, d, dmin, L, nmax):
 
 
 @njit(cache=True)
-def _quantize_block_ref(x, out, L, Laux, weights, scales, mins):
+def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     # quantize_row_q4_K_ref, one super-block: x float32 (256,), out uint8 (144,)
     max_scale = np.float32(0.0)
     max_min = np.float32(0.0)
@@ -74,8 +74,8 @@ def _quantize_block_ref(x, out, L, Laux, weights, scales, mins):
         av_x = np.sqrt(sum_x2 / np.float32(32.0))
         for l in range(32):
             weights[l] = av_x + abs(xs[l])
-        s, m = make_qkx2_quants(32, 15, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                np.float32(-1.0), np.float32(0.1), 20, False)
+        s, m = make_qkx2_quants(32, 15, xs, weights, L[32 * j:32 * j + 32],
+                                np.float32(-1.0), np.float32(0.1), 20, False, work)
         scales[j] = s
         mins[j] = m
         if s > max_scale:
@@ -106,7 +106,7 @@ def _pack_q4(L, out):
 
 
 @njit(cache=True)
-def _quantize_block_impl(x, qw, out, L, Laux, weights, scales, mins, sw, Ls, Lm):
+def _quantize_block_impl(x, qw, out, L, work, weights, scales, mins, sw, Ls, Lm):
     # quantize_row_q4_K_impl with quant_weights, one super-block
     sum_x2 = np.float32(0.0)
     for l in range(QK_K):
@@ -120,8 +120,8 @@ def _quantize_block_impl(x, qw, out, L, Laux, weights, scales, mins, sw, Ls, Lm)
         for l in range(32):
             sumw += weights[l]
         sw[j] = sumw
-        s, m = make_qkx3_quants(32, 15, xs, weights, L[32 * j:32 * j + 32], Laux,
-                                np.float32(-0.9), np.float32(0.05), 36, False)
+        s, m = make_qkx3_quants(32, 15, xs, weights, L[32 * j:32 * j + 32],
+                                np.float32(-0.9), np.float32(0.05), 36, False, work)
         scales[j] = s
         mins[j] = m
     d_block = make_qp_quants(8, 63, scales, Ls, sw)
@@ -144,13 +144,13 @@ def _quantize_rows(x, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
+        work = np.empty(WORK_SIZE, np.float32)
         weights = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
         for i in range(nb):
             _quantize_block_ref(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE],
-                                L, Laux, weights, scales, mins)
+                                L, work, weights, scales, mins)
 
 
 @njit(cache=True, parallel=True)
@@ -159,7 +159,7 @@ def _quantize_rows_imatrix(x, qw, out):
     nb = n // QK_K
     for r in prange(nrows):
         L = np.empty(QK_K, np.uint8)
-        Laux = np.empty(32, np.uint8)
+        work = np.empty(WORK_SIZE, np.float32)
         weights = np.empty(32, np.float32)
         scales = np.empty(8, np.float32)
         mins = np.empty(8, np.float32)
@@ -168,7 +168,7 @@ def _quantize_rows_imatrix(x, qw, out):
         Lm = np.empty(8, np.uint8)
         for i in range(nb):
             _quantize_block_impl(x[r, i * QK_K:(i + 1) * QK_K], qw[i * QK_K:(i + 1) * QK_K],
-                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, Laux, weights, scales, mins, sw, Ls, Lm)
+                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, work, weights, scales, mins, sw, Ls, Lm)
 
 
 @njit(cache=True, parallel=True)
