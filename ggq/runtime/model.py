@@ -223,7 +223,7 @@ class Model:
         t0 = time.perf_counter()
         gf = open_gguf(path)
         self.path = gf.path
-        self.reader = gf.reader
+        self._gf = gf
         self.metadata = gf.metadata
         self.arch = gf.arch
         name = gf.path.name
@@ -330,7 +330,7 @@ class Model:
             arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in mats])
         except ValueError as e:
             raise GGQError(f"{name}: {e}") from None
-        mm = getattr(gf.reader.data, "_mmap", None)
+        mm = getattr(gf.data, "_mmap", None)
         for j, t in enumerate(mats):
             arena.fill(j, t.raw)
             _release(mm, t.offset, t.nbytes)
@@ -351,6 +351,12 @@ class Model:
         self.load_seconds = time.perf_counter() - t0
         self.file_size = gf.size
         return self
+
+    @property
+    def reader(self):
+        """The file's ``gguf.GGUFReader`` (built on first access: slow for big vocabularies; the
+        same key/values are in :attr:`metadata` already)."""
+        return self._gf.reader
 
     # ------------------------------------------------------------------ KV cache control
     def reset(self) -> None:
