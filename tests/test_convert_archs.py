@@ -8,11 +8,13 @@ forward pass against llama.cpp running our file (next-token logits).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+from functools import lru_cache
 from pathlib import Path
 
 import gguf
@@ -69,20 +71,38 @@ def _build(dst: Path, arch: str, tokenizer: str, smollm2_dir: Path | None = None
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
             elif name.endswith("embed_tokens.weight"):
                 p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim == 1:  # biases
+                p.copy_(torch.randn(p.shape, generator=g))
             else:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]) * (0.5 if p.ndim == 1 else 1.5))
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p.shape[-1]) * 1.5)
     model = model.to(getattr(torch, dtype))
     model.save_pretrained(dst, **(save_kw or {}))
     return dst
 
 
+@lru_cache(maxsize=16)
+def _reader(path: Path) -> gguf.GGUFReader:
+    """One GGUFReader per file (parsing a 49152-token vocabulary takes seconds)."""
+    return gguf.GGUFReader(path)
+
+
 def _kv(path: Path) -> dict:
-    r = gguf.GGUFReader(path)
-    return {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    """Metadata of a GGUF file: scalars and strings as values, arrays (tokens, scores, merges) as
+    their raw bytes in the file (type tag, length and items; decoding 49152 tokens is slow)."""
+    r = _reader(path)
+    out = {}
+    for k, f in r.fields.items():
+        if k.startswith("GGUF."):
+            continue
+        if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
+            out[k] = b"".join(part.tobytes() for part in f.parts[2:])
+        else:
+            out[k] = f.contents()
+    return out
 
 
 def _tensors(path: Path) -> dict:
-    return {x.name: x for x in gguf.GGUFReader(path).tensors}
+    return {x.name: x for x in _reader(path).tensors}
 
 
 def assert_same_as_llamacpp(ours: Path, ref: Path) -> None:
@@ -117,9 +137,25 @@ def assert_same_as_llamacpp(ours: Path, ref: Path) -> None:
         assert y.data.tobytes() == x.data.tobytes(), name
 
 
-def _llamacpp_ref(src: Path, out: Path, outtype: str) -> Path:
+_BATCH = textwrap.dedent("""
+    import json, sys
+    import convert_hf_to_gguf as c
+    for model, out, outtype in json.loads(sys.argv[1]):
+        sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
+        c.main()
+""")
+
+
+def llamacpp_convert_batch(jobs: list[tuple[Path, Path, str]]) -> None:
+    """Run llama.cpp's convert_hf_to_gguf.py (its ``main``, with its own gguf-py) on every
+    ``(model_dir, out, outtype)`` in one process: one torch import instead of one per file."""
     ref = pytest.importorskip("llamacpp_ref")
-    return ref.convert_hf(src, out, outtype)
+    pytest.importorskip("torch")
+    src = ref.llama_cpp_source()
+    env = dict(os.environ, PYTHONPATH=f"{src / 'gguf-py'}{os.pathsep}{src}", NO_LOCAL_GGUF="")
+    arg = json.dumps([[str(m), str(o), t] for m, o, t in jobs])
+    r = subprocess.run([sys.executable, "-c", _BATCH, arg], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 SEQS = [[1, 5, 17, 300, 42, 9, 250, 3, 77], [1, 400, 401, 402, 403, 404, 12, 13, 14, 15, 16, 99],
@@ -146,85 +182,70 @@ def assert_logits_match_transformers(src: Path, gguf_path: Path, min_corr: float
         assert int(np.argmax(hf)) == int(np.argmax(ours)), seq
 
 
-# --- 1. Qwen2 (q/k/v biases, NEOX rope), untied and tied; 2. Mistral -> llama ------------------------
+# --- the checkpoints, and llama.cpp's conversions of them (one batch) -------------------------------
 
-ARCH_CASES = {
+CASES: dict[str, dict] = {
+    # 1. Qwen2: q/k/v biases, NEOX rope, untied and tied embeddings; 2. Mistral -> llama (BPE vocab)
     "qwen2-untied": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=False),
     "qwen2-tied": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=True, rope_theta=1e6),
     "mistral": dict(arch="MistralForCausalLM", tokenizer="bpe", tie_word_embeddings=False, sliding_window=None),
+    # 3. Llama rope scaling
+    "rope-linear": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=True,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "rope-llama3": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=True, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+    # 4. storage: re-saved sharded / as .bin by the tests; a BF16 checkpoint
+    "plain": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=3),
+    "bf16": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=4, dtype="bfloat16"),
 }
+REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"]}  # others: F32
+ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral"]
+ROPE_CASES = ["rope-linear", "rope-llama3"]
 
 
 @pytest.fixture(scope="module")
-def arch_files(request, tmp_path_factory):
-    """name -> (checkpoint dir, our F32 file, llama.cpp's F32 file), built lazily once per module."""
-    cache: dict[str, tuple[Path, Path, Path]] = {}
+def ckpts(smollm2_hf, tmp_path_factory) -> dict[str, tuple[Path, dict[str, Path]]]:
+    """name -> (checkpoint folder, {type: llama.cpp's conversion}) for every entry of :data:`CASES`."""
     root = tmp_path_factory.mktemp("archs")
-
-    def get(name: str):
-        if name not in cache:
-            case = dict(ARCH_CASES[name])
-            smol = request.getfixturevalue("smollm2_hf") if case["tokenizer"] == "bpe" else None
-            src = _build(root / name, smollm2_dir=smol, **case)
-            ours = convert(src, root / f"{name}-ggq-F32.gguf", qtype="F32", progress=False)
-            ref = _llamacpp_ref(src, root / f"{name}-llamacpp-F32.gguf", "f32")
-            cache[name] = (src, ours, ref)
-        return cache[name]
-
-    return get
+    out, jobs = {}, []
+    for name, case in CASES.items():
+        src = _build(root / name, smollm2_dir=smollm2_hf, **case)
+        refs = {t: root / f"{name}-llamacpp-{t}.gguf" for t in REF_TYPES.get(name, ["F32"])}
+        jobs += [(src, path, t.lower()) for t, path in refs.items()]
+        out[name] = (src, refs)
+    llamacpp_convert_batch(jobs)
+    return out
 
 
-@pytest.mark.parametrize("name", list(ARCH_CASES))
-def test_arch_matches_llamacpp_converter(arch_files, name):
-    src, ours, ref = arch_files(name)
-    want = "qwen2" if name.startswith("qwen2") else "llama"
-    assert _kv(ours)["general.architecture"] == want
-    assert_same_as_llamacpp(ours, ref)
-    names = set(_tensors(ours))
-    if want == "qwen2":
-        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
-    assert ("output.weight" in names) == (ARCH_CASES[name]["tie_word_embeddings"] is False)
+@pytest.fixture(scope="module")
+def f32_files(ckpts, tmp_path_factory) -> dict[str, Path]:
+    """Our F32 conversions of the arch and rope cases."""
+    root = tmp_path_factory.mktemp("ours")
+    return {n: convert(ckpts[n][0], root / f"{n}-F32.gguf", qtype="F32", progress=False) for n in ARCH_CASES + ROPE_CASES}
 
 
-@pytest.mark.parametrize("name", list(ARCH_CASES))
-def test_arch_logits_match_transformers(arch_files, name):
-    src, ours, _ref = arch_files(name)
-    assert_logits_match_transformers(src, ours)
-
-
-# --- 3. Llama rope scaling ---------------------------------------------------------------------------
-
-ROPE_CASES = {
-    "linear": dict(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "llama3": dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                   rope_theta=500000.0),
-}
-
-
-@pytest.mark.parametrize("name", list(ROPE_CASES))
-def test_llama_rope_scaling_matches_llamacpp_converter(name, tmp_path):
-    src = _build(tmp_path / name, "LlamaForCausalLM", "spm", tie_word_embeddings=True, **ROPE_CASES[name])
-    ours = convert(src, tmp_path / "ours.gguf", qtype="F32", progress=False)
-    ref = _llamacpp_ref(src, tmp_path / "ref.gguf", "f32")
-    assert_same_as_llamacpp(ours, ref)
+@pytest.mark.parametrize("name", ARCH_CASES + ROPE_CASES)
+def test_matches_llamacpp_converter(ckpts, f32_files, name):
+    """Same metadata and byte-identical tensors as llama.cpp's converter, F32."""
+    ours = f32_files[name]
+    assert_same_as_llamacpp(ours, ckpts[name][1]["F32"])
     kv, names = _kv(ours), set(_tensors(ours))
-    if name == "linear":
+    assert kv["general.architecture"] == ("qwen2" if name.startswith("qwen2") else "llama")
+    if name.startswith("qwen2"):
+        assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
+    assert ("output.weight" in names) == (CASES[name]["tie_word_embeddings"] is False)
+    if name == "rope-linear":
         assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 4.0
-    else:
-        assert "rope_freqs.weight" in names
-    assert_logits_match_transformers(src, ours)
+    assert ("rope_freqs.weight" in names) == (name == "rope-llama3")
+
+
+@pytest.mark.parametrize("name", ARCH_CASES + ROPE_CASES)
+def test_logits_match_transformers(ckpts, f32_files, name):
+    assert_logits_match_transformers(ckpts[name][0], f32_files[name])
 
 
 # --- 4. storage variants -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def storage_ref(tmp_path_factory):
-    """A tiny Llama in one model.safetensors and llama.cpp's F16 conversion of it."""
-    root = tmp_path_factory.mktemp("storage")
-    src = _build(root / "plain", "LlamaForCausalLM", "spm", tie_word_embeddings=False, seed=3)
-    return src, _llamacpp_ref(src, root / "ref-F16.gguf", "f16")
 
 
 def _resave(src: Path, dst: Path, how: str) -> Path:
@@ -248,22 +269,16 @@ def _resave(src: Path, dst: Path, how: str) -> Path:
 
 
 @pytest.mark.parametrize("how", ["sharded", "bin"])
-def test_storage_variants_match_llamacpp_converter(storage_ref, tmp_path, how):
+def test_storage_variants_match_llamacpp_converter(ckpts, tmp_path, how):
     """Sharded safetensors and a pytorch .bin of the same weights convert to the same file llama.cpp's
     converter writes for the single-file checkpoint."""
-    src, ref = storage_ref
+    src, refs = ckpts["plain"]
     other = _resave(src, tmp_path / how, how)
     ours = convert(other, tmp_path / "ours.gguf", qtype="F16", progress=False)
-    assert_same_as_llamacpp(ours, ref)
+    assert_same_as_llamacpp(ours, refs["F16"])
 
 
-@pytest.fixture(scope="module")
-def bf16_ckpt(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("bf16") / "bf16", "LlamaForCausalLM", "spm", dtype="bfloat16",
-                  tie_word_embeddings=False, seed=4)
-
-
-def test_bf16_checkpoint_defaults_to_bf16(bf16_ckpt, tmp_path):
+def test_bf16_checkpoint_defaults_to_bf16(ckpts, tmp_path):
     """No --type: a BF16 checkpoint gives a BF16 file whose 2-D tensors are the stored bfloat16 bits
     (read here with the safetensors library; Q/K rows permuted for llama's rope), 1-D ones F32."""
     torch = pytest.importorskip("torch")
@@ -271,9 +286,10 @@ def test_bf16_checkpoint_defaults_to_bf16(bf16_ckpt, tmp_path):
 
     from ggq.convert.arch import permute_qk_rows
 
-    out = convert(bf16_ckpt, tmp_path / "default.gguf", progress=False)
+    src = ckpts["bf16"][0]
+    out = convert(src, tmp_path / "default.gguf", progress=False)
     assert _kv(out)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_BF16)
-    sd = load_file(bf16_ckpt / "model.safetensors")
+    sd = load_file(src / "model.safetensors")
     got = _tensors(out)
     T = gguf.GGMLQuantizationType
     assert got["blk.0.attn_norm.weight"].tensor_type == T.F32
@@ -289,10 +305,10 @@ def test_bf16_checkpoint_defaults_to_bf16(bf16_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("t", ["F16", "Q8_0"])
-def test_bf16_checkpoint_to_type_matches_llamacpp_converter(bf16_ckpt, tmp_path, t):
-    ours = convert(bf16_ckpt, tmp_path / f"ours-{t}.gguf", qtype=t, progress=False)
-    ref = _llamacpp_ref(bf16_ckpt, tmp_path / f"ref-{t}.gguf", t.lower())
-    assert_same_as_llamacpp(ours, ref)
+def test_bf16_checkpoint_to_type_matches_llamacpp_converter(ckpts, tmp_path, t):
+    src, refs = ckpts["bf16"]
+    ours = convert(src, tmp_path / f"ours-{t}.gguf", qtype=t, progress=False)
+    assert_same_as_llamacpp(ours, refs[t])
 
 
 # --- 5. streaming memory ---------------------------------------------------------------------------
