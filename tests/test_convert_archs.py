@@ -189,6 +189,10 @@ CASES: dict[str, dict] = {
     "qwen2-untied": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=False),
     "qwen2-tied": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=True, rope_theta=1e6),
     "mistral": dict(arch="MistralForCausalLM", tokenizer="bpe", tie_word_embeddings=False, sliding_window=None),
+    "mistral-head-dim": dict(arch="MistralForCausalLM", tokenizer="spm", tie_word_embeddings=False,
+                             sliding_window=None, head_dim=64, seed=1),
+    "qwen2-yarn": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=True, seed=2,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
     # 3. Llama rope scaling
     "rope-linear": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=True,
                         rope_scaling={"rope_type": "linear", "factor": 4.0}),
@@ -199,8 +203,8 @@ CASES: dict[str, dict] = {
     "plain": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=3),
     "bf16": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=4, dtype="bfloat16"),
 }
-REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"]}  # others: F32
-ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral"]
+REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"], "qwen2-untied": ["F32", "Q8_0"]}  # others: F32
+ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral", "mistral-head-dim", "qwen2-yarn"]
 ROPE_CASES = ["rope-linear", "rope-llama3"]
 
 
@@ -238,6 +242,16 @@ def test_matches_llamacpp_converter(ckpts, f32_files, name):
     if name == "rope-linear":
         assert kv["llama.rope.scaling.type"] == "linear" and kv["llama.rope.scaling.factor"] == 4.0
     assert ("rope_freqs.weight" in names) == (name == "rope-llama3")
+
+
+def test_qwen2_q8_0_matches_llamacpp_converter(ckpts, tmp_path):
+    """Q8_0 2-D weights, F32 norms and q/k/v biases, as llama.cpp's converter writes them."""
+    src, refs = ckpts["qwen2-untied"]
+    ours = convert(src, tmp_path / "qwen2-Q8_0.gguf", qtype="Q8_0", progress=False)
+    assert_same_as_llamacpp(ours, refs["Q8_0"])
+    types = {n: x.tensor_type for n, x in _tensors(ours).items()}
+    assert types["blk.0.attn_q.bias"] == gguf.GGMLQuantizationType.F32
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q8_0
 
 
 @pytest.mark.parametrize("name", ARCH_CASES + ROPE_CASES)
