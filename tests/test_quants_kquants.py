@@ -60,14 +60,20 @@ def _edge_rows(n: int = 1024) -> np.ndarray:
     r = base.copy()
     r[:256], r[256:512] = 0.0, 1.0  # mixed super-blocks
     rows.append(r)
+    for pos, v in ((3, np.inf), (100, -np.inf), (7, np.nan)):  # non-finite weights
+        r = base * 0.02
+        r[pos] = v
+        rows.append(r)
+    rows.append(np.full(n, 3.4e38))  # near float32 max
     return np.array(rows, dtype=np.float32)
 
 
 def _compare(qtype: str, x: np.ndarray, imatrix, ref_bytes: np.ndarray):
     """(identical-block fraction, weighted RMSE ratio ours/ref, our bytes).
 
-    The RMSE is taken over the rows whose llama.cpp dequantization is finite (scales of
-    |x| > ~4e6 overflow float16 in both implementations); the other rows must be byte-identical.
+    The RMSE is taken over the rows whose weights and llama.cpp dequantization are finite
+    (scales of |x| > ~4e6 overflow float16 in both implementations); the other rows must be
+    byte-identical.
     """
     mod = _mod(qtype)
     ours = mod.quantize_rows(x, imatrix)
@@ -78,7 +84,7 @@ def _compare(qtype: str, x: np.ndarray, imatrix, ref_bytes: np.ndarray):
     with np.errstate(over="ignore", invalid="ignore"):
         y_ours = mod.dequantize_rows(ours).astype(np.float64)
         y_ref = mod.dequantize_rows(ref_bytes).astype(np.float64)
-        finite = np.isfinite(y_ref).all(axis=1)
+        finite = np.isfinite(y_ref).all(axis=1) & np.isfinite(x).all(axis=1)
         assert np.array_equal(ours[~finite], ref_bytes[~finite])
         e_ours = np.sqrt((w * (y_ours[finite] - x[finite]) ** 2).sum())
         e_ref = np.sqrt((w * (y_ref[finite] - x[finite]) ** 2).sum())

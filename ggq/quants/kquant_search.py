@@ -63,7 +63,7 @@ def bits_f32(typingctx, i):
     return sig, codegen
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def nearest_int(fval):
     """Round float32 ``fval`` to the nearest int, ties to even (llama.cpp's ``nearest_int``).
 
@@ -78,13 +78,13 @@ def nearest_int(fval):
 F16_TO_F32 = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp16_to_fp32(h):
     """float32 value of the float16 bit pattern ``h`` (0..65535)."""
     return F16_TO_F32[h]
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def fp32_to_fp16(f):
     """float16 bit pattern (int) of float32 ``f``, rounded to nearest even like GGML_FP32_TO_FP16.
 
@@ -116,14 +116,14 @@ def fp32_to_fp16(f):
     return sign | h
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def fp16_round(f):
     """(bits, value): ``f`` rounded through float16 as ``GGML_FP16_TO_FP32(GGML_FP32_TO_FP16(f))``."""
     h = fp32_to_fp16(f)
     return h, F16_TO_F32[h]
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _qx_weight(x, i, rmse_type, qw):
     if qw is None:
         if rmse_type == 1:
@@ -142,7 +142,7 @@ def _qx_weight(x, i, rmse_type, qw):
 WORK_SIZE = 320  # 7 arrays of up to 37 candidates (make_qkx3_quants), 3 of 18 (make_qx_quants)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qx_quants(n, nmax, x, L, rmse_type, qw, work):
     """Symmetric levels in [-nmax, nmax-1] for ``x[:n]``; writes ``L`` (int8, offset by +nmax).
 
@@ -225,7 +225,7 @@ def make_qx_quants(n, nmax, x, L, rmse_type, qw, work):
     return scale
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_q3_quants(n, nmax, x, L, do_rmse):
     """Symmetric levels for Q3_K's reference path (llama.cpp's ``make_q3_quants``).
 
@@ -289,7 +289,7 @@ def make_q3_quants(n, nmax, x, L, do_rmse):
 _QKX_CHUNK = 16  # candidates evaluated per pass: one AVX-512 vector, and bounds the re-evaluation after a min change
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, strict, work):
     # Shared body of make_qkx2_quants (strict=False: max == min test) and make_qkx3_quants
     # (strict=True: max <= min test); returns (scale, the_min).
@@ -407,7 +407,7 @@ def _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, strict, wo
     return scale, -mn
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work):
     """Asymmetric levels in [0, nmax] with a min, for Q2_K/Q4_K/Q5_K (llama.cpp's ``make_qkx2_quants``).
 
@@ -420,7 +420,7 @@ def make_qkx2_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work)
     return _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, False, work)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work):
     """llama.cpp's ``make_qkx3_quants`` (the weighted search of the imatrix paths).
 
@@ -431,7 +431,7 @@ def make_qkx3_quants(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, work)
     return _qkx_search(n, nmax, x, weights, L, rmin, rdelta, nstep, use_mad, True, work)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def make_qp_quants(n, nmax, x, L, quant_weights):
     """Non-negative levels in [0, nmax] for non-negative ``x`` (llama.cpp's ``make_qp_quants``).
 
@@ -533,14 +533,14 @@ def check_dequantize_args(q, type_size: int, type_name: str):
     return q
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def put_f16(out, pos, h):
     """Store float16 bits ``h`` little-endian at ``out[pos:pos+2]``."""
     out[pos] = h & 0xFF
     out[pos + 1] = (h >> 8) & 0xFF
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_f16(q, pos):
     """float32 value of the little-endian float16 at ``q[pos:pos+2]``."""
     return F16_TO_F32[np.int64(q[pos]) | (np.int64(q[pos + 1]) << 8)]

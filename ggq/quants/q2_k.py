@@ -23,7 +23,7 @@ BLOCK_SIZE = 256
 TYPE_SIZE = 84
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _finish(x, out, L, d, dmin):
     # requantize with the stored scales and mins, then pack qs (shared by _ref and _impl)
     for j in range(16):
@@ -38,7 +38,7 @@ def _finish(x, out, L, d, dmin):
     pack_2bit(L, out[16:80])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     # quantize_row_q2_K_ref, one super-block: x float32 (256,), out uint8 (84,)
     q4scale = np.float32(15.0)
@@ -78,7 +78,7 @@ def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     _finish(x, out, L, d, dmin)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_impl(x, qw, out, L, work, weight, scales, mins, sw, Ls, Lm):
     # quantize_row_q2_K_impl with quant_weights, one super-block
     sumx2 = np.float32(0.0)
@@ -108,7 +108,7 @@ def _quantize_block_impl(x, qw, out, L, work, weight, scales, mins, sw, Ls, Lm):
     _finish(x, out, L, d, dmin)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -123,7 +123,7 @@ def _quantize_rows(x, out):
                                 L, work, weights, scales, mins)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows_imatrix(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -141,7 +141,7 @@ def _quantize_rows_imatrix(x, qw, out):
                                  out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, work, weight, scales, mins, sw, Ls, Lm)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE

@@ -23,7 +23,7 @@ TYPE_SIZE = 110
 _SC = 96  # offset of the 12 scale bytes
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def pack_2bit(L, qs):
     """Low 2 bits of 256 levels ``L`` into 64 bytes ``qs`` (ggml's Q2_K/Q3_K layout)."""
     for h in range(2):
@@ -33,7 +33,7 @@ def pack_2bit(L, qs):
                               | ((L[j + l + 64] & 3) << 4) | ((L[j + l + 96] & 3) << 6))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _put_scale(sc, j, l):
     # 6-bit value l (0..63) of sub-block j into the 12 packed bytes
     if j < 8:
@@ -43,7 +43,7 @@ def _put_scale(sc, j, l):
     sc[j % 4 + 8] |= (l >> 4) << (2 * (j // 4))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _get_scale(sc, j):
     # signed scale (-32..31) of sub-block j
     if j < 8:
@@ -53,7 +53,7 @@ def _get_scale(sc, j):
     return (lo | (((np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4)) - 32
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _finish(x, out, L, d):
     # requantize with the stored scales, then write hmask and qs (shared by _ref and _impl)
     sc = out[_SC:_SC + 12]
@@ -73,7 +73,7 @@ def _finish(x, out, L, d):
     pack_2bit(L, out[32:96])
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_ref(x, out, L, scales):
     # quantize_row_q3_K_ref, one super-block: x float32 (256,), out uint8 (110,)
     max_scale = np.float32(0.0)
@@ -100,7 +100,7 @@ def _quantize_block_ref(x, out, L, scales):
     _finish(x, out, L, d)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_impl(x, qw, out, L, scales, weight, sw, Ls, work):
     # quantize_row_q3_K_impl with quant_weights, one super-block
     sumx2 = np.float32(0.0)
@@ -126,7 +126,7 @@ def _quantize_block_impl(x, qw, out, L, scales, weight, sw, Ls, work):
     _finish(x, out, L, d)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -137,7 +137,7 @@ def _quantize_rows(x, out):
             _quantize_block_ref(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows_imatrix(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -153,7 +153,7 @@ def _quantize_rows_imatrix(x, qw, out):
                                  out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, weight, sw, Ls, work)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE

@@ -22,7 +22,7 @@ BLOCK_SIZE = 256
 TYPE_SIZE = 144
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def pack_scale_min_k4(sc, j, ls, lm):
     """Write 6-bit scale ``ls`` and min ``lm`` of sub-block ``j`` (0..7) into the 12 bytes ``sc``.
 
@@ -37,7 +37,7 @@ def pack_scale_min_k4(sc, j, ls, lm):
         sc[j] |= (lm >> 4) << 6
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def get_scale_min_k4(j, sc):
     """(scale, min) 6-bit values of sub-block ``j`` from the 12 packed bytes ``sc`` (ggml's get_scale_min_k4)."""
     if j < 4:
@@ -47,7 +47,7 @@ def get_scale_min_k4(j, sc):
     return np.int64(d), np.int64(m)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def requantize_k4(x, out, sc, d, dmin, L, nmax):
     """Final levels of the 8 sub-blocks of 32 given the stored scales (shared with Q5_K)."""
     for j in range(8):
@@ -61,7 +61,7 @@ def requantize_k4(x, out, sc, d, dmin, L, nmax):
             L[32 * j + ii] = max(0, min(nmax, l))
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     # quantize_row_q4_K_ref, one super-block: x float32 (256,), out uint8 (144,)
     max_scale = np.float32(0.0)
@@ -98,14 +98,14 @@ def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     _pack_q4(L, out)
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack_q4(L, out):
     for j in range(4):
         for l in range(32):
             out[16 + 32 * j + l] = L[64 * j + l] | (L[64 * j + l + 32] << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_impl(x, qw, out, L, work, weights, scales, mins, sw, Ls, Lm):
     # quantize_row_q4_K_impl with quant_weights, one super-block
     sum_x2 = np.float32(0.0)
@@ -138,7 +138,7 @@ def _quantize_block_impl(x, qw, out, L, work, weights, scales, mins, sw, Ls, Lm)
     _pack_q4(L, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -153,7 +153,7 @@ def _quantize_rows(x, out):
                                 L, work, weights, scales, mins)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows_imatrix(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -171,7 +171,7 @@ def _quantize_rows_imatrix(x, qw, out):
                                  out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, work, weights, scales, mins, sw, Ls, Lm)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE

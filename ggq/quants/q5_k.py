@@ -23,7 +23,7 @@ BLOCK_SIZE = 256
 TYPE_SIZE = 176
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, error_model="numpy", inline="always")
 def _pack_q5(L, out):
     qh = out[16:48]
     ql = out[48:176]
@@ -43,7 +43,7 @@ def _pack_q5(L, out):
             ql[32 * n + j] = l1 | (l2 << 4)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     # quantize_row_q5_K_ref, one super-block: x float32 (256,), out uint8 (176,)
     max_scale = np.float32(0.0)
@@ -80,7 +80,7 @@ def _quantize_block_ref(x, out, L, work, weights, scales, mins):
     _pack_q5(L, out)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block_impl(x, qw, out, L, work, weights, scales, mins, sw, Ls, Lm):
     # quantize_row_q5_K_impl with quant_weights, one super-block
     sum_x2 = np.float32(0.0)
@@ -113,7 +113,7 @@ def _quantize_block_impl(x, qw, out, L, work, weights, scales, mins, sw, Ls, Lm)
     _pack_q5(L, out)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -128,7 +128,7 @@ def _quantize_rows(x, out):
                                 L, work, weights, scales, mins)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows_imatrix(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -146,7 +146,7 @@ def _quantize_rows_imatrix(x, qw, out):
                                  out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, work, weights, scales, mins, sw, Ls, Lm)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE

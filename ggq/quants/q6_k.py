@@ -22,7 +22,7 @@ BLOCK_SIZE = 256
 TYPE_SIZE = 210
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block(x, qw, out, L, scales, work):
     # quantize_row_q6_K_ref (qw is None) / quantize_row_q6_K_impl, one super-block
     max_scale = np.float32(0.0)
@@ -69,7 +69,7 @@ def _quantize_block(x, qw, out, L, scales, work):
                                      | ((L[j + l + 64] >> 4) << 4) | ((L[j + l + 96] >> 4) << 6))
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, qw, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -85,7 +85,7 @@ def _quantize_rows(x, qw, out):
                                 out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE], L, scales, work)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE

@@ -21,7 +21,7 @@ BLOCK_SIZE = 256
 TYPE_SIZE = 292
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def _quantize_block(x, out):
     out[:] = 0
     mx = np.float32(0.0)
@@ -49,7 +49,7 @@ def _quantize_block(x, out):
         out[k] = (bits >> (8 * k)) & 0xFF
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _quantize_rows(x, out):
     nrows, n = x.shape
     nb = n // QK_K
@@ -58,7 +58,7 @@ def _quantize_rows(x, out):
             _quantize_block(x[r, i * QK_K:(i + 1) * QK_K], out[r, i * TYPE_SIZE:(i + 1) * TYPE_SIZE])
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, error_model="numpy", parallel=True)
 def _dequantize_rows(q, y):
     nrows = q.shape[0]
     nb = q.shape[1] // TYPE_SIZE
