@@ -292,6 +292,33 @@ def test_storage_variants_match_llamacpp_converter(ckpts, tmp_path, how):
     assert_same_as_llamacpp(ours, refs["F16"])
 
 
+# Mistral's own tensor names, as in the consolidated.safetensors that Mistral repos ship beside model*.safetensors
+_MISTRAL_NAMES = [("model.embed_tokens", "tok_embeddings"), ("model.norm", "norm"), ("lm_head", "output"),
+                  ("model.layers", "layers"), ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+                  ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+                  ("mlp.gate_proj", "feed_forward.w1"), ("mlp.down_proj", "feed_forward.w2"),
+                  ("mlp.up_proj", "feed_forward.w3"), ("post_attention_layernorm", "ffn_norm"),
+                  ("input_layernorm", "attention_norm")]
+
+
+def test_mistral_consolidated_safetensors_is_ignored(ckpts, tmp_path):
+    """A folder with model.safetensors and consolidated.safetensors (the same weights under Mistral's
+    names) converts like llama.cpp's converter does: from model*.safetensors only."""
+    from safetensors.numpy import load_file, save_file
+
+    src, refs = ckpts["mistral-head-dim"]
+    dst = tmp_path / "mistral"
+    shutil.copytree(src, dst)
+    renamed = {}
+    for k, v in load_file(src / "model.safetensors").items():
+        for a, b in _MISTRAL_NAMES:
+            k = k.replace(a, b)
+        renamed[k] = v
+    save_file(renamed, str(dst / "consolidated.safetensors"))
+    ours = convert(dst, tmp_path / "ours.gguf", qtype="F32", progress=False)
+    assert_same_as_llamacpp(ours, refs["F32"])
+
+
 def test_bf16_checkpoint_defaults_to_bf16(ckpts, tmp_path):
     """No --type: a BF16 checkpoint gives a BF16 file whose 2-D tensors are the stored bfloat16 bits
     (read here with the safetensors library; Q/K rows permuted for llama's rope), 1-D ones F32."""

@@ -218,14 +218,17 @@ def read_config(model_dir: Path) -> dict:
 def open_checkpoint(model_dir: Path) -> Checkpoint:
     """Read ``config.json`` and index every tensor of the folder without loading any.
 
-    Safetensors files are preferred over ``pytorch_model*.bin``. Raises GGQError for a missing or
+    Safetensors files (``model*.safetensors``, or any ``*.safetensors`` when none is named so) are
+    preferred over ``pytorch_model*.bin``. Raises GGQError for a missing or
     invalid config, no weight files, a shard named in the index but missing, or a corrupt or
     truncated weight file.
     """
     model_dir = Path(model_dir)
     cfg = read_config(model_dir)
     ck = Checkpoint(model_dir, cfg)
-    st_files = sorted(model_dir.glob("*.safetensors"))
+    # like llama.cpp's converter, read model*.safetensors when there are any: Mistral repos also ship
+    # the same weights as consolidated.safetensors (Mistral's own names), which must not be read twice
+    st_files = sorted(model_dir.glob("model*.safetensors")) or sorted(model_dir.glob("*.safetensors"))
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         try:
