@@ -202,8 +202,9 @@ CASES: dict[str, dict] = {
     # 4. storage: re-saved sharded / as .bin by the tests; a BF16 checkpoint
     "plain": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=3),
     "bf16": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=4, dtype="bfloat16"),
+    "f16": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=5, dtype="float16"),
 }
-REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"], "qwen2-untied": ["F32", "Q8_0"]}  # others: F32
+REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"], "f16": ["F16", "Q8_0"], "qwen2-untied": ["F32", "Q8_0"]}  # others: F32
 ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral", "mistral-head-dim", "qwen2-yarn"]
 ROPE_CASES = ["rope-linear", "rope-llama3"]
 
@@ -345,9 +346,17 @@ def test_bf16_checkpoint_defaults_to_bf16(ckpts, tmp_path):
         assert got[name].data.tobytes() == np.ascontiguousarray(want).tobytes(), name
 
 
-@pytest.mark.parametrize("t", ["F16", "Q8_0"])
-def test_bf16_checkpoint_to_type_matches_llamacpp_converter(ckpts, tmp_path, t):
-    src, refs = ckpts["bf16"]
+def test_f16_checkpoint_defaults_to_f16(ckpts, tmp_path):
+    """No --type: a float16 (Qwen2) checkpoint gives the F16 file llama.cpp's converter writes."""
+    src, refs = ckpts["f16"]
+    out = convert(src, tmp_path / "default.gguf", progress=False)
+    assert _kv(out)["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_F16)
+    assert_same_as_llamacpp(out, refs["F16"])
+
+
+@pytest.mark.parametrize("case,t", [("bf16", "F16"), ("bf16", "Q8_0"), ("f16", "Q8_0")])
+def test_half_checkpoint_to_type_matches_llamacpp_converter(ckpts, tmp_path, case, t):
+    src, refs = ckpts[case]
     ours = convert(src, tmp_path / f"ours-{t}.gguf", qtype=t, progress=False)
     assert_same_as_llamacpp(ours, refs[t])
 
