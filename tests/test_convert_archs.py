@@ -190,7 +190,9 @@ CASES: dict[str, dict] = {
     "qwen2-tied": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=True, rope_theta=1e6),
     "mistral": dict(arch="MistralForCausalLM", tokenizer="bpe", tie_word_embeddings=False, sliding_window=None),
     "mistral-head-dim": dict(arch="MistralForCausalLM", tokenizer="spm", tie_word_embeddings=False,
-                             sliding_window=None, head_dim=64, seed=1),
+                             sliding_window=4096, head_dim=64, seed=1),
+    "llama-bias": dict(arch="LlamaForCausalLM", tokenizer="spm", tie_word_embeddings=True, attention_bias=True,
+                       seed=6),  # q/k biases permuted like their rows
     "qwen2-yarn": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=True, seed=2,
                        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
     # 3. Llama rope scaling
@@ -205,7 +207,7 @@ CASES: dict[str, dict] = {
     "f16": dict(arch="Qwen2ForCausalLM", tokenizer="spm", tie_word_embeddings=False, seed=5, dtype="float16"),
 }
 REF_TYPES = {"plain": ["F16"], "bf16": ["F16", "Q8_0"], "f16": ["F16", "Q8_0"], "qwen2-untied": ["F32", "Q8_0"]}  # others: F32
-ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral", "mistral-head-dim", "qwen2-yarn"]
+ARCH_CASES = ["qwen2-untied", "qwen2-tied", "mistral", "mistral-head-dim", "qwen2-yarn", "llama-bias"]
 ROPE_CASES = ["rope-linear", "rope-llama3"]
 
 
@@ -237,7 +239,7 @@ def test_matches_llamacpp_converter(ckpts, f32_files, name):
     assert_same_as_llamacpp(ours, ckpts[name][1]["F32"])
     kv, names = _kv(ours), set(_tensors(ours))
     assert kv["general.architecture"] == ("qwen2" if name.startswith("qwen2") else "llama")
-    if name.startswith("qwen2"):
+    if name.startswith("qwen2") or name == "llama-bias":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
     assert ("output.weight" in names) == (CASES[name]["tie_word_embeddings"] is False)
     if name == "rope-linear":
