@@ -64,12 +64,13 @@ def _finish(x, out, L, d):
         for ii in range(16):
             l = nearest_int(x[16 * j + ii] / dj)
             L[16 * j + ii] = max(-4, min(3, l)) + 4
-    hmask = out[0:32]
-    hmask[:] = 0
-    for j in range(QK_K):
-        if L[j] > 3:
-            hmask[j % 32] |= 1 << (j // 32)
-            L[j] -= 4
+    # high bit of level j (0..7) -> bit j//32 of hmask[j%32]; pack_2bit keeps the low 2 bits.
+    # Branch-free: the level's bits are data-dependent and a branch here mispredicts half the time.
+    for m in range(32):
+        b = 0
+        for k in range(8):
+            b |= ((np.int64(L[32 * k + m]) >> 2) & 1) << k
+        out[m] = b
     pack_2bit(L, out[32:96])
 
 

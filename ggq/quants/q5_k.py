@@ -25,22 +25,19 @@ TYPE_SIZE = 176
 
 @njit(cache=True, error_model="numpy", inline="always")
 def _pack_q5(L, out):
+    # levels 0..31: low nibbles to ql, fifth bit of the level of sub-block j to bit j of qh
+    # (branch-free: the bits are data-dependent)
     qh = out[16:48]
     ql = out[48:176]
-    qh[:] = 0
-    for n in range(4):
-        m1 = 1 << (2 * n)
-        m2 = 2 << (2 * n)
-        for j in range(32):
+    for j in range(32):
+        b = 0
+        for n in range(4):
             l1 = np.int64(L[64 * n + j])
-            if l1 > 15:
-                l1 -= 16
-                qh[j] |= m1
             l2 = np.int64(L[64 * n + j + 32])
-            if l2 > 15:
-                l2 -= 16
-                qh[j] |= m2
-            ql[32 * n + j] = l1 | (l2 << 4)
+            b |= ((l1 >> 4) & 1) << (2 * n)
+            b |= ((l2 >> 4) & 1) << (2 * n + 1)
+            ql[32 * n + j] = (l1 & 0xF) | ((l2 & 0xF) << 4)
+        qh[j] = b
 
 
 @njit(cache=True, error_model="numpy")

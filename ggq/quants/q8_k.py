@@ -34,14 +34,12 @@ def _quantize_block(x, out):
     if amax == 0:
         return
     iscale = np.float32(-127.0) / mx
-    for j in range(QK_K):
-        v = min(127, nearest_int(iscale * x[j]))
-        out[4 + j] = v & 0xFF
     for j in range(16):
         s = 0
         for ii in range(16):
-            v = np.int64(out[4 + 16 * j + ii])
-            s += v - 256 if v > 127 else v
+            v = min(127, nearest_int(iscale * x[16 * j + ii]))
+            out[4 + 16 * j + ii] = v & 0xFF
+            s += ((v + 128) & 0xFF) - 128  # the stored int8 value, branch-free
         out[260 + 2 * j] = s & 0xFF
         out[261 + 2 * j] = (s >> 8) & 0xFF
     bits = np.int64(f32_bits(np.float32(1.0) / iscale))
