@@ -477,18 +477,24 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: LlamaFileType,
     return plan_types_from(src, ftype, arch, hparams, overrides, has_imatrix=has_imatrix)
 
 
-def hparams_from_gguf(reader: "gguf.GGUFReader") -> tuple[str, dict]:
+def hparams_from_gguf(reader) -> tuple[str, dict]:
     """(arch, hparams) for :func:`plan_types` from a GGUF file's metadata.
 
+    ``reader``: a ``gguf.GGUFReader`` or a ``{key: value}`` dict of the metadata.
     ``n_head``/``n_head_kv`` may be per-layer arrays in GGUF; llama.cpp's mix rules use layer 0.
     """
     def get(key, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        v = f.contents()
-        if isinstance(v, list):
-            v = v[0] if v else default
+        if isinstance(reader, dict):
+            if key not in reader or reader[key] is None:
+                return default
+            v = reader[key]
+        else:
+            f = reader.fields.get(key)
+            if f is None:
+                return default
+            v = f.contents()
+        if isinstance(v, (list, tuple)):
+            v = v[0] if len(v) else default
         return v
 
     arch = get("general.architecture", "llama")

@@ -16,13 +16,14 @@ re-implemented on ggq's kernels:
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from ggq import quants
 from ggq.convert import mixes
@@ -49,9 +50,99 @@ def _kv_str(key: str, v: str) -> bytes:
     return _pack_str(key) + struct.pack("<I", GGUFValueType.STRING) + _pack_str(v)
 
 
-def _raw_field(reader: gguf.GGUFReader, field) -> bytes:
-    size = sum(int(p.nbytes) for p in field.parts)
-    return reader.data[field.offset:field.offset + size].tobytes()
+_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+class _Header:
+    """A GGUF file's header parsed without loading any tensor data.
+
+    ``kv``: ``[(key, value, raw bytes of the whole key/value record)]`` -- strings and scalars as
+    Python values, numeric arrays of up to 4096 items as lists, other arrays None;
+    ``tensors``: ``[(name, ne, type, absolute data offset)]``. (gguf.GGUFReader builds a numpy view
+    per vocabulary string, which takes seconds on a 49k-token vocabulary; this does not.)
+    """
+
+    def __init__(self, path: Path):
+        import mmap
+
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.size = os.fstat(f.fileno()).st_size
+                magic = f.read(4)
+                if magic != b"GGUF":
+                    raise GGQError(f"{path}: not a GGUF file (magic {magic!r})")
+                if self.size < 24:
+                    raise GGQError(f"{path}: malformed GGUF header (only {self.size} bytes)")
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as e:
+            raise GGQError(f"{path}: cannot read ({e.strerror or e})") from None
+        try:
+            self._parse(buf)
+        except (struct.error, UnicodeDecodeError, KeyError, ValueError, IndexError) as e:
+            raise GGQError(f"{path}: malformed GGUF header ({type(e).__name__}: {e})") from None
+        finally:
+            buf.close()
+
+    def _parse(self, buf) -> None:
+        if buf[:4] != b"GGUF":
+            raise GGQError(f"{self.path}: not a GGUF file (magic {bytes(buf[:4])!r})")
+        version, n_t, n_kv = struct.unpack_from("<IQQ", buf, 4)
+        if version not in (2, 3):
+            raise GGQError(f"{self.path}: unsupported GGUF version {version}")
+        pos = 24
+
+        def string(pos):
+            (n,) = struct.unpack_from("<Q", buf, pos)
+            if pos + 8 + n > len(buf):
+                raise ValueError("string past the end of the file")
+            return bytes(buf[pos + 8:pos + 8 + n]).decode(), pos + 8 + n
+
+        def value(vt, pos):
+            if vt == 8:
+                return string(pos)
+            if vt == 9:
+                at, n = struct.unpack_from("<IQ", buf, pos)
+                pos += 12
+                if at == 8:
+                    for _ in range(n):
+                        (ln,) = struct.unpack_from("<Q", buf, pos)
+                        pos += 8 + ln
+                    return None, pos
+                fmt = "<" + _SCALAR[at]
+                size = struct.calcsize(fmt)
+                v = list(struct.unpack_from(f"<{n}{_SCALAR[at]}", buf, pos)) if n <= 4096 else None
+                return v, pos + n * size
+            fmt = "<" + _SCALAR[vt]
+            return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+
+        self.kv = []
+        for _ in range(n_kv):
+            start = pos
+            key, pos = string(pos)
+            (vt,) = struct.unpack_from("<I", buf, pos)
+            v, pos = value(vt, pos + 4)
+            self.kv.append((key, v, bytes(buf[start:pos])))
+        kvd = {k: v for k, v, _ in self.kv}
+        align = int(kvd.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
+        infos = []
+        for _ in range(n_t):
+            name, pos = string(pos)
+            (nd,) = struct.unpack_from("<I", buf, pos)
+            ne = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
+            typ, off = struct.unpack_from("<IQ", buf, pos + 4 + 8 * nd)
+            pos += 16 + 8 * nd
+            infos.append((name, tuple(int(x) for x in ne), GGMLQuantizationType(typ), off))
+        data_start = -(-pos // align) * align
+        self.alignment = align
+        self.values = kvd
+        self.tensors = []
+        for name, ne, typ, off in infos:
+            n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
+            nbytes = n_rows * quants.row_bytes(typ, ne[0]) if typ in GGML_QUANT_SIZES else 0
+            if data_start + off + nbytes > self.size:
+                raise GGQError(f"{self.path}: tensor {name} extends past the end of the file (truncated?)")
+            self.tensors.append((name, ne, typ, data_start + off))
 
 
 def _imatrix_arg(imatrix) -> tuple[dict | None, list[bytes]]:
@@ -86,24 +177,20 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
     ``force``, a quantized input without ``allow_requantize``, a split input, a tensor type ggq
     cannot convert, or an imatrix entry whose size does not match its tensor.
     """
-    from ggq.format.info import open_gguf
-
     src_gguf, out = Path(src_gguf), Path(out)
     ft = mixes.parse_file_type(ftype) if isinstance(ftype, str) else LlamaFileType(ftype)
     check_output(out, force)
+    if not src_gguf.is_file():
+        raise GGQError(f"{src_gguf}: no such file")
     if out.exists() and out.resolve() == src_gguf.resolve():
         raise GGQError(f"{out}: output is the input file")
-    reader = open_gguf(src_gguf)
-    fields = reader.fields
-    if "split.count" in fields and int(fields["split.count"].contents()) > 1:
+    hdr = _Header(src_gguf)
+    if int(hdr.values.get("split.count") or 1) > 1:
         raise GGQError(f"{src_gguf}: split GGUF files are not supported; merge them first (llama-gguf-split --merge)")
-    arch, hparams = mixes.hparams_from_gguf(reader)
+    arch, hparams = mixes.hparams_from_gguf(hdr.values)
     imat, imat_kv = _imatrix_arg(imatrix)
 
-    src = {}
-    for t in reader.tensors:
-        ne = tuple(int(x) for x in t.shape)
-        src[t.name] = (t, ne, T(t.tensor_type))
+    src = {name: (off, ne, ty) for name, ne, ty, off in hdr.tensors}
     try:
         plan = mixes.plan_types_from([(n, ne, ty) for n, (_, ne, ty) in src.items()], ft, arch, hparams,
                                      overrides, has_imatrix=imat is not None)
@@ -112,7 +199,7 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
 
     # refuse early, before writing anything (llama-quantize fails mid-way)
     for name, new in plan.items():
-        t, ne, cur = src[name]
+        _, ne, cur = src[name]
         if cur == new:
             continue
         if cur not in FLOATS and not allow_requantize:
@@ -130,8 +217,8 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
             if size != ne[0] * n_mat and name not in ("token_embd.weight", "per_layer_token_embd.weight"):
                 raise GGQError(f"imatrix entry for {name} has {size} values, the tensor needs {ne[0] * n_mat}")
 
-    align = int(fields["general.alignment"].contents()) if "general.alignment" in fields else gguf.GGUF_DEFAULT_ALIGNMENT
-    kv = [_raw_field(reader, f) for k, f in fields.items() if not k.startswith("GGUF.") and k not in _DROP_KEYS]
+    align = hdr.alignment
+    kv = [raw for k, _, raw in hdr.kv if k not in _DROP_KEYS]
     kv.append(_kv_u32("general.quantization_version", gguf.GGML_QUANT_VERSION))
     kv.append(_kv_u32("general.file_type", int(ft)))
     kv += imat_kv
@@ -152,7 +239,7 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
         bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc=out.name,
                    file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        with atomic_output(out, force) as tmp, open(tmp, "wb") as f:
+        with atomic_output(out, force) as tmp, open(tmp, "wb") as f, open(src_gguf, "rb") as fin:
             f.write(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(plan), len(kv)))
             for b in kv:
                 f.write(b)
@@ -160,11 +247,11 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
                 f.write(b)
             _pad(f, align)
             for (name, new), nbytes in zip(plan.items(), sizes):
-                t, ne, cur = src[name]
+                off, ne, cur = src[name]
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {cur.name}->{new.name}", refresh=False)
                 w = imat.get(name) if imat is not None and new not in FLOATS else None
-                written = _write_tensor(f, t, ne, cur, new, w)
+                written = _write_tensor(f, fin, off, ne, cur, new, w)
                 if written != nbytes:
                     raise GGQError(f"internal error: {name} encoded to {written} bytes, planned {nbytes}")
                 _pad(f, align)
@@ -182,19 +269,30 @@ def _pad(f, align: int) -> None:
         f.write(b"\0" * n)
 
 
-def _write_tensor(f, t, ne: tuple[int, ...], cur: T, new: T, weights) -> int:
-    """Write one tensor's data converted from ``cur`` to ``new``; returns the bytes written."""
+def _read_rows(fin, offset: int, row_bytes: int, i: int, j: int) -> np.ndarray:
+    """Rows ``i:j`` of a tensor at ``offset``, read from the file (uint8 ``(j - i, row_bytes)``)."""
+    buf = np.empty((j - i, row_bytes), dtype=np.uint8)
+    fin.seek(offset + i * row_bytes)
+    if fin.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+        raise GGQError(f"{fin.name}: truncated tensor data")
+    return buf
+
+
+def _write_tensor(f, fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights) -> int:
+    """Write one tensor's data converted from ``cur`` to ``new``; returns the bytes written.
+
+    Reads and converts slabs of at most :data:`SLAB_BYTES` (float32) rows, one matrix (expert)
+    at a time, so memory stays near one slab whatever the tensor size."""
     n0 = ne[0]
-    raw = np.asarray(t.data)
     src_rb = quants.row_bytes(cur, n0)
-    rows = raw.reshape(-1).view(np.uint8).reshape(-1, src_rb)  # memory-mapped: nothing read yet
+    n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
     if cur == new:
         step = max(1, SLAB_BYTES // max(src_rb, 1))
-        for i in range(0, rows.shape[0], step):
-            rows[i:i + step].tofile(f)
-        return rows.nbytes
+        for i in range(0, n_rows, step):
+            _read_rows(fin, offset, src_rb, i, min(i + step, n_rows)).tofile(f)
+        return n_rows * src_rb
     rows_per_mat = ne[1] if len(ne) > 1 else 1
-    n_mat = rows.shape[0] // rows_per_mat
+    n_mat = n_rows // rows_per_mat
     if weights is not None:
         weights = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
         if weights.size != n0 * (ne[2] if len(ne) > 2 else 1):
@@ -207,7 +305,7 @@ def _write_tensor(f, t, ne: tuple[int, ...], cur: T, new: T, weights) -> int:
             w = weights[(m % (weights.size // n0)) * n0:][:n0]
         for i in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
             j = min(i + step, (m + 1) * rows_per_mat)
-            x = _to_f32(rows[i:j], cur, n0)
+            x = _to_f32(_read_rows(fin, offset, src_rb, i, j), cur, n0)
             q = quants.quantize(x, new, imatrix=w)
             q = np.ascontiguousarray(q).view(np.uint8)
             q.tofile(f)
