@@ -5,7 +5,8 @@ own row split) from the first ``--layers`` layers. llama.cpp side: ``ggml_quanti
 llama-cpp-python (single-threaded: it loops over rows on the calling thread; Q8_K, which
 ggml_quantize_chunk does not handle, through ``quantize_row_q8_K_ref``). ggq side: ``quantize_rows``
 with Numba on ``--threads`` threads and on 1 thread (the same-thread-count ratio). Every timing is
-the minimum of ``--repeat`` interleaved runs; the machine may be shared, so expect noise.
+the minimum of ``--repeat`` interleaved runs; the machine may be shared, so the wall-clock columns
+are noisy and the 1-thread ratio is also given in process CPU time.
 
     python tools/bench_kquants.py [--layers 8] [--repeat 3] [--threads 2] [--imatrix]
 
@@ -51,14 +52,11 @@ def _c_quantizer(qtype: str):
     return q8k
 
 
-def _best(fn, repeat: int) -> float:
-    return min(_timed(fn) for _ in range(repeat))
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> int:
@@ -98,17 +96,21 @@ def main() -> int:
                 numba.set_num_threads(1)
                 t_1.append(_timed(lambda: mod.quantize_rows(x, im)))
             numba.set_num_threads(args.threads)
-            c, n, one = min(t_c), min(t_n), min(t_1)
-            rows.append((qtype + (" +imatrix" if im is not None else ""), mw / c, mw / n, mw / one, c / n, c / one))
+            c, n, one = (min(t[0] for t in ts) for ts in (t_c, t_n, t_1))
+            c_cpu, one_cpu = (min(t[1] for t in ts) for ts in (t_c, t_1))
+            rows.append((qtype + (" +imatrix" if im is not None else ""), mw / c, mw / n, mw / one, c / n, c / one,
+                         c_cpu / one_cpu))
 
     print(f"\nK-quant quantization, {x.shape[0]} x {x.shape[1]} SmolLM2 ffn_down weights ({mw:.1f} M), "
           f"min of {args.repeat}; llama.cpp C on 1 thread, ggq Numba on {args.threads} and 1 threads; "
           f"{os.cpu_count()} CPUs visible\n")
     print(f"| type | llama.cpp 1T (Mw/s) | ggq {args.threads}T (Mw/s) | ggq 1T (Mw/s) | "
-          f"ggq {args.threads}T / llama.cpp 1T | ggq 1T / llama.cpp 1T |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, c, n, one, r, r1 in rows:
-        print(f"| {name} | {c:.1f} | {n:.1f} | {one:.1f} | {r:.2f} | {r1:.2f} |")
+          f"ggq {args.threads}T / llama.cpp 1T | ggq 1T / llama.cpp 1T | same, CPU time |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, c, n, one, r, r1, rc in rows:
+        print(f"| {name} | {c:.1f} | {n:.1f} | {one:.1f} | {r:.2f} | {r1:.2f} | {rc:.2f} |")
+    print("\nRatios > 1: ggq faster. Wall-clock speeds; the last column compares process CPU time of the "
+          "1-thread runs, which is robust to other load on the machine.")
     return 0
 
 
