@@ -271,7 +271,9 @@ def resolve_source(src: str) -> Path:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(src, allow_patterns=["*.json", "*.safetensors", "*.bin", "tokenizer.model",
-                                                       "*.jinja", "*.txt"])
+                                                       "*.jinja", "*.txt"],
+                                  # Mistral repos duplicate the weights as consolidated.safetensors
+                                  ignore_patterns=["consolidated*", "original/*", "*.pth"])
     except Exception as e:  # network, auth, not found: all one message for the user
         offline = os.environ.get("HF_HUB_OFFLINE") or "connect" in str(e).lower() or "offline" in str(e).lower()
         why = "no network access (offline)" if offline else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
