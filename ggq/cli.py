@@ -252,5 +252,20 @@ def perplexity(model, text, ctx, chunks, batch, threads, save_logits, kl_base, q
         click.echo(f"wrote {save_logits}")
 
 
+# ---------------------------------------------------------------- bench (runtime speed)
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-p", "--n-prompt", type=int, default=128, show_default=True, help="Prompt tokens (one batch).")
+@click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Decoded tokens.")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Timed runs per test (median).")
+def bench(model, n_prompt, n_gen, threads, repetitions):
+    """Prompt and decode tokens/s of MODEL, like llama-bench."""
+    from ggq.runtime.bench import run_bench
+
+    click.echo(run_bench(model, n_prompt, n_gen, threads, repetitions))
+
+
 if __name__ == "__main__":
     main()

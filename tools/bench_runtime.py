@@ -1,0 +1,145 @@
+"""ggq's runtime against llama.cpp (llama-cpp-python) on the same GGUF files, in one run.
+
+    python tools/bench_runtime.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 128] [-t 2] [-r 3] [--cold]
+
+For each file: prompt (pp, one batch of p random tokens) and decode (tg, n single-token evals)
+tokens/s of ggq and llama.cpp with the same thread count, runs interleaved (ggq, llama.cpp,
+ggq, ...) because the machine is shared and noisy; medians and the ratio ggq / llama.cpp.
+In separate subprocesses (so the two libraries' memory does not mix): ggq's peak RSS against the
+file size + KV cache, the time to first token with a warm Numba cache (process start, imports,
+load, a 16-token prompt), and with ``--cold`` the same with an empty Numba cache (compile time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+_CHILD = r"""
+import json, resource, sys, time
+t0 = time.perf_counter()
+from ggq.runtime.model import Model
+t_imp = time.perf_counter() - t0
+m = Model.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]))
+t_load = time.perf_counter() - t0
+m.eval(list(range(1, 17)))
+t_first = time.perf_counter() - t0
+m.reset()
+m.eval(list(range(1, int(sys.argv[4]) + 1)))
+for t in range(int(sys.argv[5])):
+    m.eval([5 + t % 100])
+print(json.dumps(dict(import_s=t_imp, load_s=t_load, ttft_s=t_first, file_mb=m.file_size / 2**20,
+                      kv_mb=m.kv_cache_bytes / 2**20, arena_mb=m.arena.nbytes / 2**20,
+                      peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+"""
+
+
+def child_stats(path, n_ctx, threads, n_prompt, n_gen, cache_dir=None) -> dict:
+    env = dict(os.environ)
+    if cache_dir:
+        env["NUMBA_CACHE_DIR"] = str(cache_dir)
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
+                         capture_output=True, text=True, env=env, check=True)
+    d = json.loads(out.stdout.strip().splitlines()[-1])
+    d["wall_s"] = time.perf_counter() - t0
+    return d
+
+
+def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
+    import llama_cpp
+
+    from ggq.runtime.model import Model
+
+    n_ctx = max(n_prompt, n_gen + 1) + 8
+    m = Model.load(path, n_ctx=n_ctx, n_threads=threads)
+    llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=max(n_prompt, 8),
+                          verbose=False)
+    rs = np.random.RandomState(0)
+    prompt = [int(t) for t in rs.randint(0, m.n_vocab, n_prompt)]
+    gen = [int(t) for t in rs.randint(0, m.n_vocab, n_gen + 1)]
+
+    def g_pp():
+        m.reset()
+        t = time.perf_counter()
+        m.eval(prompt)
+        return time.perf_counter() - t
+
+    def l_pp():
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        return time.perf_counter() - t
+
+    def g_tg():
+        m.reset()
+        m.eval(gen[:1])
+        t = time.perf_counter()
+        for tok in gen[1:]:
+            m.eval([tok])
+        return time.perf_counter() - t
+
+    def l_tg():
+        llm.reset()
+        llm.eval(gen[:1])
+        t = time.perf_counter()
+        for tok in gen[1:]:
+            llm.eval([tok])
+        return time.perf_counter() - t
+
+    res = {k: [] for k in ("g_pp", "l_pp", "g_tg", "l_tg")}
+    g_pp(), l_pp(), g_tg(), l_tg()  # warm-up
+    for _ in range(reps):
+        for k, f in (("g_pp", g_pp), ("l_pp", l_pp), ("g_tg", g_tg), ("l_tg", l_tg)):
+            res[k].append(f())
+    med = {k: statistics.median(v) for k, v in res.items()}
+    del llm
+    return dict(
+        g_pp=n_prompt / med["g_pp"], l_pp=n_prompt / med["l_pp"], g_tg=n_gen / med["g_tg"], l_tg=n_gen / med["l_tg"],
+        types=sorted({t.qtype.name for t in m._gf.tensors.values()}),
+    )
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("-p", type=int, default=128)
+    ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-t", type=int, default=2)
+    ap.add_argument("-r", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="also measure start-up with an empty Numba cache")
+    a = ap.parse_args(argv)
+    rows = []
+    for f in a.files:
+        r = bench_file(f, a.p, a.n, a.t, a.r)
+        s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n)
+        if a.cold:
+            with tempfile.TemporaryDirectory() as tmp:
+                c = child_stats(f, 64, a.t, 1, 1, cache_dir=tmp)
+            r["cold_s"] = c["ttft_s"]
+        rows.append((f, r, s))
+        print(f"{f.name}: done", file=sys.stderr)
+    print(f"threads {a.t}, pp{a.p}, tg{a.n}, median of {a.r} interleaved runs")
+    print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "
+          "(file + KV) | TTFT warm s | cold s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for f, r, s in rows:
+        cold = f"{r['cold_s']:.1f}" if "cold_s" in r else "-"
+        print(f"| {f.name} | {','.join(r['types'])} | {r['g_pp']:.1f} | {r['l_pp']:.1f} | {r['g_pp'] / r['l_pp']:.2f} | "
+              f"{r['g_tg']:.1f} | {r['l_tg']:.1f} | {r['g_tg'] / r['l_tg']:.2f} | {s['peak_rss_mb']:.0f} "
+              f"({s['file_mb']:.0f} + {s['kv_mb']:.0f}) | {s['ttft_s']:.2f} | {cold} |")
+
+
+if __name__ == "__main__":
+    main()
