@@ -108,6 +108,12 @@ def test_errors(tmp_path):
         requantize(tmp_path / "missing.gguf", tmp_path / "o.gguf", "Q4_K_M", progress=False)
     with pytest.raises(GGQError, match="valid types"):
         requantize(bad, tmp_path / "o.gguf", "Q4_K_X", progress=False)
+    from ggq.convert.imatrix import save_imatrix
+
+    im = save_imatrix(tmp_path / "im.gguf", {"blk.0.attn_q.weight": np.ones((1, 32), np.float32)},
+                      {"blk.0.attn_q.weight": [1]}, datasets=["x"], chunk_count=1, chunk_size=1)
+    with pytest.raises(GGQError, match="not a model file.*imatrix"):
+        requantize(im, tmp_path / "o.gguf", "Q4_K_M", progress=False)
     (tmp_path / "exists.gguf").write_bytes(b"")
     with pytest.raises(GGQError, match="exists"):
         requantize(bad, tmp_path / "exists.gguf", "Q4_K_M", progress=False)

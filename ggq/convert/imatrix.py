@@ -310,6 +310,14 @@ def collect_imatrix(model_dir_or_gguf, text_path, out, ctx: int = 512, chunks: i
     from ggq.format.output import check_output
 
     check_output(out, force)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # no "sequence longer than model_max_length" noise
+        if not progress:
+            hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     model, tok, arch, n_layer, where = _load_model(model_dir_or_gguf)
     model.eval()
     tmap = gguf.get_tensor_name_map(arch, n_layer)

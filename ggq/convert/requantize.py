@@ -187,6 +187,10 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
     hdr = _Header(src_gguf)
     if int(hdr.values.get("split.count") or 1) > 1:
         raise GGQError(f"{src_gguf}: split GGUF files are not supported; merge them first (llama-gguf-split --merge)")
+    if not hdr.values.get("general.architecture"):
+        kind = hdr.values.get("general.type")
+        raise GGQError(f"{src_gguf}: not a model file (no general.architecture"
+                       + (f"; general.type is {kind!r})" if kind else ")"))
     arch, hparams = mixes.hparams_from_gguf(hdr.values)
     imat, imat_kv = _imatrix_arg(imatrix)
 
