@@ -307,9 +307,9 @@ def _pick_default(info: QuantizedInfo) -> None:
             info.default_type, info.reason = t, why
             return
     # codes cannot be kept: requantize to the type nearest in size with the least added error
-    from ggq import quants
+    import importlib.util
 
-    if info.bits <= 4 and quants.supported(T.Q4_K):
+    if info.bits <= 4 and importlib.util.find_spec("ggq.quants.q4_k") is not None:
         info.default_type = "Q4_K_M"
         info.reason = "codes cannot be kept; Q4_K_M is the nearest size with the least requantization error"
     else:
