@@ -59,7 +59,7 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
         mm_n16(u8[oq:oq + 16 * ls], f32[osc:osc + 2 * ls], f32[omn:omn + 2 * ls], n_rows, nb, xq, xd, xs16, out)
     elif fam == FAM_N5:
         ls = ng * nb * G
-        mm_n5(u8[oq:oq + 16 * ls], u32[oh:oh + ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
+        mm_n5(u8[oq:oq + 16 * ls], u8[oh:oh + 8 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
     elif fam == FAM_I8_32:
         ls = ng * nb * G
         mm_i8_32(i8[oq:oq + 32 * ls], f32[osc:osc + ls], n_rows, nb, xq, xd, out)
@@ -108,13 +108,14 @@ def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
                 s1 = s0
                 m0 = f32[omn + base * G + rr]
                 m1 = m0
-            h = np.int64(0)
-            if fam == FAM_N5:
-                h = np.int64(u32[oh + base * G + rr])
             for j in range(16):
                 v = np.int64(u8[oq + (base * 16 + j) * G + rr])
-                lo = (v & 15) | (((h >> j) & 1) << 4)
-                hi = (v >> 4) | (((h >> (j + 16)) & 1) << 4)
+                lo = v & 15
+                hi = v >> 4
+                if fam == FAM_N5:
+                    h = np.int64(u8[oh + (base * 8 + j % 8) * G + rr])
+                    lo |= ((h >> (j // 8)) & 1) << 4
+                    hi |= ((h >> (2 + j // 8)) & 1) << 4
                 out[b * 32 + j] = s0 * np.float32(lo) + m0
                 out[b * 32 + 16 + j] = s1 * np.float32(hi) + m1
         else:

@@ -4,7 +4,9 @@ Weights are ``w = sc * q + mn`` with ``q`` in 0..15 stored two per byte (lo nibb
 hi nibble = weight j + 16 of a 32-weight block) and ``G`` rows interleaved (see repack). Against an
 activation block (int8 ``xq``, scale ``xd``, scaled sum ``xs``) a row's block contributes
 ``sc * xd * sum(q * xq) + mn * xs``: the integer sum is one vectorized loop over G rows, then one
-scale multiply per block, the scheme of ggml_vec_dot_q4_1_q8_1 in ggml-cpu/quants.c. Prompt
+scale multiply per block, the scheme of ggml_vec_dot_q4_1_q8_1 in ggml-cpu/quants.c.
+Products of a pair of weights are formed in int16 (|q * xq| <= 15 * 128, so a pair fits) and
+widened to int32 for the block sum: twice the SIMD lanes of int32 products. Prompt
 batches (T > 1) reuse each block of weights (L1-resident) for all T activation rows.
 """
 
@@ -38,8 +40,8 @@ def mm_n32(q, sc, mn, n_rows, nb, xq, xd, xs32, out):
                 for r in range(G):
                     s = np.int32(0)
                     for j in range(16):
-                        v = np.int32(qb[j * G + r])
-                        s += (v & 15) * np.int32(xb[j]) + (v >> 4) * np.int32(xb[j + 16])
+                        v = np.int16(qb[j * G + r])
+                        s += np.int32((v & np.int16(15)) * np.int16(xb[j]) + (v >> np.int16(4)) * np.int16(xb[j + 16]))
                     a[r] += sb[r] * xdb * np.float32(s) + mb[r] * xsb
         r1 = min(G, n_rows - g * G)
         for t in range(T):
@@ -71,9 +73,9 @@ def mm_n16(q, sc, mn, n_rows, nb, xq, xd, xs16, out):
                     s0 = np.int32(0)
                     s1 = np.int32(0)
                     for j in range(16):
-                        v = np.int32(qb[j * G + r])
-                        s0 += (v & 15) * np.int32(xb[j])
-                        s1 += (v >> 4) * np.int32(xb[j + 16])
+                        v = np.int16(qb[j * G + r])
+                        s0 += np.int32((v & np.int16(15)) * np.int16(xb[j]))
+                        s1 += np.int32((v >> np.int16(4)) * np.int16(xb[j + 16]))
                     a[r] += xdb * (s0b[r] * np.float32(s0) + s1b[r] * np.float32(s1)) + m0b[r] * xs0 + m1b[r] * xs1
         r1 = min(G, n_rows - g * G)
         for t in range(T):
