@@ -287,10 +287,11 @@ class QuantizedInfo:
                 return (f"{name} keeps the {what} codes and scales but rounds m = -s*z to fp16: each block "
                         f"shifts by up to {steps:g} of a quantization step (Q5_0 and Q8_0 keep them exactly)")
             return None
-        if not self._blocks_ok():
+        if not self._blocks_ok():  # the same for every type: one warning
             why = ("act-order (g_idx not sorted): 32-weight blocks mix groups" if self.desc_act
                    else f"group size {self.group_size} is not a multiple of 32")
-        elif qt in NATIVE_TYPES:
+            return f"{what} codes cannot be kept in ggml blocks ({why}): weights dequantized and quantized again"
+        if qt in NATIVE_TYPES:
             why = f"its blocks cannot hold {self.bits}-bit {'symmetric' if self.sym else 'asymmetric'} codes"
         else:
             why = f"{name} blocks cannot hold the codes"
