@@ -96,7 +96,8 @@ def smollm2_files(types, cache: Path | None = None) -> dict[str, Path]:
 
 
 def check_tokens(model_path: Path, text: str, tokens) -> bool:
-    """True if llama.cpp's tokenizer gives ``tokens`` for ``text`` (add BOS, no special parsing)."""
+    """True if llama.cpp's tokenizer gives exactly ``tokens`` for the whole ``text`` (add BOS, no special
+    parsing), i.e. ggq's tokens are llama-perplexity's."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(model_path), vocab_only=True, verbose=False)
@@ -139,8 +140,8 @@ def main(argv=None) -> int:
     for t, p in files.items():
         tok = Tokenizer.from_gguf(p)
         toks = tokenize_text(tok, text)
-        n = chunk_tokens(toks, a.ctx, a.chunks).size
-        same = check_tokens(p, text, toks[: n + 1])  # prefix equality is enough for the scored chunks
+        chunk_tokens(toks, a.ctx, a.chunks)  # fails early on a short text
+        same = check_tokens(p, text, toks)
         r = compare(p, a.text, a.ctx, a.chunks, a.threads, progress=True)
         worst = max(worst, abs(r["rel"]))
         print(f"{t:7s} llama.cpp PPL {r['llamacpp']:.4f} ± {r['llamacpp_err']:.4f}  ggq PPL {r['ggq']:.4f} "
