@@ -147,6 +147,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
     o = np.empty((T, n_embd), np.float32)
     gate = np.empty((T, n_ff), np.float32)
     up = np.empty((T, n_ff), np.float32)
+    qkv = np.empty((T, nq + 2 * nkv), np.float32)
+    gu = np.empty((T, 2 * n_ff), np.float32)
     e_q, e_d, e_s16, e_s32 = _abufs(T, n_embd)
     a_q, a_d, a_s16, a_s32 = _abufs(T, nq)
     f_q, f_d, f_s16, f_s32 = _abufs(T, n_ff)
@@ -155,9 +157,15 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         an = L[L_ATTN_NORM]
         _rmsnorm(x, vecs[an:an + n_embd], eps, h)
         _quant(h, e_q, e_d, e_s16, e_s32)
-        matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, q)
-        matmul(L[L_WK], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, k)
-        matmul(L[L_WV], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, v)
+        if L[L_WK] < 0:  # fused Q|K|V rows: one parallel region
+            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, qkv)
+            q[:] = qkv[:, :nq]
+            k[:] = qkv[:, nq:nq + nkv]
+            v[:] = qkv[:, nq + nkv:]
+        else:
+            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, q)
+            matmul(L[L_WK], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, k)
+            matmul(L[L_WV], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, v)
         if L[L_BQ] >= 0:
             for t in range(T):
                 q[t] += vecs[L[L_BQ]:L[L_BQ] + nq]
@@ -174,8 +182,13 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         fn = L[L_FFN_NORM]
         _rmsnorm(x, vecs[fn:fn + n_embd], eps, h)
         _quant(h, e_q, e_d, e_s16, e_s32)
-        matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gate)
-        matmul(L[L_UP], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, up)
+        if L[L_UP] < 0:  # fused gate|up rows
+            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gu)
+            gate[:] = gu[:, :n_ff]
+            up[:] = gu[:, n_ff:]
+        else:
+            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gate)
+            matmul(L[L_UP], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, up)
         for t in range(T):
             for j in range(n_ff):
                 g = gate[t, j]
@@ -297,13 +310,19 @@ class Model:
         for i in range(n_layer):
             p = f"blk.{i}."
             lay[i, L_ATTN_NORM] = add_vec(get(p + "attn_norm.weight", (n_embd,)))
-            lay[i, L_WQ] = add_mat(get(p + "attn_q.weight", (n_embd, nq)))
-            lay[i, L_WK] = add_mat(get(p + "attn_k.weight", (n_embd, nkv)))
-            lay[i, L_WV] = add_mat(get(p + "attn_v.weight", (n_embd, nkv)))
+            wq, wk, wv = (get(p + "attn_q.weight", (n_embd, nq)), get(p + "attn_k.weight", (n_embd, nkv)),
+                          get(p + "attn_v.weight", (n_embd, nkv)))
+            if _fusable(wq, wk, wv):
+                lay[i, L_WQ] = add_mat(_Fused(wq, wk, wv))
+            else:
+                lay[i, L_WQ], lay[i, L_WK], lay[i, L_WV] = add_mat(wq), add_mat(wk), add_mat(wv)
             lay[i, L_WO] = add_mat(get(p + "attn_output.weight", (nq, n_embd)))
             lay[i, L_FFN_NORM] = add_vec(get(p + "ffn_norm.weight", (n_embd,)))
-            lay[i, L_GATE] = add_mat(get(p + "ffn_gate.weight", (n_embd, n_ff)))
-            lay[i, L_UP] = add_mat(get(p + "ffn_up.weight", (n_embd, n_ff)))
+            wg, wu = get(p + "ffn_gate.weight", (n_embd, n_ff)), get(p + "ffn_up.weight", (n_embd, n_ff))
+            if _fusable(wg, wu):
+                lay[i, L_GATE] = add_mat(_Fused(wg, wu))
+            else:
+                lay[i, L_GATE], lay[i, L_UP] = add_mat(wg), add_mat(wu)
             lay[i, L_DOWN] = add_mat(get(p + "ffn_down.weight", (n_ff, n_embd)))
             bq = get(p + "attn_q.bias", (nq,), optional=True)
             if bq is not None:
@@ -333,7 +352,8 @@ class Model:
         mm = getattr(gf.data, "_mmap", None)
         for j, t in enumerate(mats):
             arena.fill(j, t.raw)
-            _release(mm, t.offset, t.nbytes)
+            for part in getattr(t, "parts", (t,)):
+                _release(mm, part.offset, part.nbytes)
         self.arena = arena
         self._vecs = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros(16, np.float32)
         self._lay = lay
@@ -410,6 +430,30 @@ class Model:
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
+
+
+class _Fused:
+    """Matrices with the same type and row length stacked into one (Q|K|V, gate|up), so one
+    parallel region computes them all and the rows split evenly over the threads."""
+
+    def __init__(self, *parts):
+        self.parts = parts
+        self.name = "+".join(p.name for p in parts)
+        self.qtype = parts[0].qtype
+        self.n_cols = parts[0].n_cols
+        self.n_rows = sum(p.n_rows for p in parts)
+
+    @property
+    def raw(self):
+        return np.concatenate([np.asarray(p.raw) for p in self.parts])
+
+
+def _fusable(*ts) -> bool:
+    from ggq.runtime.kernels.repack import FAMILY_OF, FAM_N32, G
+
+    t0 = ts[0]
+    return (t0.qtype in FAMILY_OF and FAMILY_OF[t0.qtype] >= FAM_N32
+            and all(t.qtype == t0.qtype and t.n_cols == t0.n_cols and t.n_rows % G == 0 for t in ts))
 
 
 def _release(mm, offset: int, nbytes: int) -> None:
