@@ -205,3 +205,80 @@ def test_malformed_files_give_clear_errors(tmp_path):
     assert "not supported" in err(arch, "arch.gguf")
     # a structurally valid llama file lacking the model's tensors
     assert "missing" in err(data, "incomplete.gguf")
+
+
+# ---------------------------------------------------------------- qwen2 (NEOX rope, q/k/v biases)
+
+def _write_qwen2_gguf(out: Path, vocab_src: Path):
+    """A tiny random Qwen2 (transformers) written as an F32 GGUF with stories260K's vocabulary;
+    returns (path, transformers model). Tensor names/metadata as llama.cpp's converter writes."""
+    torch = pytest.importorskip("torch")
+    import gguf
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from ggq.runtime.loader import open_gguf
+
+    src = open_gguf(vocab_src)
+    n_vocab = len(src.metadata["tokenizer.ggml.tokens"])
+    cfg = Qwen2Config(vocab_size=n_vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0,
+                      rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    w = gguf.GGUFWriter(str(out), "qwen2")
+    w.add_block_count(2)
+    w.add_context_length(256)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(96)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    for k, v in src.metadata.items():
+        if k.startswith("tokenizer.ggml.") and not isinstance(v, list):
+            if isinstance(v, str):
+                w.add_string(k, v)
+            elif isinstance(v, bool):
+                w.add_bool(k, v)
+            elif isinstance(v, int):
+                w.add_uint32(k, v)
+    w.add_token_list(src.metadata["tokenizer.ggml.tokens"])
+    w.add_token_scores(src.metadata["tokenizer.ggml.scores"])
+    w.add_token_types(src.metadata["tokenizer.ggml.token_type"])
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    sub = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+           "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+           "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for n, p in hf.state_dict().items():
+        if n in names:
+            gname = names[n]
+        else:
+            _, _, i, rest = n.split(".", 3)
+            mod, kind = rest.rsplit(".", 1)
+            gname = f"blk.{i}.{sub[mod]}.{kind}"
+        w.add_tensor(gname, p.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out, hf
+
+
+@pytest.mark.slow
+def test_qwen2_matches_transformers_and_llama_cpp(stories_f32, tmp_path):
+    torch = pytest.importorskip("torch")
+    path, hf = _write_qwen2_gguf(tmp_path / "qwen2-tiny-F32.gguf", stories_f32)
+    toks = [1] + list(np.random.RandomState(3).randint(3, 500, 15))
+    with torch.no_grad():
+        ref = hf(torch.tensor([toks])).logits[0].double().numpy()
+    got = Model.load(path).eval(toks, all_logits=True)
+    assert Model.load(path).arch == "qwen2"
+    for i in range(len(toks)):
+        assert np.corrcoef(got[i], ref[i])[0, 1] > 0.99999
+    np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())
+    compare_with_llama_cpp(path, toks, steps=16)
