@@ -69,41 +69,58 @@ def _rope(v, n_heads, hd, n_rot, neox, pos0, inv_freq):
                 v[t, b] = x0 * s + x1 * c
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _attention(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    """Causal GQA: q (T, n_head*hd), caches (n_ctx, n_kv*hd) holding positions < pos0+T."""
-    T = q.shape[0]
+@njit(cache=True, fastmath=True, inline="always")
+def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
+    """Causal attention of one (token, head) pair ``it`` = t * n_head + h (softmax in float32)."""
     grp = n_head // n_kv
-    for it in prange(T * n_head):
-        t = it // n_head
-        h = it % n_head
-        kvh = h // grp
-        n = pos0 + t + 1
-        sc = np.empty(n, np.float32)
-        qh = q[t, h * hd:(h + 1) * hd]
-        mx = -np.inf
-        for p in range(n):
-            kp = kc[p, kvh * hd:(kvh + 1) * hd]
-            s = np.float32(0.0)
-            for d in range(hd):
-                s += qh[d] * kp[d]
-            s *= scale
-            sc[p] = s
-            if s > mx:
-                mx = s
-        tot = np.float32(0.0)
-        for p in range(n):
-            e = np.float32(math.exp(sc[p] - mx))
-            sc[p] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        o = out[t, h * hd:(h + 1) * hd]
-        o[:] = 0.0
-        for p in range(n):
-            w = sc[p] * inv
-            vp = vc[p, kvh * hd:(kvh + 1) * hd]
-            for d in range(hd):
-                o[d] += w * vp[d]
+    t = it // n_head
+    h = it % n_head
+    kvh = h // grp
+    n = pos0 + t + 1
+    sc = np.empty(n, np.float32)
+    qh = q[t, h * hd:(h + 1) * hd]
+    mx = -np.inf
+    for p in range(n):
+        kp = kc[p, kvh * hd:(kvh + 1) * hd]
+        s = np.float32(0.0)
+        for d in range(hd):
+            s += qh[d] * kp[d]
+        s *= scale
+        sc[p] = s
+        if s > mx:
+            mx = s
+    tot = np.float32(0.0)
+    for p in range(n):
+        e = np.float32(math.exp(sc[p] - mx))
+        sc[p] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    o = out[t, h * hd:(h + 1) * hd]
+    o[:] = 0.0
+    for p in range(n):
+        w = sc[p] * inv
+        vp = vc[p, kvh * hd:(kvh + 1) * hd]
+        for d in range(hd):
+            o[d] += w * vp[d]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
+    for it in prange(q.shape[0] * n_head):
+        _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
+
+
+@njit(cache=True, fastmath=True)
+def _attention(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
+    """Causal GQA: q (T, n_head*hd), caches (n_ctx, n_kv*hd) holding positions < pos0+T; out
+    (T, n_head*hd). Parallel over (token, head) unless the work is too small to pay for a
+    parallel region (short decode contexts)."""
+    T = q.shape[0]
+    if T * n_head * (pos0 + T) * hd < 65536:
+        for it in range(T * n_head):
+            _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
+    else:
+        _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
 
 
 @njit(cache=True)

@@ -2,8 +2,9 @@
 
 Weights are int8 codes times a float scale per 32 (I8_32) or per 16 (I8_16) weights, ``G`` rows
 interleaved (see repack). A block contributes ``sc * xd * sum(q * xq)``: integer products, one
-scale multiply per block, as ggml_vec_dot_q8_0_q8_0 and ggml_vec_dot_q6_K_q8_K do. Pairs of
-products are summed in int16 (|w| <= 128, |xq| <= 127: 2 * 128 * 127 < 32768), blocks in int32.
+scale multiply per block, as ggml_vec_dot_q8_0_q8_0 and ggml_vec_dot_q6_K_q8_K do. The
+integer products are summed in float32 lanes, which is exact here (|w * xq| <= 128 * 127, 32 of
+them stay far below 2**24) and vectorizes better than int16/int32 arithmetic (~1.7x).
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ def mm_i8_32(q, sc, n_rows, nb, xq, xd, out):
                 xdb = xd[t, b]
                 a = acc[t]
                 for r in range(G):
-                    s = np.int32(0)
-                    for j in range(16):
-                        s += np.int32(np.int16(qb[j * G + r]) * np.int16(xb[j])
-                                      + np.int16(qb[(j + 16) * G + r]) * np.int16(xb[j + 16]))
-                    a[r] += sb[r] * xdb * np.float32(s)
+                    s = np.float32(0.0)
+                    for j in range(32):
+                        s += np.float32(qb[j * G + r]) * np.float32(xb[j])
+                    a[r] += sb[r] * xdb * s
         r1 = min(G, n_rows - g * G)
         for t in range(T):
             for r in range(r1):
@@ -60,14 +60,12 @@ def mm_i8_16(q, sc, n_rows, nb, xq, xd, out):
                 xdb = xd[t, b]
                 a = acc[t]
                 for r in range(G):
-                    s0 = np.int32(0)
-                    s1 = np.int32(0)
-                    for j in range(8):
-                        s0 += np.int32(np.int16(qb[j * G + r]) * np.int16(xb[j])
-                                       + np.int16(qb[(j + 8) * G + r]) * np.int16(xb[j + 8]))
-                        s1 += np.int32(np.int16(qb[(j + 16) * G + r]) * np.int16(xb[j + 16])
-                                       + np.int16(qb[(j + 24) * G + r]) * np.int16(xb[j + 24]))
-                    a[r] += xdb * (s0b[r] * np.float32(s0) + s1b[r] * np.float32(s1))
+                    s0 = np.float32(0.0)
+                    s1 = np.float32(0.0)
+                    for j in range(16):
+                        s0 += np.float32(qb[j * G + r]) * np.float32(xb[j])
+                        s1 += np.float32(qb[(j + 16) * G + r]) * np.float32(xb[j + 16])
+                    a[r] += xdb * (s0b[r] * s0 + s1b[r] * s1)
         r1 = min(G, n_rows - g * G)
         for t in range(T):
             for r in range(r1):
