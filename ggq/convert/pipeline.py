@@ -282,6 +282,10 @@ def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:
     """Like :func:`_produce`, quantizing with importance weights (float32 ``(n_per_row,)``)."""
     src = p.source
     assert src is not None
+    if src.native is not None:  # a GPTQ/AWQ tensor whose codes fit keeps them; the imatrix is moot
+        raw = src.native(p.qtype)
+        if raw is not None:
+            return archmod.permute_qk_rows(raw, p.permute_heads) if p.permute_heads else raw
     arr = src.load().astype(np.float32, copy=False)
     if p.permute_heads:
         arr = archmod.permute_qk_rows(arr, p.permute_heads)
