@@ -17,7 +17,15 @@ import numpy as np
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss, Linux KiB)."""
+    """Peak resident set size of this process in MiB: VmHWM from /proc/self/status (Linux keeps
+    ru_maxrss across fork+exec, so a child would report its parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
