@@ -44,7 +44,6 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
     oq = mats[m, C_OQ]
     osc = mats[m, C_OSC]
     omn = mats[m, C_OMN]
-    oh = mats[m, C_OH]
     nb = n_cols // 32
     ng = (n_rows + G - 1) // G
     if fam == FAM_F32:
@@ -59,7 +58,7 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
         mm_n16(u8[oq:oq + 16 * ls], f32[osc:osc + 2 * ls], f32[omn:omn + 2 * ls], n_rows, nb, xq, xd, xs16, out)
     elif fam == FAM_N5:
         ls = ng * nb * G
-        mm_n5(u8[oq:oq + 16 * ls], u8[oh:oh + 8 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
+        mm_n5(i8[oq:oq + 32 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
     elif fam == FAM_I8_32:
         ls = ng * nb * G
         mm_i8_32(i8[oq:oq + 32 * ls], f32[osc:osc + ls], n_rows, nb, xq, xd, out)
@@ -76,7 +75,6 @@ def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
     oq = mats[m, C_OQ]
     osc = mats[m, C_OSC]
     omn = mats[m, C_OMN]
-    oh = mats[m, C_OH]
     nb = n_cols // 32
     if fam == FAM_F32:
         for k in range(n_cols):
@@ -97,7 +95,7 @@ def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
     rr = r % G
     for b in range(nb):
         base = g * nb + b
-        if fam == FAM_N32 or fam == FAM_N16 or fam == FAM_N5:
+        if fam == FAM_N32 or fam == FAM_N16:
             if fam == FAM_N16:
                 s0 = f32[osc + (2 * base) * G + rr]
                 s1 = f32[osc + (2 * base + 1) * G + rr]
@@ -112,12 +110,13 @@ def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
                 v = np.int64(u8[oq + (base * 16 + j) * G + rr])
                 lo = v & 15
                 hi = v >> 4
-                if fam == FAM_N5:
-                    h = np.int64(u8[oh + (base * 8 + j % 8) * G + rr])
-                    lo |= ((h >> (j // 8)) & 1) << 4
-                    hi |= ((h >> (2 + j // 8)) & 1) << 4
                 out[b * 32 + j] = s0 * np.float32(lo) + m0
                 out[b * 32 + 16 + j] = s1 * np.float32(hi) + m1
+        elif fam == FAM_N5:
+            s0 = f32[osc + base * G + rr]
+            m0 = f32[omn + base * G + rr]
+            for j in range(32):
+                out[b * 32 + j] = s0 * np.float32(i8[oq + (base * 32 + j) * G + rr]) + m0
         else:
             if fam == FAM_I8_16:
                 s0 = f32[osc + (2 * base) * G + rr]

@@ -13,7 +13,7 @@ family     planes ([group][block][...][G] each)          ggml types
 ``N32``    nibbles u8 [16] (lo = w[j], hi = w[j+16]),   Q4_0, Q4_1, Q4_K
            sc, mn f32 per 32
 ``N16``    nibbles u8 [16], sc, mn f32 per 16 ([2])     Q2_K, Q3_K
-``N5``     nibbles u8 [16], high bits u8 [8], sc, mn    Q5_0, Q5_1, Q5_K
+``N5``     codes 0..31 int8 [32], sc, mn f32 per 32       Q5_0, Q5_1, Q5_K
 ``I8_32``  int8 [32], sc f32 per 32                     Q8_0, IQ4_NL
 ``I8_16``  int8 [32], sc f32 per 16 ([2])               Q6_K
 =========  ===========================================  ==============================
@@ -151,12 +151,11 @@ def planes(fam: int, n_rows: int, n_cols: int) -> list[tuple[str, str, int]]:
         return [("w", "f32", n_rows * n_cols)]
     if fam in (FAM_F16, FAM_BF16):
         return [("w", "u16", n_rows * n_cols)]
-    if fam in (FAM_N32, FAM_N16, FAM_N5):
+    if fam in (FAM_N32, FAM_N16):
         k = 2 if fam == FAM_N16 else 1
-        out = [("q", "u8", ng * nb * 16 * G), ("sc", "f32", ng * nb * k * G), ("mn", "f32", ng * nb * k * G)]
-        if fam == FAM_N5:
-            out.append(("h", "u8", ng * nb * 8 * G))
-        return out
+        return [("q", "u8", ng * nb * 16 * G), ("sc", "f32", ng * nb * k * G), ("mn", "f32", ng * nb * k * G)]
+    if fam == FAM_N5:
+        return [("q", "i8", ng * nb * 32 * G), ("sc", "f32", ng * nb * G), ("mn", "f32", ng * nb * G)]
     k = 2 if fam == FAM_I8_16 else 1
     return [("q", "i8", ng * nb * 32 * G), ("sc", "f32", ng * nb * k * G)]
 
@@ -191,13 +190,12 @@ def pack_rows(fam: int, qtype: T, raw: np.ndarray, n_cols: int, dst: dict[str, n
     q = q.reshape(ng * G, nb, 32)
     k = 32 // gs  # scale groups per 32-weight block
     dst["sc"][:] = _interleave(sc.reshape(ng * G, nb, k), ng).reshape(-1)
-    if fam in (FAM_N32, FAM_N16, FAM_N5):
+    if fam in (FAM_N32, FAM_N16):
         nib = (q[..., :16] & 15) | ((q[..., 16:] & 15) << 4)
         dst["q"][:] = _interleave(nib, ng).reshape(-1)
         dst["mn"][:] = _interleave(mn.reshape(ng * G, nb, k), ng).reshape(-1)
-        if fam == FAM_N5:
-            bits = (q >> 4) & 1  # (rows, nb, 32): byte j of the plane = bits of weights j, j+8, j+16, j+24
-            hh = bits[..., 0:8] | (bits[..., 8:16] << 1) | (bits[..., 16:24] << 2) | (bits[..., 24:32] << 3)
-            dst["h"][:] = _interleave(hh, ng).reshape(-1)
+    elif fam == FAM_N5:  # 5-bit codes 0..31 kept one per int8 (the kernel's fast path)
+        dst["q"][:] = _interleave(q.view(np.int8), ng).reshape(-1)
+        dst["mn"][:] = _interleave(mn.reshape(ng * G, nb, k), ng).reshape(-1)
     else:
         dst["q"][:] = _interleave(q.view(np.int8), ng).reshape(-1)
