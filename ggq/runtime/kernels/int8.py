@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import G
 
 
@@ -26,6 +27,8 @@ def mm_i8_32(q, sc, n_rows, nb, xq, xd, out):
         acc = np.zeros((T, G), np.float32)
         for b in range(nb):
             base = g * nb + b
+            prefetch_span(q, (base + PF_BLOCKS) * 32 * G, 32 * G)
+            prefetch_span(sc, (base + PF_BLOCKS) * G, G)
             qb = q[base * 32 * G:(base + 1) * 32 * G]
             sb = sc[base * G:(base + 1) * G]
             for t in range(T):
@@ -52,6 +55,8 @@ def mm_i8_16(q, sc, n_rows, nb, xq, xd, out):
         acc = np.zeros((T, G), np.float32)
         for b in range(nb):
             base = g * nb + b
+            prefetch_span(q, (base + PF_BLOCKS) * 32 * G, 32 * G)
+            prefetch_span(sc, (base + PF_BLOCKS) * 2 * G, 2 * G)
             qb = q[base * 32 * G:(base + 1) * 32 * G]
             s0b = sc[2 * base * G:(2 * base + 1) * G]
             s1b = sc[(2 * base + 1) * G:(2 * base + 2) * G]

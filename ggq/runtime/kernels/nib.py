@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import G
 
 
@@ -29,6 +30,9 @@ def mm_n32(q, sc, mn, n_rows, nb, xq, xd, xs32, out):
         acc = np.zeros((T, G), np.float32)
         for b in range(nb):
             base = g * nb + b
+            prefetch_span(q, (base + PF_BLOCKS) * 16 * G, 16 * G)
+            prefetch_span(sc, (base + PF_BLOCKS) * G, G)
+            prefetch_span(mn, (base + PF_BLOCKS) * G, G)
             qb = q[base * 16 * G:(base + 1) * 16 * G]
             sb = sc[base * G:(base + 1) * G]
             mb = mn[base * G:(base + 1) * G]
@@ -58,6 +62,9 @@ def mm_n16(q, sc, mn, n_rows, nb, xq, xd, xs16, out):
         acc = np.zeros((T, G), np.float32)
         for b in range(nb):
             base = g * nb + b
+            prefetch_span(q, (base + PF_BLOCKS) * 16 * G, 16 * G)
+            prefetch_span(sc, (base + PF_BLOCKS) * 2 * G, 2 * G)
+            prefetch_span(mn, (base + PF_BLOCKS) * 2 * G, 2 * G)
             qb = q[base * 16 * G:(base + 1) * 16 * G]
             s0b = sc[2 * base * G:(2 * base + 1) * G]
             s1b = sc[(2 * base + 1) * G:(2 * base + 2) * G]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import G
 
 
@@ -27,6 +28,9 @@ def mm_n5(q, sc, mn, n_rows, nb, xq, xd, xs32, out):
         acc = np.zeros((T, G), np.float32)
         for b in range(nb):
             base = g * nb + b
+            prefetch_span(q, (base + PF_BLOCKS) * 32 * G, 32 * G)
+            prefetch_span(sc, (base + PF_BLOCKS) * G, G)
+            prefetch_span(mn, (base + PF_BLOCKS) * G, G)
             qb = q[base * 32 * G:(base + 1) * 32 * G]
             sb = sc[base * G:(base + 1) * G]
             mb = mn[base * G:(base + 1) * G]
