@@ -298,3 +298,39 @@ def check_blocks(q: np.ndarray, type_size: int, name: str) -> np.ndarray:
     if q.shape[1] % type_size:
         raise ValueError(f"{q.shape[1]} bytes per row is not a whole number of {name} blocks ({type_size} bytes)")
     return q
+
+
+@nb.njit(cache=True, inline="always")
+def block_signed_absmax(x, r, off, qk):
+    """The signed value of largest magnitude in ``x[r, off:off+qk]`` (first one on ties), or the
+    first NaN: what numpy's ``argmax(abs(block))`` picks in gguf.quants (Q4_0, Q5_0)."""
+    mx = x[r, off]
+    amax = abs(mx)
+    if amax == amax:
+        for j in range(1, qk):
+            v = x[r, off + j]
+            av = abs(v)
+            if av != av:
+                return v
+            if av > amax:
+                amax = av
+                mx = v
+    return mx
+
+
+@nb.njit(cache=True, inline="always")
+def block_min_max(x, r, off, qk):
+    """``(min, max)`` of ``x[r, off:off+qk]``; both are the first NaN if there is one, as numpy's
+    ``min``/``max`` propagate it in gguf.quants (Q4_1, Q5_1)."""
+    mn = x[r, off]
+    mx = mn
+    if mn == mn:
+        for j in range(1, qk):
+            v = x[r, off + j]
+            if v != v:
+                return v, v
+            if v < mn:
+                mn = v
+            if v > mx:
+                mx = v
+    return mn, mx

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._common import (F16_TO_F32, F32, check_blocks, check_imatrix, check_rows, fp32_bits_to_fp16_bits,
+from ._common import (block_signed_absmax,
+                      F16_TO_F32, F32, check_blocks, check_imatrix, check_rows, fp32_bits_to_fp16_bits,
                       get_fp16, make_qx_quants, put_fp16, row_sigma2, to_byte)
 
 QK = 32
@@ -31,18 +32,7 @@ def _quantize_ref(x, out):
         dvb = dv.view(np.uint32)
         for b in range(n // QK):
             off = b * QK
-            mx = x[r, off]
-            amax = abs(mx)
-            if amax == amax:
-                for j in range(1, QK):
-                    v = x[r, off + j]
-                    av = abs(v)
-                    if av != av:
-                        mx = v
-                        break
-                    if av > amax:
-                        amax = av
-                        mx = v
+            mx = block_signed_absmax(x, r, off, QK)
             d = mx / F32(-8.0)
             idd = F32(1.0) / d if d != F32(0.0) else F32(0.0)
             dv[0] = d

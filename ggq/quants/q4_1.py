@@ -15,7 +15,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ._common import (F16_TO_F32, F32, check_blocks, check_imatrix, check_rows, fp32_bits_to_fp16_bits,
+from ._common import (block_min_max,
+                      F16_TO_F32, F32, check_blocks, check_imatrix, check_rows, fp32_bits_to_fp16_bits,
                       get_fp16, make_qkx3_quants, put_fp16, row_sigma2, to_byte)
 
 QK = 32
@@ -30,19 +31,7 @@ def _quantize_ref(x, out):
         dvb = dv.view(np.uint32)
         for b in range(n // QK):
             off = b * QK
-            mn = x[r, off]
-            mx = mn
-            if mn == mn:
-                for j in range(1, QK):
-                    v = x[r, off + j]
-                    if v != v:
-                        mn = v
-                        mx = v
-                        break
-                    if v < mn:
-                        mn = v
-                    if v > mx:
-                        mx = v
+            mn, mx = block_min_max(x, r, off, QK)
             d = (mx - mn) / F32(15.0)
             idd = F32(1.0) / d if d != F32(0.0) else F32(0.0)
             dv[0] = d
