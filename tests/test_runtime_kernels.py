@@ -1,7 +1,8 @@
 """Runtime kernels (ggq.runtime.kernels) against gguf.quants.dequantize + a float64 matmul.
 
 Weights are random but valid ggml blocks (random bytes with sane fp16 scale fields), so every
-code of every type is exercised; 100 rows (not a multiple of the 64-row interleave) x 512 columns.
+code of every type is exercised; 102 rows (not a multiple of the 64-row interleave, nor of the
+float kernels' 16-row chunks and 4 x 4 tiles) x 512 columns, 9 tokens.
 Tolerances: the kernels quantize the activations to 8 bits (one fp16 scale per 32 values, like
 llama.cpp's Q8_1), so against the exact float64 product the max error is <= 3e-2 of the largest
 output; against the same product with the activations rounded the documented way (numpy, here)
@@ -24,7 +25,7 @@ F16_FIELDS = {
     T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208],
 }
 QUANT_TYPES = list(F16_FIELDS)
-N_ROWS, N_COLS, N_TOK = 100, 512, 3
+N_ROWS, N_COLS, N_TOK = 102, 512, 9
 
 
 def random_blocks(qtype, n_rows, n_cols, rs):
@@ -77,7 +78,7 @@ def test_matmul_matches_dequantize_reference(data, idx):
     qt, raw = mats[idx]
     w = _ref_weights(qt, raw)
     out = arena.matmul(idx, x)
-    for t in (1, N_TOK):  # decode (one row) and prompt (several rows) paths
+    for t in (1, 5, N_TOK):  # decode (one row) and prompt (several rows) paths
         got = arena.matmul(idx, x[:t])
         np.testing.assert_allclose(got, out[:t], rtol=0, atol=1e-5 * np.abs(out).max())
     exact = x.astype(np.float64) @ w.T
@@ -97,3 +98,30 @@ def test_get_row_is_exact(data, idx):
     w = _ref_weights(qt, raw)
     for r in (0, 63, 64, N_ROWS - 1):
         np.testing.assert_array_equal(arena.row(idx, r), w[r].astype(np.float32))
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+def test_f16_to_f32_is_exact_for_every_bit_pattern(monkeypatch, hardware):
+    """The F16 kernels' conversion, both the hardware instruction and the bit-manipulation
+    fallback, equals numpy's float16 -> float32 on all 65536 patterns (NaNs stay NaN, same sign)."""
+    from numba import njit
+
+    from ggq.runtime.kernels import floats
+
+    if hardware and not floats.HARDWARE_F16:
+        pytest.skip("this CPU has no half -> float instruction")
+    monkeypatch.setattr(floats, "HARDWARE_F16", hardware)
+
+    @njit  # compiled here, so the intrinsic reads the patched flag
+    def convert(a, out):
+        for i in range(a.shape[0]):
+            out[i] = floats.f16_to_f32(a[i])
+
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    got = np.empty(65536, np.float32)
+    convert(bits, got)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))
