@@ -426,3 +426,52 @@ def test_qwen2_matches_transformers_and_llama_cpp(stories_f32, tmp_path):
         assert np.corrcoef(got[i], ref[i])[0, 1] > 0.99999
     np.testing.assert_allclose(got, ref, atol=2e-3 * np.abs(ref).max())
     compare_with_llama_cpp(path, toks, steps=16)
+
+
+def _with_metadata(src: Path, out: Path, kv: dict) -> Path:
+    """A copy of the GGUF ``src`` with the key/values ``kv`` (name -> (GGUFValueType, value))
+    added or replaced (gguf-py's gguf_new_metadata)."""
+    import gguf
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field("general.architecture").contents()
+    writer = gguf.GGUFWriter(str(out), arch)
+    copy_with_new_metadata(reader, writer, {k: MetadataDetails(t, v) for k, (t, v) in kv.items()}, [])
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scaling", ["yarn", "linear", "yarn-qwen2"])
+def test_rope_scaling_matches_llama_cpp(stories_f32, tmp_path, scaling):
+    """YaRN (factor 4 over an original context of 64) and linear (factor 2) RoPE scaling, NORM
+    (llama) and NEOX (qwen2) rope, over positions up to 140: logits as llama.cpp's."""
+    import gguf
+
+    V = gguf.GGUFValueType
+    if scaling == "yarn-qwen2":
+        pytest.importorskip("torch")
+        src, _ = _write_qwen2_gguf(tmp_path / "qwen2.gguf", stories_f32)
+    else:
+        src = stories_f32
+    arch = "qwen2" if scaling == "yarn-qwen2" else "llama"
+    kv = {f"{arch}.rope.scaling.type": (V.STRING, scaling.split("-")[0]),
+          f"{arch}.rope.scaling.factor": (V.FLOAT32, 4.0 if scaling.startswith("yarn") else 2.0)}
+    if scaling.startswith("yarn"):
+        kv[f"{arch}.rope.scaling.original_context_length"] = (V.UINT32, 64)
+    path = _with_metadata(src, tmp_path / f"{scaling}.gguf", kv)
+    model = Model.load(path)
+    assert model._rope_mscale != 1.0 if scaling.startswith("yarn") else model._rope_mscale == 1.0
+    prompt = [1] + list(np.random.RandomState(5).randint(3, 500, 124))
+    compare_with_llama_cpp(path, prompt, steps=16)
+    # F32 weights, so the logits must agree closely, not just correlate (the random qwen2's logits
+    # correlate > 0.999 even with the scaling ignored; their values do not)
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
+                          type_k=0, type_v=0)
+    llm.eval(prompt)
+    ref = np.array(llm.scores[:len(prompt)], np.float64)
+    got = Model.load(path, n_ctx=256).eval(prompt, all_logits=True)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert err < 1e-4, f"{scaling}: max logit difference {err:.2e} of the largest"

@@ -6,8 +6,8 @@ done) and allocates a KV cache. ``Model.eval(tokens)`` runs the tokens at positi
 through **one** compiled call (:func:`forward`) that loops over all layers: RMSNorm, Q/K/V
 projections (+ biases for qwen2), RoPE (NORM = adjacent pairs for llama/mistral, whose Q/K rows
 llama.cpp's converter permuted into that form; NEOX = halves for qwen2) with freq_base, linear
-scaling and llama3-style ``rope_freqs`` factors, grouped-query attention over the float32 KV
-cache, SwiGLU FFN, final norm and the output projection (``token_embd`` when ``output.weight`` is
+scaling, YaRN and llama3-style ``rope_freqs`` factors (:mod:`.rope`), grouped-query attention
+over the float32 KV cache, SwiGLU FFN, final norm and the output projection (``token_embd`` when ``output.weight`` is
 absent). Prompt batches go through the same call with T rows (matrix-matrix kernels); a single
 token is the decode path. Same graph as llama.cpp's llm_build_llama / llm_build_qwen2.
 """
@@ -24,9 +24,9 @@ from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
 from ggq.errors import GGQError
-from ggq.runtime.kernels import (C_COLS, C_ROWS, F16_TABLE, SUPPORTED_TYPES, WeightArena, get_row, matmul,
-                                 quantize_act, quantize_act_par)
+from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act, quantize_act_par
 from ggq.runtime.loader import open_gguf
+from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
 # layer table columns
 L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_GATE, L_UP, L_DOWN, L_BQ, L_BK, L_BV = range(12)
@@ -48,15 +48,16 @@ def _rmsnorm(x, w, eps, out):
 
 
 @njit(cache=True)
-def _rope(v, n_heads, hd, n_rot, neox, pos0, inv_freq):
-    """Rotate the first ``n_rot`` dims of each head of ``v`` (T, n_heads*hd) in place."""
+def _rope(v, n_heads, hd, n_rot, neox, pos0, inv_freq, mscale):
+    """Rotate the first ``n_rot`` dims of each head of ``v`` (T, n_heads*hd) in place: pair ``i``
+    at position ``p`` by ``p * inv_freq[i]``, cos and sin times ``mscale`` (:mod:`.rope`)."""
     half = n_rot // 2
     for t in range(v.shape[0]):
         p = pos0 + t
         for i in range(half):
             th = p * inv_freq[i]
-            c = np.float32(math.cos(th))
-            s = np.float32(math.sin(th))
+            c = np.float32(math.cos(th) * mscale)
+            s = np.float32(math.sin(th) * mscale)
             for h in range(n_heads):
                 o = h * hd
                 if neox:
@@ -141,7 +142,7 @@ def _abufs(T, n):
 
 @njit(cache=True, fastmath=True)
 def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs, lay, ip, eps, attn_scale,
-            inv_freq, kc, vc, logits):
+            inv_freq, rope_mscale, kc, vc, logits):
     """Run ``tokens`` (int64 (T,)) at positions pos0.. through all layers, filling the KV caches
     ``kc``/``vc`` (float32 (n_layer, n_ctx, n_kv*hd)) and ``logits`` (float32 (T or 1, n_vocab)):
     every row when ``all_logits``, else the last token's. One compiled call per batch."""
@@ -188,8 +189,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
                 q[t] += vecs[L[L_BQ]:L[L_BQ] + nq]
                 k[t] += vecs[L[L_BK]:L[L_BK] + nkv]
                 v[t] += vecs[L[L_BV]:L[L_BV] + nkv]
-        _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq)
-        _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq)
+        _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
+        _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
         kc[l, pos0:pos0 + T] = k
         vc[l, pos0:pos0 + T] = v
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
@@ -223,6 +224,10 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
     o_q, o_d, o_s16, o_s32 = _abufs(hf.shape[0], n_embd)
     _quant(hf, o_q, o_d, o_s16, o_s32)
     matmul(ip[I_OUT], mats, u8, i8, f32, u16, u32, f16tab, hf, o_q, o_d, o_s16, o_s32, logits)
+
+
+def _opt_float(v):
+    return None if v is None else float(v)
 
 
 def _dequant_vec(t) -> np.ndarray:
@@ -280,10 +285,14 @@ class Model:
         eps = float(hp("attention.layer_norm_rms_epsilon", 1e-5))
         base = float(hp("rope.freq_base", 10000.0))
         ctx_train = int(hp("context_length", 4096))
-        stype = hp("rope.scaling.type", "none", required=False)
-        sfactor = float(hp("rope.scaling.factor", 1.0, required=False) or 1.0)
-        if stype not in ("none", "linear", "llama3", None) and sfactor != 1.0:
-            raise GGQError(f"{name}: rope scaling {stype!r} is not supported")
+        # llama.cpp: type defaults to linear; factor from rope.scaling.factor or the old rope.scale_linear
+        stype = hp("rope.scaling.type", "linear", required=False)
+        sfactor = float(hp("rope.scaling.factor", None, required=False) or hp("rope.scale_linear", 0.0, required=False)
+                        or 0.0)
+        if stype not in SCALING_TYPES:
+            if sfactor not in (0.0, 1.0):
+                raise GGQError(f"{name}: rope scaling {stype!r} is not supported")
+            stype = "none"
         self.n_ctx = int(n_ctx) if n_ctx else min(ctx_train, 4096)
         self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = n_layer, n_embd, n_head, n_kv, hd, n_ff
 
@@ -352,14 +361,14 @@ class Model:
         i_out = add_mat(out) if out is not None else i_emb
         self.tied_output = out is None
 
-        # rope inverse frequencies: base^(-2i/n_rot), divided by llama3 rope_freqs and linear factor
-        inv = base ** (-np.arange(0, n_rot, 2, dtype=np.float64) / n_rot)
         rf = get("rope_freqs.weight", (n_rot // 2,), optional=True)
-        if rf is not None:
-            inv = inv / _dequant_vec(rf).astype(np.float64)
-        if stype == "linear" and sfactor:
-            inv = inv / sfactor
-        self._inv_freq = inv
+        self._inv_freq, self._rope_mscale = rope_frequencies(
+            n_rot, base, stype, sfactor, int(hp("rope.scaling.original_context_length", ctx_train, required=False)),
+            None if rf is None else _dequant_vec(rf), float(hp("rope.scaling.attn_factor", 1.0, required=False)),
+            float(hp("rope.scaling.yarn_beta_fast", 32.0, required=False)),
+            float(hp("rope.scaling.yarn_beta_slow", 1.0, required=False)),
+            _opt_float(hp("rope.scaling.yarn_ext_factor", None, required=False)),
+            float(hp("rope.scaling.yarn_log_multiplier", 0.0, required=False)))
         self._neox = 1 if a == "qwen2" else 0
 
         try:
@@ -443,7 +452,8 @@ class Model:
     def _forward(self, chunk, logits, all_logits):
         mats, u8, i8, f32, u16, u32, f16tab = self.arena.args
         forward(chunk, self.n_past, all_logits, mats, u8, i8, f32, u16, u32, f16tab, self._vecs, self._lay, self._ip,
-                self._eps, np.float32(self._attn_scale), self._inv_freq, self._kc, self._vc, logits)
+                self._eps, np.float32(self._attn_scale), self._inv_freq,
+                self._rope_mscale, self._kc, self._vc, logits)
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
