@@ -145,12 +145,18 @@ def info(file, all_metadata):
 
 # ---------------------------------------------------------------- run / generate (runtime chat)
 
+_CACHE_TYPE = click.option(
+    "--cache-type", "cache_type", type=click.Choice(["f16", "f32"]), default="f16", show_default=True,
+    help="KV cache element type (llama.cpp's -ctk/-ctv; f32 is exact, f16 half the memory).")
+
+
 def _sampling_options(f):
     """Sampling and runtime options shared by ``run`` and ``generate`` (llama.cpp's names and defaults)."""
     opts = [
         click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
                      help="Context size in tokens (default: the runtime's, like llama.cpp's 4096)."),
         click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)."),
+        _CACHE_TYPE,
         click.option("-n", "--n-predict", "n_predict", type=int, default=-1, show_default=True,
                      help="Tokens to generate per reply (-1: until end of turn or a full context)."),
         click.option("--temp", type=float, default=0.8, show_default=True, help="Temperature (0: greedy)."),
@@ -180,8 +186,8 @@ def _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, se
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("-s", "--system", default=None, help="System prompt.")
 @_sampling_options
-def run(model, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-        seed, verbose):
+def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
+        repeat_last_n, seed, verbose):
     """Chat with a GGUF model (default: SmolLM2-135M-Instruct, fetched on first use).
 
     Type a message and press Enter; /reset clears the conversation, /exit or Ctrl-D quits,
@@ -194,7 +200,8 @@ def run(model, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, 
 
         model = str(default_model_path())
     run_chat(model, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
-             system=system, n_predict=n_predict, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
+             system=system, n_predict=n_predict, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
+             kv_type=cache_type)
 
 
 @main.command()
@@ -203,8 +210,8 @@ def run(model, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, 
 @click.option("--chat", is_flag=True, help="Apply the model's chat template (the prompt is one user message).")
 @click.option("-s", "--system", default=None, help="System prompt (with --chat).")
 @_sampling_options
-def generate(model, prompt, chat, system, ctx_size, threads, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-             repeat_last_n, seed, verbose):
+def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p,
+             repeat_penalty, repeat_last_n, seed, verbose):
     """Print the continuation of a prompt (for scripts and pipes).
 
     The prompt is -p's text, else standard input (one trailing newline dropped). The raw text is
@@ -219,7 +226,8 @@ def generate(model, prompt, chat, system, ctx_size, threads, n_predict, temp, to
         if prompt.endswith("\n"):  # the newline `echo` adds is not part of the prompt
             prompt = prompt[:-1]
     run_generate(model, prompt, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
-                 n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose)
+                 n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
+                 kv_type=cache_type)
 
 
 # ---------------------------------------------------------------- perplexity (quality)
@@ -260,11 +268,12 @@ def perplexity(model, text, ctx, chunks, batch, threads, save_logits, kl_base, q
 @click.option("-n", "--n-gen", type=int, default=128, show_default=True, help="Decoded tokens.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True, help="Timed runs per test (median).")
-def bench(model, n_prompt, n_gen, threads, repetitions):
+@_CACHE_TYPE
+def bench(model, n_prompt, n_gen, threads, repetitions, cache_type):
     """Prompt and decode tokens/s of MODEL, like llama-bench."""
     from ggq.runtime.bench import run_bench
 
-    click.echo(run_bench(model, n_prompt, n_gen, threads, repetitions))
+    click.echo(run_bench(model, n_prompt, n_gen, threads, repetitions, kv_type=cache_type))
 
 
 if __name__ == "__main__":

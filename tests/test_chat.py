@@ -234,10 +234,11 @@ def test_chat_through_pty(smollm2_gguf, tmp_path):
 
 
 @pytest.mark.slow
-def test_generate_from_stdin(smollm2_gguf, tmp_path):
+@pytest.mark.parametrize("cache_type", ["f16", "f32"])
+def test_generate_from_stdin(smollm2_gguf, tmp_path, cache_type):
     _need_runtime()
     cmd = [sys.executable, "-m", "ggq.cli", "generate", str(smollm2_gguf), "--chat", "--temp", "0", "-n", "24",
-           "--system", SYSTEM]
+           "--system", SYSTEM, "--cache-type", cache_type]
     r = subprocess.run(cmd, input="What is the capital of France?", capture_output=True, text=True,
                        env=_ggq_env(tmp_path), timeout=600)
     assert r.returncode == 0, r.stderr

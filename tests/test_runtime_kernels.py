@@ -125,3 +125,36 @@ def test_f16_to_f32_is_exact_for_every_bit_pattern(monkeypatch, hardware):
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(np.signbit(got), np.signbit(ref))
     np.testing.assert_array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize("hardware", [True, False])
+def test_f32_to_f16_rounds_like_numpy(hardware):
+    """The fp16 KV cache's rounding, both the instruction and the software fallback, equals
+    numpy's float32 -> float16 (nearest even, overflow to inf, subnormals) on random bit
+    patterns and around every rounding boundary; NaN stays NaN."""
+    from numba import njit
+
+    from ggq.runtime.kernels import floats
+
+    if hardware and not floats.HARDWARE_F16:
+        pytest.skip("this CPU has no float -> half instruction")
+    fn = floats._f32_to_f16_hw if hardware else floats._f32_to_f16_sw
+
+    @njit
+    def convert(x, out):
+        for i in range(x.shape[0]):
+            out[i] = fn(x[i])
+
+    rs = np.random.RandomState(0)
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32).view(np.uint32)
+    bits = np.concatenate([rs.randint(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32), halves,
+                           halves + 0xFFF, halves + 0x1000, halves + 0x1001,  # just below / at / above a tie
+                           np.arange(0x477FE000, 0x47800100, dtype=np.uint32)])  # the overflow boundary
+    x = np.concatenate([bits, bits | 0x80000000]).view(np.float32)
+    with np.errstate(all="ignore"):
+        ref = x.astype(np.float16).view(np.uint16)
+    got = np.empty(x.shape[0], np.uint16)
+    convert(x, got)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], ref[~nan])
+    assert np.all((got[nan] & 0x7C00) == 0x7C00) and np.all(got[nan] & 0x3FF)

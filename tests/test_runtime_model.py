@@ -71,12 +71,14 @@ def smollm2_f16(smollm2_hf, cache_dir):
 
 
 def compare_with_llama_cpp(path: Path, prompt: list[int], steps: int = 64, min_corr: float = 0.999,
-                           mean_corr: float = 0.999):
-    """Prompt logits (every position) and ``steps`` greedy decode steps, ggq vs llama.cpp."""
+                           mean_corr: float = 0.999, kv_type: str = "f32"):
+    """Prompt logits (every position) and ``steps`` greedy decode steps, ggq vs llama.cpp, both
+    with a ``kv_type`` (f32 or f16) KV cache."""
     llama_cpp = pytest.importorskip("llama_cpp")
+    ggml_type = {"f32": 0, "f16": 1}[kv_type]
     llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
-    model = Model.load(path, n_ctx=256, n_threads=2)
+                          type_k=ggml_type, type_v=ggml_type)
+    model = Model.load(path, n_ctx=256, n_threads=2, kv_type=kv_type)
     llm.eval(prompt)
     ref = np.array(llm.scores[:len(prompt)], dtype=np.float64)
     got = model.eval(prompt, all_logits=True)
@@ -272,6 +274,18 @@ def test_smollm2_ggq_written_matches_llama_cpp(smollm2_hf, ggq_files, smol_promp
         return
     path = ggq_files("smollm2", ftype, lambda out: requantize(f16, out, ftype, progress=False))
     compare_three_way(path, smol_prompt, tmp_path)
+
+
+@pytest.mark.slow
+def test_f16_kv_cache_matches_llama_cpp(stories_f32, smollm2_f16, smol_prompt):
+    """An fp16 KV cache (llama.cpp's default), against llama.cpp with its fp16 cache."""
+    model = Model.load(stories_f32, n_ctx=64, kv_type="f16")
+    assert model._kc.dtype == np.uint16 and model.kv_cache_bytes == Model.load(stories_f32, n_ctx=64).kv_cache_bytes // 2
+    prompt = [1] + list(np.random.RandomState(0).randint(3, 500, 20))
+    compare_with_llama_cpp(stories_f32, prompt, kv_type="f16")
+    compare_with_llama_cpp(smollm2_f16, smol_prompt, 64, 0.9999, 0.9999, kv_type="f16")
+    with pytest.raises(GGQError, match="unknown KV cache type"):
+        Model.load(stories_f32, kv_type="q8_0")
 
 
 @pytest.mark.slow

@@ -81,12 +81,13 @@ def bench_model(model, n_prompt: int = 128, n_gen: int = 128, repetitions: int =
     }
 
 
-def run_bench(path, n_prompt: int = 128, n_gen: int = 128, n_threads: int | None = None, repetitions: int = 3) -> str:
-    """Load ``path`` and return a llama-bench-like table (the ``ggq bench`` command)."""
+def run_bench(path, n_prompt: int = 128, n_gen: int = 128, n_threads: int | None = None, repetitions: int = 3,
+              kv_type: str = "f16") -> str:
+    """Load ``path`` (KV cache ``kv_type``) and return a llama-bench-like table (``ggq bench``)."""
     from ggq.runtime.model import Model
 
     t0 = time.perf_counter()
-    m = Model.load(path, n_ctx=max(n_prompt, n_gen + 1, 16), n_threads=n_threads)
+    m = Model.load(path, n_ctx=max(n_prompt, n_gen + 1, 16), n_threads=n_threads, kv_type=kv_type)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     m.eval([1])  # first call: compiles or loads the Numba cache
@@ -96,7 +97,7 @@ def run_bench(path, n_prompt: int = 128, n_gen: int = 128, n_threads: int | None
     size_mb = m.file_size / 2**20
     lines = [
         f"model: {m.path.name} ({m.arch}, {size_mb:.1f} MiB, {m.n_layer} layers, repacked {m.arena.nbytes / 2**20:.1f} MiB)",
-        f"threads: {m.n_threads}   load: {load_s:.2f} s   first eval (JIT cache load/compile): {first_s:.2f} s",
+        f"threads: {m.n_threads}   KV cache: {m.kv_type}   load: {load_s:.2f} s   first eval (JIT cache load/compile): {first_s:.2f} s",
         "| test   |        t/s |",
         "| ------ | ---------: |",
     ]

@@ -346,21 +346,23 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
 
 # ---------------------------------------------------------------------- entry points for the CLI
 
-def load(model_path: str, n_ctx: int | None, n_threads: int | None):
-    """Load a model and its tokenizer: ``(model, tokenizer)``. Raises GGQError on a bad file."""
+def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16"):
+    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``) and its tokenizer:
+    ``(model, tokenizer)``. Raises GGQError on a bad file."""
     from ggq.runtime.model import Model
 
-    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads)
+    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
     tok = Tokenizer.from_metadata(model.metadata, source=str(model_path))
     return model, tok
 
 
 def run_chat(model_path: str, params: SamplerParams, system: str | None = None, n_predict: int = -1,
-             n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False) -> None:
+             n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
+             kv_type: str = "f16") -> None:
     """``ggq run``: interactive chat with the model at ``model_path``."""
     from pathlib import Path
 
-    model, tok = load(model_path, n_ctx, n_threads)
+    model, tok = load(model_path, n_ctx, n_threads, kv_type)
     template = ChatTemplate.for_model(model.metadata, tok)
     if template.is_plain:
         sys.stderr.write("ggq: this file has no chat template; using a plain 'User:/Assistant:' layout\n")
@@ -371,9 +373,9 @@ def run_chat(model_path: str, params: SamplerParams, system: str | None = None, 
 
 def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
                  system: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, kv_type: str = "f16") -> None:
     """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
-    model, tok = load(model_path, n_ctx, n_threads)
+    model, tok = load(model_path, n_ctx, n_threads, kv_type)
     if chat:
         template = ChatTemplate.for_model(model.metadata, tok)
         session = ChatSession(model, tok, template, params, system=system, n_predict=n_predict)

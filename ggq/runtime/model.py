@@ -21,10 +21,12 @@ import time
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from ggq.errors import GGQError
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act, quantize_act_par
+from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16
 from ggq.runtime.loader import open_gguf
 from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
@@ -32,6 +34,44 @@ from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_GATE, L_UP, L_DOWN, L_BQ, L_BK, L_BV = range(12)
 # integer hyper-parameters
 I_EMBD, I_HEAD, I_KV, I_HD, I_ROT, I_NEOX, I_FF, I_VOCAB, I_LAYER, I_TOKEMB, I_OUTNORM, I_OUT = range(12)
+
+
+#: KV cache element types: name -> numpy dtype of the cache arrays (F16 held as its bits)
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
+
+
+def kv_value(v):
+    """float32 value of a KV cache element: itself (float32) or the fp16 bits it holds (uint16)."""
+    raise NotImplementedError  # compiled code only (see the overload below)
+
+
+@overload(kv_value, inline="always")
+def _kv_value(v):
+    if v == types.uint16:
+        return lambda v: f16_to_f32(v)
+    if isinstance(v, types.Float):
+        return lambda v: v
+
+
+def kv_from_f32(v, like):
+    """``v`` (float32) as a KV cache element of the type of ``like`` (rounded to fp16 bits for uint16)."""
+    raise NotImplementedError  # compiled code only
+
+
+@overload(kv_from_f32, inline="always")
+def _kv_from_f32(v, like):
+    if like == types.uint16:
+        return lambda v, like: f32_to_f16(v)
+    if isinstance(like, types.Float):
+        return lambda v, like: v
+
+
+@njit(cache=True, inline="always")
+def _kv_store(cache, pos0, x):
+    """cache[pos0 + t] = x[t] (x float32 (T, n)), converted to the cache's element type."""
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            cache[pos0 + t, j] = kv_from_f32(x[t, j], cache[0, 0])
 
 
 @njit(cache=True, fastmath=True)
@@ -85,7 +125,7 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
         kp = kc[p, kvh * hd:(kvh + 1) * hd]
         s = np.float32(0.0)
         for d in range(hd):
-            s += qh[d] * kp[d]
+            s += qh[d] * kv_value(kp[d])
         s *= scale
         sc[p] = s
         if s > mx:
@@ -102,7 +142,7 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
         w = sc[p] * inv
         vp = vc[p, kvh * hd:(kvh + 1) * hd]
         for d in range(hd):
-            o[d] += w * vp[d]
+            o[d] += w * kv_value(vp[d])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -191,8 +231,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
                 v[t] += vecs[L[L_BV]:L[L_BV] + nkv]
         _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
         _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
-        kc[l, pos0:pos0 + T] = k
-        vc[l, pos0:pos0 + T] = v
+        _kv_store(kc[l], pos0, k)
+        _kv_store(vc[l], pos0, v)
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
         _quant(att, a_q, a_d, a_s16, a_s32)
         matmul(L[L_WO], mats, u8, i8, f32, u16, u32, f16tab, att, a_q, a_d, a_s16, a_s32, o)
@@ -252,10 +292,14 @@ class Model:
     n_batch = 512
 
     @classmethod
-    def load(cls, path, n_ctx: int | None = None, n_threads: int | None = None) -> "Model":
-        """Load the GGUF at ``path``. GGQError for a missing/malformed file, unsupported arch/type."""
+    def load(cls, path, n_ctx: int | None = None, n_threads: int | None = None, kv_type: str = "f32") -> "Model":
+        """Load the GGUF at ``path``. ``kv_type``: the KV cache's element type, ``"f32"`` (exact) or
+        ``"f16"`` (half the memory, as llama.cpp's default cache). GGQError for a missing/malformed
+        file, an unsupported arch/type or an unknown ``kv_type``."""
         self = cls()
         t0 = time.perf_counter()
+        if kv_type not in KV_TYPES:
+            raise GGQError(f"unknown KV cache type {kv_type!r} (valid: {', '.join(KV_TYPES)})")
         gf = open_gguf(path)
         self.path = gf.path
         self._gf = gf
@@ -387,9 +431,9 @@ class Model:
                              i_onorm, i_out], np.int64)
         self._eps = eps
         self._attn_scale = 1.0 / math.sqrt(hd)
-        self.kv_dtype = np.float32
-        self._kc = np.zeros((n_layer, self.n_ctx, nkv), np.float32)
-        self._vc = np.zeros((n_layer, self.n_ctx, nkv), np.float32)
+        self.kv_type = kv_type
+        self._kc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
+        self._vc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
         self.n_past = 0
         if n_threads:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))

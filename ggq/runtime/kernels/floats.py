@@ -69,15 +69,102 @@ def f16_to_f32(typingctx, h):
     return types.float32(types.uint16), codegen
 
 
+@intrinsic
+def _f32_to_f16_hw(typingctx, v):
+    """fp16 bits (uint16) of float32 ``v``, round to nearest even (LLVM ``fptrunc``: vcvtps2ph)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def f32_bits(typingctx, v):
+    """The IEEE bits of float32 ``v`` as uint32 (a bitcast)."""
+    if v != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def bits_f32(typingctx, v):
+    """The float32 whose IEEE bits are the low 32 bits of the integer ``v`` (a bitcast)."""
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        x = args[0]
+        if v.bitwidth > 32:
+            x = builder.trunc(x, ir.IntType(32))
+        elif v.bitwidth < 32:
+            x = builder.zext(x, ir.IntType(32))
+        return builder.bitcast(x, ir.FloatType())
+
+    return types.float32(v), codegen
+
+
+@njit(cache=True, inline="always")
+def _f32_to_f16_sw(v):
+    """fp16 bits of float32 ``v`` without a conversion instruction: round to nearest even,
+    overflow to inf, subnormal halves, NaN kept quiet (as numpy's float32 -> float16)."""
+    x = f32_bits(v)
+    sign = np.uint16((x >> np.uint32(16)) & np.uint32(0x8000))
+    a = x & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf / nan
+        return sign | np.uint16(0x7C00) | (np.uint16(0x200) if a > np.uint32(0x7F800000) else np.uint16(0))
+    if a >= np.uint32(0x477FF000):  # rounds to >= 65520: inf
+        return sign | np.uint16(0x7C00)
+    if a < np.uint32(0x38800000):  # below 2**-14: a multiple of 2**-24 (round half even)
+        return sign | np.uint16(np.rint(abs(np.float64(v)) * 16777216.0))
+    h = ((a >> np.uint32(23)) - np.uint32(112)) << np.uint32(10) | ((a >> np.uint32(13)) & np.uint32(0x3FF))
+    rem = a & np.uint32(0x1FFF)
+    if rem > np.uint32(0x1000) or (rem == np.uint32(0x1000) and (h & np.uint32(1))):
+        h += np.uint32(1)
+    return sign | np.uint16(h)
+
+
+@njit(cache=True, inline="always")
+def bf16_to_f32(h):
+    """float32 value of the bf16 bit pattern ``h`` (uint16): its upper half."""
+    return bits_f32(np.uint32(h) << np.uint32(16))
+
+
+#: float32 -> fp16 bits (uint16), round to nearest even: the instruction where the CPU has one
+f32_to_f16 = _f32_to_f16_hw if HARDWARE_F16 else _f32_to_f16_sw
+
+
 @njit(cache=True, parallel=True, fastmath=True)
-def _mv_f16(w, n_rows, n_cols, x, out):
-    """Decode (T = 1): each F16 weight is converted as it is read."""
+def _mv_half(w, bf16, n_rows, n_cols, x, out):
+    """Decode (T = 1): each F16/BF16 weight is converted as it is read, one row per iteration."""
+    x0 = x[0]
+    for r in prange(n_rows):
+        wr = w[r * n_cols:(r + 1) * n_cols]
+        s = np.float32(0.0)
+        if bf16:
+            for k in range(n_cols):
+                s += bf16_to_f32(wr[k]) * x0[k]
+        else:
+            for k in range(n_cols):
+                s += f16_to_f32(wr[k]) * x0[k]
+        out[0, r] = s
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _mv_f32(w, n_rows, n_cols, x, out):
+    """Decode (T = 1) for F32 rows."""
     x0 = x[0]
     for r in prange(n_rows):
         wr = w[r * n_cols:(r + 1) * n_cols]
         s = np.float32(0.0)
         for k in range(n_cols):
-            s += f16_to_f32(wr[k]) * x0[k]
+            s += wr[k] * x0[k]
         out[0, r] = s
 
 
@@ -134,9 +221,7 @@ def _rows_times_x(buf, nr, r0, x, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_f32(w, n_rows, n_cols, x, out):
-    """out[t, r] = sum_k w[r, k] * x[t, k]; ``w`` float32 flat (n_rows * n_cols), ``x`` (T, n_cols)
-    float32, ``out`` (T, n_rows). Parallel over chunks of ``_RB`` rows, 4 x 4 register tiles."""
+def _mm_f32_rows(w, n_rows, n_cols, x, out):
     nch = (n_rows + _RB - 1) // _RB
     for c in prange(nch):
         r0 = c * _RB
@@ -167,10 +252,21 @@ def _mm_half_rows(w, bf16, n_rows, n_cols, x, out):
 
 
 @njit(cache=True)
+def mm_f32(w, n_rows, n_cols, x, out):
+    """out[t, r] = sum_k w[r, k] * x[t, k]; ``w`` float32 flat (n_rows * n_cols), ``x`` (T, n_cols)
+    float32, ``out`` (T, n_rows). Decode: parallel over rows; prompt batches: parallel over
+    chunks of ``_RB`` rows in 4 x 4 register tiles."""
+    if x.shape[0] == 1:
+        _mv_f32(w, n_rows, n_cols, x, out)
+    else:
+        _mm_f32_rows(w, n_rows, n_cols, x, out)
+
+
+@njit(cache=True)
 def mm_half(w, bf16, n_rows, n_cols, f16tab, x, out):
     """As :func:`mm_f32` for uint16 ``w`` holding F16 (``bf16`` False) or BF16 bit patterns.
     ``f16tab`` is unused (kept for the uniform kernel signature)."""
-    if not bf16 and x.shape[0] == 1:
-        _mv_f16(w, n_rows, n_cols, x, out)
+    if x.shape[0] == 1:
+        _mv_half(w, bf16, n_rows, n_cols, x, out)
     else:
         _mm_half_rows(w, bf16, n_rows, n_cols, x, out)
