@@ -196,7 +196,11 @@ def test_agrees_with_llamacpp(llamacpp_files, qtype, tmp_path):
               load_model=LlamaCppModel.load)
     ours = run(path, None, kl_base=base, progress=False).stats()
     assert ours["count"] == ref.count == 3 * 127
-    assert abs(ours["ppl"] / ref.ppl - 1) < 0.005, (ours["ppl"], ref.ppl)
+    # 381 tokens are a small sample: the two engines' rounding noises alone move the ratio by
+    # ~1% (the paired standard error ln_ratio_unc, measured 0.7-1.2%). The 0.5% bound of the
+    # full 20 x 512 check (tools/perplexity_check.py) is applied up to 3 standard errors.
+    bound = 0.005 + 3 * ours["ln_ratio_unc"]
+    assert abs(math.log(ours["ppl"] / ref.ppl)) < bound, (ours["ppl"], ref.ppl, bound)
     # same file, two engines: the distributions nearly coincide (Q4_K_M measured: KLD 0.0067, 94.5 %
     # same top; an order of magnitude below the Q4_K_M-vs-Q8_0 KLD of ~0.056 on the same tokens)
     assert ours["kld"] < 0.02 and ours["same_top"] > 0.9, (ours["kld"], ours["same_top"])

@@ -5,7 +5,10 @@ all stored in five flat *arenas* (uint8, int8, float32, uint16, uint32 arrays) d
 int64 table ``mats`` (one row per matrix: family, n_rows, n_cols and plane offsets). One compiled
 function, :func:`matmul`, dispatches on the family, so the whole forward pass can run inside a
 single compiled call. Modules: ``act`` (activation quantization), ``floats`` (F32/F16/BF16),
-``nib`` (Q4_0/Q4_1/Q4_K, Q2_K/Q3_K), ``nib5`` (Q5_0/Q5_1/Q5_K), ``int8`` (Q8_0/IQ4_NL, Q6_K).
+``nib`` (Q4_0/Q4_1/Q4_K, Q2_K/Q3_K), ``nib5`` (Q5_0/Q5_1/Q5_K), ``int8`` (Q8_0/IQ4_NL, Q6_K):
+the integer kernels, used for decoding and batches of fewer than ``FLOAT_BATCH_MIN`` tokens;
+``dequant``: larger prompt batches of the integer families (rows dequantized, float product
+with the same 8-bit activations).
 
 :class:`WeightArena` builds the arenas; ``WeightArena.matmul`` is the Python entry the tests use.
 """
@@ -17,6 +20,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from .act import quantize_act, quantize_act_par
+from .dequant import FLOAT_BATCH_MIN, mm_dequant
 from .floats import F16_TABLE, mm_f32, mm_half
 from .int8 import mm_i8_16, mm_i8_32
 from .nib import mm_n16, mm_n32
@@ -46,7 +50,15 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
     omn = mats[m, C_OMN]
     nb = n_cols // 32
     ng = (n_rows + G - 1) // G
-    if fam == FAM_F32:
+    if fam >= FAM_N32 and x.shape[0] >= FLOAT_BATCH_MIN:  # prompt batch: dequantize rows, float product
+        ls = ng * nb * G
+        n_sc = 2 * ls if fam == FAM_N16 or fam == FAM_I8_16 else ls
+        nibbles = fam == FAM_N32 or fam == FAM_N16
+        qu = u8[oq:oq + 16 * ls] if nibbles else u8[0:0]
+        qi = i8[0:0] if nibbles else i8[oq:oq + 32 * ls]
+        mnp = f32[omn:omn + n_sc] if fam == FAM_N32 or fam == FAM_N16 or fam == FAM_N5 else f32[0:0]
+        mm_dequant(fam, qu, qi, f32[osc:osc + n_sc], mnp, n_rows, nb, xq, xd, out)
+    elif fam == FAM_F32:
         mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
         mm_half(u16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, f16tab, x, out)
