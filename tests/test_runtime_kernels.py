@@ -165,3 +165,28 @@ def test_f32_to_f16_rounds_like_numpy(hardware):
     nan = np.isnan(x)
     np.testing.assert_array_equal(got[~nan], ref[~nan])
     assert np.all((got[nan] & 0x7C00) == 0x7C00) and np.all(got[nan] & 0x3FF)
+
+
+def test_expf_within_5_ulp_and_edges():
+    """The vectorizable exp (softmax, SiLU) against numpy's correctly rounded float32 exp."""
+    from numba import njit
+
+    from ggq.runtime.kernels.mathf import expf
+
+    @njit
+    def apply(x, out):
+        for i in range(x.shape[0]):
+            out[i] = expf(x[i])
+
+    x = np.concatenate([np.linspace(-87.3, 88.3, 2_000_001, dtype=np.float32),
+                        np.random.RandomState(0).randn(100_000).astype(np.float32) * 10])
+    got = np.empty_like(x)
+    apply(x, got)
+    ref = np.exp(x.astype(np.float64)).astype(np.float32)
+    ulp = np.abs(got.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+    assert ulp.max() <= 5 and ulp.mean() < 1.5
+    edge = np.array([0.0, -0.0, -100.0, 100.0, -np.inf, np.inf, np.nan], np.float32)
+    out = np.empty_like(edge)
+    apply(edge, out)
+    np.testing.assert_array_equal(out[:6], [1, 1, 0, np.inf, 0, np.inf])
+    assert np.isnan(out[6])

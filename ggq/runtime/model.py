@@ -26,7 +26,8 @@ from numba.extending import overload
 
 from ggq.errors import GGQError
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act, quantize_act_par
-from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16
+from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
+from ggq.runtime.kernels.mathf import expf
 from ggq.runtime.loader import open_gguf
 from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
@@ -88,16 +89,30 @@ def _rmsnorm(x, w, eps, out):
 
 
 @njit(cache=True)
-def _rope(v, n_heads, hd, n_rot, neox, pos0, inv_freq, mscale):
-    """Rotate the first ``n_rot`` dims of each head of ``v`` (T, n_heads*hd) in place: pair ``i``
-    at position ``p`` by ``p * inv_freq[i]``, cos and sin times ``mscale`` (:mod:`.rope`)."""
+def _rope_table(T, n_rot, pos0, inv_freq, mscale):
+    """cos and sin (float32 (T, n_rot // 2) each) of positions pos0.. for every dim pair: pair
+    ``i`` at position ``p`` turns by ``p * inv_freq[i]``, both times ``mscale`` (:mod:`.rope`).
+    Computed once per forward call, shared by all layers."""
+    half = n_rot // 2
+    cos = np.empty((T, half), np.float32)
+    sin = np.empty((T, half), np.float32)
+    for t in range(T):
+        for i in range(half):
+            th = (pos0 + t) * inv_freq[i]
+            cos[t, i] = np.float32(math.cos(th) * mscale)
+            sin[t, i] = np.float32(math.sin(th) * mscale)
+    return cos, sin
+
+
+@njit(cache=True)
+def _rope(v, n_heads, hd, n_rot, neox, cos, sin):
+    """Rotate the first ``n_rot`` dims of each head of ``v`` (T, n_heads*hd) in place by the
+    angles of :func:`_rope_table` (NORM: adjacent pairs; NEOX: dims i and i + n_rot/2)."""
     half = n_rot // 2
     for t in range(v.shape[0]):
-        p = pos0 + t
         for i in range(half):
-            th = p * inv_freq[i]
-            c = np.float32(math.cos(th) * mscale)
-            s = np.float32(math.sin(th) * mscale)
+            c = cos[t, i]
+            s = sin[t, i]
             for h in range(n_heads):
                 o = h * hd
                 if neox:
@@ -132,7 +147,7 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
             mx = s
     tot = np.float32(0.0)
     for p in range(n):
-        e = np.float32(math.exp(sc[p] - mx))
+        e = expf(sc[p] - mx)
         sc[p] = e
         tot += e
     inv = np.float32(1.0) / tot
@@ -151,17 +166,81 @@ def _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
         _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
 
 
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
+    """Prompt batches: per head, S = Q K^T, a causal softmax, O = P V as float products in 4 x 4
+    register tiles (:func:`~ggq.runtime.kernels.floats.rows_times_x`); parallel over heads."""
+    T = q.shape[0]
+    n = pos0 + T
+    grp = n_head // n_kv
+    for h in prange(n_head):
+        kvh = h // grp
+        kf = np.empty((n, hd), np.float32)
+        vt = np.empty((hd, n), np.float32)
+        for p in range(n):
+            for d in range(hd):
+                kf[p, d] = kv_value(kc[p, kvh * hd + d])
+                vt[d, p] = kv_value(vc[p, kvh * hd + d])
+        qh = np.ascontiguousarray(q[:, h * hd:(h + 1) * hd])
+        s = np.empty((T, n), np.float32)
+        rows_times_x(kf, n, 0, qh, s)  # s[t, p] = k_p . q_t
+        for t in range(T):
+            m = pos0 + t + 1  # keys visible to token t
+            st = s[t]
+            mx = np.float32(-np.inf)
+            for p in range(m):
+                st[p] *= scale
+                mx = max(mx, st[p])
+            tot = np.float32(0.0)
+            for p in range(m):
+                e = expf(st[p] - mx)
+                st[p] = e
+                tot += e
+            inv = np.float32(1.0) / tot
+            for p in range(m):
+                st[p] *= inv
+            for p in range(m, n):
+                st[p] = 0.0
+        o = np.empty((T, hd), np.float32)
+        rows_times_x(vt, hd, 0, s, o)  # o[t, d] = sum_p v_p[d] * s[t, p]
+        out[:, h * hd:(h + 1) * hd] = o
+
+
 @njit(cache=True, fastmath=True)
 def _attention(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
     """Causal GQA: q (T, n_head*hd), caches (n_ctx, n_kv*hd) holding positions < pos0+T; out
-    (T, n_head*hd). Parallel over (token, head) unless the work is too small to pay for a
-    parallel region (short decode contexts)."""
+    (T, n_head*hd). Prompt batches of >= 4 tokens as float matrix products per head; decode
+    per (token, head), in parallel unless the work is too small to pay for a parallel region."""
     T = q.shape[0]
-    if T * n_head * (pos0 + T) * hd < 65536:
+    if T >= 4:
+        _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
+    elif T * n_head * (pos0 + T) * hd < 65536:
         for it in range(T * n_head):
             _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
     else:
         _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _swiglu_row(g, u):
+    for j in range(g.shape[0]):
+        x = g[j]
+        g[j] = x / (np.float32(1.0) + expf(-x)) * u[j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _swiglu_par(gate, up):
+    for t in prange(gate.shape[0]):
+        _swiglu_row(gate[t], up[t])
+
+
+@njit(cache=True, fastmath=True)
+def _swiglu(gate, up):
+    """gate <- silu(gate) * up (ggml_swiglu), rows in parallel for prompt batches."""
+    if gate.shape[0] > 1:
+        _swiglu_par(gate, up)
+    else:
+        _swiglu_row(gate[0], up[0])
 
 
 @njit(cache=True)
@@ -210,6 +289,7 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
     e_q, e_d, e_s16, e_s32 = _abufs(T, n_embd)
     a_q, a_d, a_s16, a_s32 = _abufs(T, nq)
     f_q, f_d, f_s16, f_s32 = _abufs(T, n_ff)
+    rcos, rsin = _rope_table(T, ip[I_ROT], pos0, inv_freq, rope_mscale)
     for l in range(ip[I_LAYER]):
         L = lay[l]
         an = L[L_ATTN_NORM]
@@ -229,8 +309,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
                 q[t] += vecs[L[L_BQ]:L[L_BQ] + nq]
                 k[t] += vecs[L[L_BK]:L[L_BK] + nkv]
                 v[t] += vecs[L[L_BV]:L[L_BV] + nkv]
-        _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
-        _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], pos0, inv_freq, rope_mscale)
+        _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
+        _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
         _kv_store(kc[l], pos0, k)
         _kv_store(vc[l], pos0, v)
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
@@ -247,10 +327,7 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         else:
             matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gate)
             matmul(L[L_UP], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, up)
-        for t in range(T):
-            for j in range(n_ff):
-                g = gate[t, j]
-                gate[t, j] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, j]
+        _swiglu(gate, up)
         _quant(gate, f_q, f_d, f_s16, f_s32)
         matmul(L[L_DOWN], mats, u8, i8, f32, u16, u32, f16tab, gate, f_q, f_d, f_s16, f_s32, o)
         x += o

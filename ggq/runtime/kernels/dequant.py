@@ -3,7 +3,7 @@
 For a batch of T tokens every weight is reused T times, so the work is the multiply-adds, not the
 memory stream. Decoding a chunk of ``_RB`` rows once (``w = sc * q + mn``, exact in float32, as
 :mod:`.repack` guarantees) into an L2-resident float32 buffer and multiplying it with the float32
-activations in 4 x 4 register tiles (:func:`.floats._rows_times_x`, fused multiply-adds on full
+activations in 4 x 4 register tiles (:func:`.floats.rows_times_x`, fused multiply-adds on full
 SIMD vectors) runs at ~3x the integer kernels' rate once T >= ``FLOAT_BATCH_MIN``; the decode
 (T = 1) and short batches keep the integer kernels, whose memory traffic is 4-8x smaller.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .floats import _RB, _rows_times_x
+from .floats import _RB, rows_times_x
 from .repack import FAM_I8_32, FAM_N5, FAM_N16, FAM_N32, G
 
 #: batches of at least this many tokens take the dequantize + float path
@@ -25,41 +25,37 @@ FLOAT_BATCH_MIN = 4
 
 
 @njit(cache=True, inline="always")
-def _fill_rows(fam, qu, qi, sc, mn, nb, g, l0, nr, buf):
-    """Dequantize rows ``l0 .. l0+nr`` of 64-row group ``g`` into ``buf`` (nr, 32 nb) float32.
-
-    ``qu``: the uint8 code plane (nibble families), ``qi``: the int8 plane (N5/I8 families),
-    ``sc``/``mn``: the float planes, as :func:`ggq.runtime.kernels.matmul` slices them."""
+def _fill_nib(qu, sc, mn, nb, g, l0, nr, per16, buf):
+    """N32 (``per16`` False) / N16 rows ``l0 .. l0+nr`` of group ``g`` -> ``buf`` (nr, 32 nb)."""
     for b in range(nb):
         base = g * nb + b
         c0 = b * 32
-        if fam == FAM_N32 or fam == FAM_N16:
-            two = 1 if fam == FAM_N16 else 0
-            so = (base * (1 + two)) * G + l0
-            for j in range(16):
-                qo = (base * 16 + j) * G + l0
-                for i in range(nr):
-                    v = qu[qo + i]
-                    buf[i, c0 + j] = sc[so + i] * np.float32(v & 15) + mn[so + i]
-                    buf[i, c0 + 16 + j] = sc[so + two * G + i] * np.float32(v >> 4) + mn[so + two * G + i]
-        elif fam == FAM_N5:
-            so = base * G + l0
-            for j in range(32):
+        so0 = (2 * base if per16 else base) * G + l0
+        so1 = so0 + G if per16 else so0
+        for j in range(16):
+            qo = (base * 16 + j) * G + l0
+            for i in range(nr):
+                v = qu[qo + i]
+                buf[i, c0 + j] = sc[so0 + i] * np.float32(v & 15) + mn[so0 + i]
+                buf[i, c0 + 16 + j] = sc[so1 + i] * np.float32(v >> 4) + mn[so1 + i]
+
+
+@njit(cache=True, inline="always")
+def _fill_i8(qi, sc, mn, nb, g, l0, nr, per16, offset, buf):
+    """N5 (``offset``), I8_32, I8_16 (``per16``) rows ``l0 .. l0+nr`` of group ``g`` -> ``buf``."""
+    for b in range(nb):
+        base = g * nb + b
+        c0 = b * 32
+        for h in range(2):
+            so = ((2 * base + h) if per16 else base) * G + l0
+            for j in range(16 * h, 16 * h + 16):
                 qo = (base * 32 + j) * G + l0
-                for i in range(nr):
-                    buf[i, c0 + j] = sc[so + i] * np.float32(qi[qo + i]) + mn[so + i]
-        elif fam == FAM_I8_32:
-            so = base * G + l0
-            for j in range(32):
-                qo = (base * 32 + j) * G + l0
-                for i in range(nr):
-                    buf[i, c0 + j] = sc[so + i] * np.float32(qi[qo + i])
-        else:  # FAM_I8_16
-            for j in range(32):
-                so = (2 * base + (1 if j >= 16 else 0)) * G + l0
-                qo = (base * 32 + j) * G + l0
-                for i in range(nr):
-                    buf[i, c0 + j] = sc[so + i] * np.float32(qi[qo + i])
+                if offset:
+                    for i in range(nr):
+                        buf[i, c0 + j] = sc[so + i] * np.float32(qi[qo + i]) + mn[so + i]
+                else:
+                    for i in range(nr):
+                        buf[i, c0 + j] = sc[so + i] * np.float32(qi[qo + i])
 
 
 @njit(cache=True, parallel=True)
@@ -86,5 +82,15 @@ def mm_dequant(fam, qu, qi, sc, mn, n_rows, nb, xq, xd, out):
         buf = np.empty((_RB, n_cols), np.float32)
         r0 = c * _RB
         nr = min(n_rows, r0 + _RB) - r0
-        _fill_rows(fam, qu, qi, sc, mn, nb, r0 // G, r0 % G, nr, buf)
-        _rows_times_x(buf, nr, r0, x, out)
+        g, l0 = r0 // G, r0 % G
+        if fam == FAM_N32:
+            _fill_nib(qu, sc, mn, nb, g, l0, nr, False, buf)
+        elif fam == FAM_N16:
+            _fill_nib(qu, sc, mn, nb, g, l0, nr, True, buf)
+        elif fam == FAM_N5:
+            _fill_i8(qi, sc, mn, nb, g, l0, nr, False, True, buf)
+        elif fam == FAM_I8_32:
+            _fill_i8(qi, sc, mn, nb, g, l0, nr, False, False, buf)
+        else:  # FAM_I8_16
+            _fill_i8(qi, sc, mn, nb, g, l0, nr, True, False, buf)
+        rows_times_x(buf, nr, r0, x, out)

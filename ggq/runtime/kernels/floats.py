@@ -197,7 +197,7 @@ def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, n):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _rows_times_x(buf, nr, r0, x, out):
+def rows_times_x(buf, nr, r0, x, out):
     """out[t, r0 + i] = buf[i] . x[t] for i < nr (``buf`` float32 (>= nr, n)), in 4x4 tiles."""
     T = x.shape[0]
     n = x.shape[1]
@@ -226,7 +226,7 @@ def _mm_f32_rows(w, n_rows, n_cols, x, out):
     for c in prange(nch):
         r0 = c * _RB
         nr = min(n_rows, r0 + _RB) - r0
-        _rows_times_x(w[r0 * n_cols:(r0 + nr) * n_cols].reshape((nr, n_cols)), nr, r0, x, out)
+        rows_times_x(w[r0 * n_cols:(r0 + nr) * n_cols].reshape((nr, n_cols)), nr, r0, x, out)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -248,7 +248,7 @@ def _mm_half_rows(w, bf16, n_rows, n_cols, x, out):
             else:
                 for k in range(n_cols):
                     bi[k] = f16_to_f32(wr[k])
-        _rows_times_x(buf, nr, r0, x, out)
+        rows_times_x(buf, nr, r0, x, out)
 
 
 @njit(cache=True)
