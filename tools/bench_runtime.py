@@ -1,9 +1,11 @@
 """ggq's runtime against llama.cpp (llama-cpp-python) on the same GGUF files, in one run.
 
     python tools/bench_runtime.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 128] [-t 2] [-r 3] [--cold]
+                                  [--cache-type f16|f32]
 
 For each file: prompt (pp, one batch of p random tokens) and decode (tg, n single-token evals)
-tokens/s of ggq and llama.cpp with the same thread count, runs interleaved (ggq, llama.cpp,
+tokens/s of ggq and llama.cpp with the same thread count and KV cache type (f16, llama.cpp's
+default, unless ``--cache-type f32``), runs interleaved (ggq, llama.cpp,
 ggq, ...) because the machine is shared and noisy; medians and the ratio ggq / llama.cpp.
 In separate subprocesses (so the two libraries' memory does not mix): ggq's peak RSS against the
 file size + KV cache, the time to first token with a warm Numba cache (process start, imports,
@@ -31,7 +33,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 from ggq.runtime.model import Model
 t_imp = time.perf_counter() - t0
-m = Model.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]))
+m = Model.load(sys.argv[1], n_ctx=int(sys.argv[2]), n_threads=int(sys.argv[3]), kv_type=sys.argv[6])
 t_load = time.perf_counter() - t0
 m.eval(list(range(1, 17)))
 t_first = time.perf_counter() - t0
@@ -53,27 +55,29 @@ print(json.dumps(dict(import_s=t_imp, load_s=t_load, ttft_s=t_first, file_mb=m.f
 """
 
 
-def child_stats(path, n_ctx, threads, n_prompt, n_gen, cache_dir=None) -> dict:
+def child_stats(path, n_ctx, threads, n_prompt, n_gen, cache_dir=None, kv_type="f16") -> dict:
     env = dict(os.environ)
     if cache_dir:
         env["NUMBA_CACHE_DIR"] = str(cache_dir)
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n_ctx), str(threads), str(n_prompt), str(n_gen)],
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(n_ctx), str(threads), str(n_prompt), str(n_gen),
+                          kv_type],
                          capture_output=True, text=True, env=env, check=True)
     d = json.loads(out.stdout.strip().splitlines()[-1])
     d["wall_s"] = time.perf_counter() - t0
     return d
 
 
-def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int) -> dict:
+def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int, kv_type: str = "f16") -> dict:
     import llama_cpp
 
     from ggq.runtime.model import Model
 
     n_ctx = max(n_prompt, n_gen + 1) + 8
-    m = Model.load(path, n_ctx=n_ctx, n_threads=threads)
+    m = Model.load(path, n_ctx=n_ctx, n_threads=threads, kv_type=kv_type)
+    ggml_type = {"f32": 0, "f16": 1}[kv_type]
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=max(n_prompt, 8),
-                          verbose=False)
+                          verbose=False, type_k=ggml_type, type_v=ggml_type)
     rs = np.random.RandomState(0)
     prompt = [int(t) for t in rs.randint(0, m.n_vocab, n_prompt)]
     gen = [int(t) for t in rs.randint(0, m.n_vocab, n_gen + 1)]
@@ -112,7 +116,7 @@ def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int) -
         for k, f in (("g_pp", g_pp), ("l_pp", l_pp), ("g_tg", g_tg), ("l_tg", l_tg)):
             res[k].append(f())
     med = {k: statistics.median(v) for k, v in res.items()}
-    del llm
+    llm.close()
     return dict(
         g_pp=n_prompt / med["g_pp"], l_pp=n_prompt / med["l_pp"], g_tg=n_gen / med["g_tg"], l_tg=n_gen / med["l_tg"],
         types=sorted({t.qtype.name for t in m._gf.tensors.values()}),
@@ -127,18 +131,19 @@ def main(argv=None):
     ap.add_argument("-t", type=int, default=2)
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also measure start-up with an empty Numba cache")
+    ap.add_argument("--cache-type", choices=["f16", "f32"], default="f16", help="KV cache type of both engines")
     a = ap.parse_args(argv)
     rows = []
     for f in a.files:
-        r = bench_file(f, a.p, a.n, a.t, a.r)
-        s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n)
+        r = bench_file(f, a.p, a.n, a.t, a.r, a.cache_type)
+        s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n, kv_type=a.cache_type)
         if a.cold:
             with tempfile.TemporaryDirectory() as tmp:
-                c = child_stats(f, 64, a.t, 1, 1, cache_dir=tmp)
+                c = child_stats(f, 64, a.t, 1, 1, cache_dir=tmp, kv_type=a.cache_type)
             r["cold_s"] = c["ttft_s"]
         rows.append((f, r, s))
         print(f"{f.name}: done", file=sys.stderr)
-    print(f"threads {a.t}, pp{a.p}, tg{a.n}, median of {a.r} interleaved runs")
+    print(f"threads {a.t}, pp{a.p}, tg{a.n}, KV cache {a.cache_type}, median of {a.r} interleaved runs")
     print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "
           "(file + KV) | TTFT warm s | cold s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
