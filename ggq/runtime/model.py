@@ -126,6 +126,23 @@ def _rope(v, n_heads, hd, n_rot, neox, cos, sin):
 
 
 @njit(cache=True, fastmath=True, inline="always")
+def _softmax(s, m, scale):
+    """s[:m] <- softmax(scale * s[:m]) in place (float32, max subtracted, vectorizable exp)."""
+    mx = np.float32(-np.inf)
+    for p in range(m):
+        s[p] *= scale
+        mx = max(mx, s[p])
+    tot = np.float32(0.0)
+    for p in range(m):
+        e = expf(s[p] - mx)
+        s[p] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for p in range(m):
+        s[p] *= inv
+
+
+@njit(cache=True, fastmath=True, inline="always")
 def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
     """Causal attention of one (token, head) pair ``it`` = t * n_head + h (softmax in float32)."""
     grp = n_head // n_kv
@@ -135,26 +152,17 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
     n = pos0 + t + 1
     sc = np.empty(n, np.float32)
     qh = q[t, h * hd:(h + 1) * hd]
-    mx = -np.inf
     for p in range(n):
         kp = kc[p, kvh * hd:(kvh + 1) * hd]
         s = np.float32(0.0)
         for d in range(hd):
             s += qh[d] * kv_value(kp[d])
-        s *= scale
         sc[p] = s
-        if s > mx:
-            mx = s
-    tot = np.float32(0.0)
-    for p in range(n):
-        e = expf(sc[p] - mx)
-        sc[p] = e
-        tot += e
-    inv = np.float32(1.0) / tot
+    _softmax(sc, n, scale)
     o = out[t, h * hd:(h + 1) * hd]
     o[:] = 0.0
     for p in range(n):
-        w = sc[p] * inv
+        w = sc[p]
         vp = vc[p, kvh * hd:(kvh + 1) * hd]
         for d in range(hd):
             o[d] += w * kv_value(vp[d])
@@ -186,21 +194,8 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
         rows_times_x(kf, n, 0, qh, s)  # s[t, p] = k_p . q_t
         for t in range(T):
             m = pos0 + t + 1  # keys visible to token t
-            st = s[t]
-            mx = np.float32(-np.inf)
-            for p in range(m):
-                st[p] *= scale
-                mx = max(mx, st[p])
-            tot = np.float32(0.0)
-            for p in range(m):
-                e = expf(st[p] - mx)
-                st[p] = e
-                tot += e
-            inv = np.float32(1.0) / tot
-            for p in range(m):
-                st[p] *= inv
-            for p in range(m, n):
-                st[p] = 0.0
+            _softmax(s[t], m, scale)
+            s[t, m:] = 0.0
         o = np.empty((T, hd), np.float32)
         rows_times_x(vt, hd, 0, s, o)  # o[t, d] = sum_p v_p[d] * s[t, p]
         out[:, h * hd:(h + 1) * hd] = o
