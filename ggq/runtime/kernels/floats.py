@@ -196,7 +196,7 @@ def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, n):
     return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def rows_times_x(buf, nr, r0, x, out):
     """out[t, r0 + i] = buf[i] . x[t] for i < nr (``buf`` float32 (>= nr, n)), in 4x4 tiles."""
     T = x.shape[0]
