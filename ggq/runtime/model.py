@@ -75,6 +75,15 @@ def _kv_store(cache, pos0, x):
             cache[pos0 + t, j] = kv_from_f32(x[t, j], cache[0, 0])
 
 
+@njit(cache=True, inline="always")
+def _kv_store_t(cache, pos0, x):
+    """cache[j, pos0 + t] = x[t, j]: the transposed K cache ([dim][position], so decode attention
+    takes the scores of all positions along the vector lanes)."""
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            cache[j, pos0 + t] = kv_from_f32(x[t, j], cache[0, 0])
+
+
 @njit(cache=True, fastmath=True)
 def _rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (ggml_rms_norm then mul)."""
@@ -153,11 +162,12 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
     sc = np.empty(n, np.float32)
     qh = q[t, h * hd:(h + 1) * hd]
     for p in range(n):
-        kp = kc[p, kvh * hd:(kvh + 1) * hd]
-        s = np.float32(0.0)
-        for d in range(hd):
-            s += qh[d] * kv_value(kp[d])
-        sc[p] = s
+        sc[p] = 0.0
+    for d in range(hd):  # keys along the vector lanes: the K cache is stored [dim][position]
+        qd = qh[d]
+        kd = kc[kvh * hd + d]
+        for p in range(n):
+            sc[p] += qd * kv_value(kd[p])
     _softmax(sc, n, scale)
     o = out[t, h * hd:(h + 1) * hd]
     o[:] = 0.0
@@ -185,9 +195,11 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
         kvh = h // grp
         kf = np.empty((n, hd), np.float32)
         vt = np.empty((hd, n), np.float32)
+        for d in range(hd):
+            for p in range(n):
+                kf[p, d] = kv_value(kc[kvh * hd + d, p])
         for p in range(n):
             for d in range(hd):
-                kf[p, d] = kv_value(kc[p, kvh * hd + d])
                 vt[d, p] = kv_value(vc[p, kvh * hd + d])
         qh = np.ascontiguousarray(q[:, h * hd:(h + 1) * hd])
         s = np.empty((T, n), np.float32)
@@ -203,8 +215,8 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
 
 @njit(cache=True, fastmath=True)
 def _attention(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    """Causal GQA: q (T, n_head*hd), caches (n_ctx, n_kv*hd) holding positions < pos0+T; out
-    (T, n_head*hd). Prompt batches of >= 4 tokens as float matrix products per head; decode
+    """Causal GQA: q (T, n_head*hd), caches ``kc`` (n_kv*hd, n_ctx) (transposed) and ``vc``
+    (n_ctx, n_kv*hd) holding positions < pos0+T; out (T, n_head*hd). Prompt batches of >= 4 tokens as float matrix products per head; decode
     per (token, head), in parallel unless the work is too small to pay for a parallel region."""
     T = q.shape[0]
     if T >= 4:
@@ -258,7 +270,8 @@ def _abufs(T, n):
 def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs, lay, ip, eps, attn_scale,
             inv_freq, rope_mscale, kc, vc, logits):
     """Run ``tokens`` (int64 (T,)) at positions pos0.. through all layers, filling the KV caches
-    ``kc``/``vc`` (float32 (n_layer, n_ctx, n_kv*hd)) and ``logits`` (float32 (T or 1, n_vocab)):
+    ``kc`` (n_layer, n_kv*hd, n_ctx) and ``vc`` (n_layer, n_ctx, n_kv*hd) (float32, or fp16 bits
+    as uint16) and ``logits`` (float32 (T or 1, n_vocab)):
     every row when ``all_logits``, else the last token's. One compiled call per batch."""
     T = tokens.shape[0]
     n_embd = ip[I_EMBD]
@@ -306,7 +319,7 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
                 v[t] += vecs[L[L_BV]:L[L_BV] + nkv]
         _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
         _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
-        _kv_store(kc[l], pos0, k)
+        _kv_store_t(kc[l], pos0, k)
         _kv_store(vc[l], pos0, v)
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
         _quant(att, a_q, a_d, a_s16, a_s32)
@@ -504,7 +517,7 @@ class Model:
         self._eps = eps
         self._attn_scale = 1.0 / math.sqrt(hd)
         self.kv_type = kv_type
-        self._kc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
+        self._kc = np.zeros((n_layer, nkv, self.n_ctx), KV_TYPES[kv_type])  # K transposed: [dim][position]
         self._vc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
         self.n_past = 0
         if n_threads:
