@@ -267,7 +267,7 @@ def _abufs(T, n):
 
 
 @njit(cache=True, fastmath=True)
-def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs, lay, ip, eps, attn_scale,
+def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip, eps, attn_scale,
             inv_freq, rope_mscale, kc, vc, logits):
     """Run ``tokens`` (int64 (T,)) at positions pos0.. through all layers, filling the KV caches
     ``kc`` (n_layer, n_kv*hd, n_ctx) and ``vc`` (n_layer, n_ctx, n_kv*hd) (float32, or fp16 bits
@@ -283,7 +283,7 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
     nkv = n_kv * hd
     x = np.empty((T, n_embd), np.float32)
     for t in range(T):
-        get_row(ip[I_TOKEMB], mats, u8, i8, f32, u16, u32, f16tab, tokens[t], x[t])
+        get_row(ip[I_TOKEMB], mats, u8, i8, f32, u16, u32, tokens[t], x[t])
     h = np.empty((T, n_embd), np.float32)
     q = np.empty((T, nq), np.float32)
     k = np.empty((T, nkv), np.float32)
@@ -304,14 +304,14 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         _rmsnorm(x, vecs[an:an + n_embd], eps, h)
         _quant(h, e_q, e_d, e_s16, e_s32)
         if L[L_WK] < 0:  # fused Q|K|V rows: one parallel region
-            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, qkv)
+            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, qkv)
             q[:] = qkv[:, :nq]
             k[:] = qkv[:, nq:nq + nkv]
             v[:] = qkv[:, nq + nkv:]
         else:
-            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, q)
-            matmul(L[L_WK], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, k)
-            matmul(L[L_WV], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, v)
+            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, q)
+            matmul(L[L_WK], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, k)
+            matmul(L[L_WV], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, v)
         if L[L_BQ] >= 0:
             for t in range(T):
                 q[t] += vecs[L[L_BQ]:L[L_BQ] + nq]
@@ -323,21 +323,21 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         _kv_store(vc[l], pos0, v)
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
         _quant(att, a_q, a_d, a_s16, a_s32)
-        matmul(L[L_WO], mats, u8, i8, f32, u16, u32, f16tab, att, a_q, a_d, a_s16, a_s32, o)
+        matmul(L[L_WO], mats, u8, i8, f32, u16, u32, att, a_q, a_d, a_s16, a_s32, o)
         x += o
         fn = L[L_FFN_NORM]
         _rmsnorm(x, vecs[fn:fn + n_embd], eps, h)
         _quant(h, e_q, e_d, e_s16, e_s32)
         if L[L_UP] < 0:  # fused gate|up rows
-            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gu)
+            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gu)
             gate[:] = gu[:, :n_ff]
             up[:] = gu[:, n_ff:]
         else:
-            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, gate)
-            matmul(L[L_UP], mats, u8, i8, f32, u16, u32, f16tab, h, e_q, e_d, e_s16, e_s32, up)
+            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gate)
+            matmul(L[L_UP], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, up)
         _swiglu(gate, up)
         _quant(gate, f_q, f_d, f_s16, f_s32)
-        matmul(L[L_DOWN], mats, u8, i8, f32, u16, u32, f16tab, gate, f_q, f_d, f_s16, f_s32, o)
+        matmul(L[L_DOWN], mats, u8, i8, f32, u16, u32, gate, f_q, f_d, f_s16, f_s32, o)
         x += o
     on = ip[I_OUTNORM]
     if all_logits:
@@ -348,7 +348,7 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, f16tab, vecs,
         _rmsnorm(x[T - 1:T], vecs[on:on + n_embd], eps, hf)
     o_q, o_d, o_s16, o_s32 = _abufs(hf.shape[0], n_embd)
     _quant(hf, o_q, o_d, o_s16, o_s32)
-    matmul(ip[I_OUT], mats, u8, i8, f32, u16, u32, f16tab, hf, o_q, o_d, o_s16, o_s32, logits)
+    matmul(ip[I_OUT], mats, u8, i8, f32, u16, u32, hf, o_q, o_d, o_s16, o_s32, logits)
 
 
 def _opt_float(v):
@@ -579,8 +579,8 @@ class Model:
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def _forward(self, chunk, logits, all_logits):
-        mats, u8, i8, f32, u16, u32, f16tab = self.arena.args
-        forward(chunk, self.n_past, all_logits, mats, u8, i8, f32, u16, u32, f16tab, self._vecs, self._lay, self._ip,
+        mats, u8, i8, f32, u16, u32 = self.arena.args
+        forward(chunk, self.n_past, all_logits, mats, u8, i8, f32, u16, u32, self._vecs, self._lay, self._ip,
                 self._eps, np.float32(self._attn_scale), self._inv_freq,
                 self._rope_mscale, self._kc, self._vc, logits)
 

@@ -21,7 +21,7 @@ from numba import njit
 
 from .act import quantize_act, quantize_act_par
 from .dequant import FLOAT_BATCH_MIN, mm_dequant
-from .floats import F16_TABLE, mm_f32, mm_half
+from .floats import bf16_to_f32, f16_to_f32, mm_f32, mm_half
 from .int8 import mm_i8_16, mm_i8_32
 from .nib import mm_n16, mm_n32
 from .nib5 import mm_n5
@@ -37,7 +37,7 @@ SUPPORTED_TYPES = tuple(FAMILY_OF)
 
 
 @njit(cache=True)
-def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
+def matmul(m, mats, u8, i8, f32, u16, u32, x, xq, xd, xs16, xs32, out):
     """out (T, n_rows) = x (T, n_cols) @ W[m].T for matrix ``m`` of ``mats``.
 
     Integer families read the quantized activations ``xq``/``xd``/``xs16``/``xs32`` (from
@@ -61,7 +61,7 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
     elif fam == FAM_F32:
         mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
-        mm_half(u16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, f16tab, x, out)
+        mm_half(u16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, x, out)
     elif fam == FAM_N32:
         ls = ng * nb * G
         mm_n32(u8[oq:oq + 16 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
@@ -80,7 +80,7 @@ def matmul(m, mats, u8, i8, f32, u16, u32, f16tab, x, xq, xd, xs16, xs32, out):
 
 
 @njit(cache=True)
-def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
+def get_row(m, mats, u8, i8, f32, u16, u32, r, out):
     """Dequantize row ``r`` of matrix ``m`` into float32 ``out`` (n_cols,) (embedding lookup)."""
     fam = mats[m, C_FAM]
     n_cols = mats[m, C_COLS]
@@ -94,14 +94,11 @@ def get_row(m, mats, u8, i8, f32, u16, u32, f16tab, r, out):
         return
     if fam == FAM_F16:
         for k in range(n_cols):
-            out[k] = f16tab[u16[oq + r * n_cols + k]]
+            out[k] = f16_to_f32(u16[oq + r * n_cols + k])
         return
     if fam == FAM_BF16:
-        tmp = np.empty(1, np.uint32)
-        tf = tmp.view(np.float32)
         for k in range(n_cols):
-            tmp[0] = np.uint32(u16[oq + r * n_cols + k]) << 16
-            out[k] = tf[0]
+            out[k] = bf16_to_f32(u16[oq + r * n_cols + k])
         return
     g = r // G
     rr = r % G
@@ -191,9 +188,9 @@ class WeightArena:
 
     @property
     def args(self):
-        """The arena arguments of :func:`matmul`/:func:`get_row`: mats, u8, i8, f32, u16, u32, f16tab."""
+        """The arena arguments of :func:`matmul`/:func:`get_row`: mats, u8, i8, f32, u16, u32."""
         a = self.arenas
-        return self.mats, a["u8"], a["i8"], a["f32"], a["u16"], a["u32"], F16_TABLE
+        return self.mats, a["u8"], a["i8"], a["f32"], a["u16"], a["u32"]
 
     def matmul(self, i: int, x: np.ndarray) -> np.ndarray:
         """x float32 (T, n_cols) -> float32 (T, n_rows) = x @ W_i.T (activations quantized here)."""
@@ -231,5 +228,4 @@ def act_buffers(n_tok: int, n_cols: int):
             np.zeros((n_tok, 2 * nb), np.float32), np.zeros((n_tok, nb), np.float32))
 
 
-__all__ = ["WeightArena", "matmul", "get_row", "quantize_act", "quantize_act_par", "act_buffers", "SUPPORTED_TYPES",
-           "F16_TABLE", "G"]
+__all__ = ["WeightArena", "matmul", "get_row", "quantize_act", "quantize_act_par", "act_buffers", "SUPPORTED_TYPES", "G"]

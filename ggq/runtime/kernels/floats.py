@@ -18,9 +18,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-#: float32 value of every fp16 bit pattern (embedding-row lookups)
-F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
 _RB = 16  # rows converted per chunk (prompt batches)
 
 
@@ -263,9 +260,8 @@ def mm_f32(w, n_rows, n_cols, x, out):
 
 
 @njit(cache=True)
-def mm_half(w, bf16, n_rows, n_cols, f16tab, x, out):
-    """As :func:`mm_f32` for uint16 ``w`` holding F16 (``bf16`` False) or BF16 bit patterns.
-    ``f16tab`` is unused (kept for the uniform kernel signature)."""
+def mm_half(w, bf16, n_rows, n_cols, x, out):
+    """As :func:`mm_f32` for uint16 ``w`` holding F16 (``bf16`` False) or BF16 bit patterns."""
     if x.shape[0] == 1:
         _mv_half(w, bf16, n_rows, n_cols, x, out)
     else:
