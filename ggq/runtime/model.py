@@ -25,9 +25,11 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ggq.errors import GGQError
-from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act, quantize_act_par
+from ggq.runtime.kernels import (C_FAM, SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act,
+                                 quantize_act_par)
 from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
 from ggq.runtime.kernels.mathf import expf
+from ggq.runtime.kernels.repack import FAM_N32
 from ggq.runtime.loader import open_gguf
 from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
@@ -250,6 +252,12 @@ def _swiglu(gate, up):
         _swiglu_row(gate[0], up[0])
 
 
+@njit(cache=True, inline="always")
+def _reads_q8(mats, m):
+    """Whether matrix ``m`` (-1: none) is an integer family, i.e. reads the 8-bit activations."""
+    return m >= 0 and mats[m, C_FAM] >= FAM_N32
+
+
 @njit(cache=True)
 def _quant(x, xq, xd, xs16, xs32):
     if x.shape[1] % 32 == 0:
@@ -302,7 +310,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip
         L = lay[l]
         an = L[L_ATTN_NORM]
         _rmsnorm(x, vecs[an:an + n_embd], eps, h)
-        _quant(h, e_q, e_d, e_s16, e_s32)
+        if _reads_q8(mats, L[L_WQ]) or _reads_q8(mats, L[L_WK]) or _reads_q8(mats, L[L_WV]):
+            _quant(h, e_q, e_d, e_s16, e_s32)
         if L[L_WK] < 0:  # fused Q|K|V rows: one parallel region
             matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, qkv)
             q[:] = qkv[:, :nq]
@@ -322,12 +331,14 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip
         _kv_store_t(kc[l], pos0, k)
         _kv_store(vc[l], pos0, v)
         _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
-        _quant(att, a_q, a_d, a_s16, a_s32)
+        if _reads_q8(mats, L[L_WO]):
+            _quant(att, a_q, a_d, a_s16, a_s32)
         matmul(L[L_WO], mats, u8, i8, f32, u16, u32, att, a_q, a_d, a_s16, a_s32, o)
         x += o
         fn = L[L_FFN_NORM]
         _rmsnorm(x, vecs[fn:fn + n_embd], eps, h)
-        _quant(h, e_q, e_d, e_s16, e_s32)
+        if _reads_q8(mats, L[L_GATE]) or _reads_q8(mats, L[L_UP]):
+            _quant(h, e_q, e_d, e_s16, e_s32)
         if L[L_UP] < 0:  # fused gate|up rows
             matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gu)
             gate[:] = gu[:, :n_ff]
@@ -336,7 +347,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip
             matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gate)
             matmul(L[L_UP], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, up)
         _swiglu(gate, up)
-        _quant(gate, f_q, f_d, f_s16, f_s32)
+        if _reads_q8(mats, L[L_DOWN]):
+            _quant(gate, f_q, f_d, f_s16, f_s32)
         matmul(L[L_DOWN], mats, u8, i8, f32, u16, u32, gate, f_q, f_d, f_s16, f_s32, o)
         x += o
     on = ip[I_OUTNORM]
@@ -347,7 +359,8 @@ def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip
         hf = np.empty((1, n_embd), np.float32)
         _rmsnorm(x[T - 1:T], vecs[on:on + n_embd], eps, hf)
     o_q, o_d, o_s16, o_s32 = _abufs(hf.shape[0], n_embd)
-    _quant(hf, o_q, o_d, o_s16, o_s32)
+    if _reads_q8(mats, ip[I_OUT]):
+        _quant(hf, o_q, o_d, o_s16, o_s32)
     matmul(ip[I_OUT], mats, u8, i8, f32, u16, u32, hf, o_q, o_d, o_s16, o_s32, logits)
 
 
