@@ -33,17 +33,31 @@ STORIES_TYPES = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", 
 SMOL_QUANT_TYPES = [t for t in ALL_FILE_TYPES if t != "F16"]
 
 
-@pytest.fixture(scope="session")
-def stories_f32(stories_dir, cache_dir):
+def _llamacpp_converted(src: Path, cache_dir: Path, name: str, outtype: str) -> Path:
+    """``src`` (HF folder) converted by llama.cpp's converter, cached as runtime/``name``."""
     pytest.importorskip("llama_cpp")
     from llamacpp_ref import convert_hf
 
-    out = cache_dir / "runtime" / "stories260K-F32.gguf"
+    out = cache_dir / "runtime" / name
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        convert_hf(stories_dir, out.with_suffix(".part"), "f32", cache=cache_dir)
+        convert_hf(src, out.with_suffix(".part"), outtype, cache=cache_dir)
         out.with_suffix(".part").rename(out)
     return out
+
+
+def _llama(path: Path, kv_type: str = "f32"):
+    """llama.cpp (llama-cpp-python) on ``path``: 256 context, 2 threads, every position's logits,
+    a ``kv_type`` (f32 or f16) KV cache."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    ggml_type = {"f32": 0, "f16": 1}[kv_type]
+    return llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
+                           type_k=ggml_type, type_v=ggml_type)
+
+
+@pytest.fixture(scope="session")
+def stories_f32(stories_dir, cache_dir):
+    return _llamacpp_converted(stories_dir, cache_dir, "stories260K-F32.gguf", "f32")
 
 
 def _quantized(src: Path, ftype: str, stem: str) -> Path:
@@ -59,25 +73,14 @@ def _quantized(src: Path, ftype: str, stem: str) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_f16(smollm2_hf, cache_dir):
-    pytest.importorskip("llama_cpp")
-    from llamacpp_ref import convert_hf
-
-    out = cache_dir / "runtime" / "smollm2-F16.gguf"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        convert_hf(smollm2_hf, out.with_suffix(".part"), "f16", cache=cache_dir)
-        out.with_suffix(".part").rename(out)
-    return out
+    return _llamacpp_converted(smollm2_hf, cache_dir, "smollm2-F16.gguf", "f16")
 
 
 def compare_with_llama_cpp(path: Path, prompt: list[int], steps: int = 64, min_corr: float = 0.999,
                            mean_corr: float = 0.999, kv_type: str = "f32"):
     """Prompt logits (every position) and ``steps`` greedy decode steps, ggq vs llama.cpp, both
     with a ``kv_type`` (f32 or f16) KV cache."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    ggml_type = {"f32": 0, "f16": 1}[kv_type]
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
-                          type_k=ggml_type, type_v=ggml_type)
+    llm = _llama(path, kv_type)
     model = Model.load(path, n_ctx=256, n_threads=2, kv_type=kv_type)
     llm.eval(prompt)
     ref = np.array(llm.scores[:len(prompt)], dtype=np.float64)
@@ -139,34 +142,28 @@ def compare_three_way(path: Path, prompt: list[int], tmp_path: Path, steps: int 
     (1) ggq departs from the exact greedy token (where that leads by > 0.1) at most 3 times more
     often than llama.cpp does: such departures are rare events decided by the rounding noise
     (0-2 per 64 steps for either engine; a one-ulp change in ggq's softmax moved the Q3_K_M
-    count from 1 to 2), so this only bounds gross failure, e.g. a wrong rope gives dozens; (2) ggq is at least as close to the exact logits as llama.cpp is
-    (same or lower error: mean within 2e-4; the per-token minimum, an extreme value of the
-    noise, within 1e-3); (3) ggq and llama.cpp have a mean
-    correlation >= 0.998; (4) ggq on the F32 copy equals the exact reference (>= 0.9999)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    count from 1 to 2), so this only bounds gross failure, e.g. a wrong rope gives dozens;
+    (2) ggq is at least as close to the exact logits as llama.cpp is (same or lower error: mean
+    within 2e-4; the per-token minimum, an extreme value of the noise, within 1e-3); (3) ggq
+    and llama.cpp have a mean correlation >= 0.998; (4) ggq on the F32 copy equals the exact
+    reference (>= 0.9999)."""
+    pytest.importorskip("llama_cpp")
     from llamacpp_ref import quantize_file
 
     f32 = quantize_file(path, tmp_path / f"{path.stem}-F32.gguf", "F32", allow_requantize=True)
     try:
-        return _three_way(path, f32, prompt, steps, llama_cpp)
+        return _three_way(path, f32, prompt, steps)
     finally:
         f32.unlink()
 
 
-def _three_way(path, f32, prompt, steps, llama_cpp):
-
-    def llama(p):
-        return llama_cpp.Llama(str(p), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
-                               type_k=0, type_v=0)
-
-    llm = llama(path)
+def _three_way(path, f32, prompt, steps):
+    llm = _llama(path)
     llm.eval(prompt)
     ref = [np.array(llm.scores[i], np.float64) for i in range(len(prompt))]
-    toks, confident = [], []
+    toks = []
     for _ in range(steps):
-        top2 = np.sort(ref[-1])[-2:]
         toks.append(int(np.argmax(ref[-1])))
-        confident.append(top2[1] - top2[0] > 0.1)
         llm.eval([toks[-1]])
         ref.append(np.array(llm.scores[llm.n_tokens - 1], np.float64))
     del llm
@@ -179,7 +176,7 @@ def _three_way(path, f32, prompt, steps, llama_cpp):
         return out
 
     def llama_logits(p):
-        llm = llama(p)
+        llm = _llama(p)
         llm.eval(prompt + toks[:-1])
         return [np.array(llm.scores[i], np.float64) for i in range(len(prompt) + steps - 1)]
 
@@ -476,10 +473,7 @@ def test_rope_scaling_matches_llama_cpp(stories_f32, tmp_path, scaling):
     compare_with_llama_cpp(path, prompt, steps=16)
     # F32 weights, so the logits must agree closely, not just correlate (the random qwen2's logits
     # correlate > 0.999 even with the scaling ignored; their values do not)
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, n_batch=256, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
+    llm = _llama(path)
     llm.eval(prompt)
     ref = np.array(llm.scores[:len(prompt)], np.float64)
     got = Model.load(path, n_ctx=256).eval(prompt, all_logits=True)
