@@ -282,7 +282,7 @@ def test_special_vocab_matches_llamacpp(smollm2_hf, tmp_path, variant):
     """
     from llamacpp_ref import llama_cpp_source
 
-    from ggq.convert.vocab import _SpecialVocab
+    from ggq.convert.vocab import SpecialVocab
 
     d = copy_files(smollm2_hf, tmp_path / "ckpt", BPE_FILES)
     variant(d)
@@ -292,7 +292,7 @@ def test_special_vocab_matches_llamacpp(smollm2_hf, tmp_path, variant):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     w = gguf.GGUFWriter(str(tmp_path / "ours.gguf"), "llama")
-    _SpecialVocab(d, None, load_merges=True).add_to(w)
+    SpecialVocab(d, None, load_merges=True).add_to(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.close()

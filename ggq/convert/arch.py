@@ -1,17 +1,19 @@
-"""The architecture table: which Hugging Face architectures ggq converts, and how.
+"""What the families' converter rules share: config hyper-parameters, tensor names, Q/K row order.
 
-For each supported ``architectures[0]`` of a ``config.json`` this module knows the GGUF
-architecture, the hyperparameters llama.cpp reads (``{arch}.context_length``, ...), the tensor
-names (through gguf's own ``TensorNameMap``) and the row permutation of Q and K that llama.cpp's
-converter applies for the ``llama`` architecture (Hugging Face stores Q/K rows in rotate-half
-order; llama.cpp's ``llama`` rope (type NORM) rotates adjacent pairs).
+Which architectures exist and what each means is in :mod:`ggq.models` (one module per family).
+This module holds the pieces those modules compose: :class:`HParams` (the hyper-parameters
+llama.cpp's converter reads from a ``config.json``, and the llama-like ``{arch}.*`` keys it writes),
+:class:`NameMap` (Hugging Face tensor names to GGUF names through gguf's own ``TensorNameMap``),
+:func:`permute_qk_rows` (Hugging Face stores Q/K rows in rotate-half order; llama.cpp's NORM rope
+rotates adjacent pairs) and :func:`natural_key` (tensor order by layer).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -19,43 +21,40 @@ import numpy as np
 from ggq.errors import GGQError
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """How one Hugging Face architecture maps to GGUF."""
-
-    hf_name: str
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool  # undo HF's rotate-half row order for llama's adjacent-pair rope
-    write_vocab_size: bool  # llama.cpp writes {arch}.vocab_size for llama-family models
-
-    @property
-    def name(self) -> str:
-        """GGUF architecture name, e.g. ``llama``, ``qwen2``."""
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    s.hf_name: s
-    for s in (
-        ArchSpec("LlamaForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_size=True),
-        ArchSpec("MistralForCausalLM", gguf.MODEL_ARCH.LLAMA, permute_qk=True, write_vocab_size=True),
-        ArchSpec("Qwen2ForCausalLM", gguf.MODEL_ARCH.QWEN2, permute_qk=False, write_vocab_size=False),
-    )
-}
-
 # Hugging Face tensors that hold no weights llama.cpp needs
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.masked_bias|\.attn\.bias)$")
 
 
-def arch_for(config: dict, where: str) -> ArchSpec:
-    """The :class:`ArchSpec` for ``config['architectures'][0]``; GGQError naming the supported ones."""
-    names = config.get("architectures") or []
-    if not isinstance(names, list) or not names:
-        raise GGQError(f"{where}: config.json has no 'architectures' entry (supported: {', '.join(ARCHITECTURES)})")
-    spec = ARCHITECTURES.get(names[0])
-    if spec is None:
-        raise GGQError(f"{where}: unsupported architecture {names[0]} (supported: {', '.join(ARCHITECTURES)})")
-    return spec
+def find_hparam(cfg: dict, keys: tuple[str, ...]):
+    """llama.cpp's find_hparam(optional=True): the value of the first key ``cfg`` has (even None)."""
+    return next((cfg[k] for k in keys if k in cfg), None)
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """The config's rope parameters as llama.cpp's TextModel.__init__ gathers them: ``rope_parameters``
+    (transformers 5) or ``rope_scaling`` (4), with ``rope_theta``, ``rope_type`` (from ``type``),
+    ``partial_rotary_factor`` and ``original_max_position_embeddings`` filled in from the top
+    level, and a ``sliding_attention`` entry for a local rope base (Gemma 3's
+    ``rope_local_base_freq``), unless the dict already has per-kind ``full_attention`` /
+    ``sliding_attention`` entries (transformers 5's Gemma 3)."""
+    rp = dict(cfg.get("rope_parameters", cfg.get("rope_scaling")) or {})
+    theta = find_hparam(cfg, ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base"))
+    local = find_hparam(cfg, ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta",
+                        "rope_local_base_freq"))
+    partial = find_hparam(cfg, ("partial_rotary_factor", "rope_pct", "rope_percent"))
+    orig_ctx = find_hparam(cfg, ("original_max_position_embeddings",))
+    if "full_attention" not in rp and "sliding_attention" not in rp:
+        if local is not None:
+            rp["sliding_attention"] = {"rope_theta": local}
+        if "rope_theta" not in rp and theta is not None:
+            rp["rope_theta"] = theta
+        if "rope_type" not in rp and rp.get("type") is not None:
+            rp["rope_type"] = rp["type"]
+        if "partial_rotary_factor" not in rp and partial is not None:
+            rp["partial_rotary_factor"] = partial
+        if "original_max_position_embeddings" not in rp and orig_ctx is not None:
+            rp["original_max_position_embeddings"] = orig_ctx
+    return rp
 
 
 def _get(cfg: dict, keys: tuple[str, ...], where: str, default=None, required=True):
@@ -69,7 +68,9 @@ def _get(cfg: dict, keys: tuple[str, ...], where: str, default=None, required=Tr
 
 @dataclass
 class HParams:
-    """The hyperparameters llama.cpp reads, from a config.json (Llama/Mistral/Qwen2 names)."""
+    """The hyperparameters llama.cpp's converter reads from a config.json (under any of the names its
+    TextModel looks for); ``cfg`` keeps the whole config for family-specific keys, ``model_dir``
+    the checkpoint folder."""
 
     n_ctx: int
     n_embd: int
@@ -84,15 +85,15 @@ class HParams:
     vocab_size: int
     tie_embeddings: bool
     explicit_head_dim: bool
+    cfg: dict = field(default_factory=dict, repr=False)
+    model_dir: Path | None = None
 
     @classmethod
-    def from_config(cls, cfg: dict, where: str) -> "HParams":
+    def from_config(cls, cfg: dict, where: str, model_dir: Path | None = None) -> "HParams":
         n_embd = int(_get(cfg, ("hidden_size", "n_embd", "dim"), where))
         n_head = int(_get(cfg, ("num_attention_heads", "n_head", "n_heads"), where))
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-        if "rope_type" not in rope and "type" in rope:
-            rope["rope_type"] = rope["type"]
-        theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope = rope_parameters(cfg)
+        theta = rope.get("full_attention", rope).get("rope_theta", 10000.0)
         head_dim = cfg.get("head_dim")
         try:
             hp = cls(
@@ -109,6 +110,8 @@ class HParams:
                 vocab_size=int(_get(cfg, ("vocab_size",), where)),
                 tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 explicit_head_dim=bool(head_dim),
+                cfg=cfg,
+                model_dir=None if model_dir is None else Path(model_dir),
             )
         except (TypeError, ValueError) as e:
             raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None
@@ -116,32 +119,27 @@ class HParams:
             raise GGQError(f"{where}: config.json has {hp.n_head} attention heads and {hp.n_head_kv} key-value heads")
         return hp
 
-    def write(self, w: gguf.GGUFWriter, spec: ArchSpec) -> None:
-        """Add ``{arch}.*`` keys the way llama.cpp's convert_hf_to_gguf.py does."""
+    def write(self, w: gguf.GGUFWriter, write_vocab_size: bool = False, rope_dims: bool = True) -> None:
+        """Add the ``{arch}.*`` keys llama.cpp's convert_hf_to_gguf.py writes for llama-like
+        families (its TextModel.set_gguf_parameters): ``{arch}.vocab_size`` too when
+        ``write_vocab_size`` (as for ``llama``); ``rope.dimension_count`` when ``rope_dims`` (llama's
+        converter writes it; for qwen2 ggq adds it, the value llama.cpp's loader assumes)."""
         w.add_block_count(self.n_layer)
         w.add_context_length(self.n_ctx)
         w.add_embedding_length(self.n_embd)
         w.add_feed_forward_length(self.n_ff)
         w.add_head_count(self.n_head)
         w.add_head_count_kv(self.n_head_kv)
-        rope_type = str(self.rope.get("rope_type", "")).lower()
-        factor = self.rope.get("factor")
-        if rope_type == "linear" and factor is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            w.add_rope_scaling_factor(float(factor))
-        elif rope_type == "yarn" and factor is not None:
-            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-            w.add_rope_scaling_factor(float(factor))
-            if "original_max_position_embeddings" in self.rope:
-                w.add_rope_scaling_orig_ctx_len(int(self.rope["original_max_position_embeddings"]))
+        write_rope_scaling(w, self.rope.get("full_attention", self.rope))
         w.add_rope_freq_base(self.rope_theta)
         w.add_layer_norm_rms_eps(self.rms_eps)
         if self.explicit_head_dim:
             w.add_key_length(self.head_dim)
             w.add_value_length(self.head_dim)
-        if spec.write_vocab_size:
+        if write_vocab_size:
             w.add_vocab_size(self.vocab_size)
-        w.add_rope_dimension_count(self.head_dim)
+        if rope_dims:
+            w.add_rope_dimension_count(self.head_dim)
 
     def llama3_rope_factors(self) -> np.ndarray | None:
         """``rope_freqs.weight`` (float32 ``(head_dim/2,)``) for Llama 3.1-style ``llama3`` rope
@@ -168,6 +166,31 @@ class HParams:
         return np.asarray(out, dtype=np.float32)
 
 
+def write_rope_scaling(w: gguf.GGUFWriter, rope: dict) -> None:
+    """The ``{arch}.rope.scaling.*`` keys llama.cpp's TextModel writes for rope parameters ``rope``
+    (:func:`rope_parameters`, the global layers' entry): linear and yarn (with its optional
+    extrapolation/attention factors and betas) with a factor; ``longrope``/``su``: the type only."""
+    rope_type = str(rope.get("rope_type", "")).lower()
+    factor = rope.get("factor")
+    if rope_type == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(factor))
+    elif rope_type == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(factor))
+        if "original_max_position_embeddings" in rope:
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", w.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", w.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", w.add_rope_scaling_yarn_beta_slow)):
+            v = rope.get(key, rope.get("attn_factor") if key == "attention_factor" else None)
+            if v is not None:
+                add(float(v))
+    elif rope_type in ("su", "longrope"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+
 def permute_qk_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder the output rows of a Q or K projection (weight ``(n_out, ...)`` or bias ``(n_out,)``)
     from Hugging Face's rotate-half order to the adjacent-pair order of llama.cpp's NORM rope.
@@ -182,11 +205,12 @@ def permute_qk_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class NameMap:
-    """Hugging Face tensor names to GGUF names for one architecture, with gguf's TensorNameMap."""
+    """Hugging Face tensor names to GGUF names for one GGUF architecture, with gguf's TensorNameMap
+    (``label``: the Hugging Face architecture, for messages)."""
 
-    def __init__(self, spec: ArchSpec, n_layer: int):
-        self.spec = spec
-        self.tmap = gguf.get_tensor_name_map(spec.gguf_arch, n_layer)
+    def __init__(self, gguf_arch: gguf.MODEL_ARCH, n_layer: int, label: str = ""):
+        self.label = label or gguf.MODEL_ARCH_NAMES[gguf_arch]
+        self.tmap = gguf.get_tensor_name_map(gguf_arch, n_layer)
 
     def gguf_name(self, hf_name: str) -> str | None:
         """The GGUF name (``blk.0.attn_q.weight``), None for tensors to drop, GGQError if unknown."""
@@ -194,7 +218,7 @@ class NameMap:
             return None
         name = self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GGQError(f"cannot map tensor {hf_name!r} of a {self.spec.hf_name} checkpoint to a GGUF name")
+            raise GGQError(f"cannot map tensor {hf_name!r} of a {self.label} checkpoint to a GGUF name")
         return name
 
 

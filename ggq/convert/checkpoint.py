@@ -210,9 +210,18 @@ def read_config(model_dir: Path) -> dict:
         full.setdefault("architectures", cfg.get("architectures"))
         if "quantization_config" in cfg:
             full["quantization_config"] = cfg["quantization_config"]
-        return full
     except Exception:
+        full = cfg
+    return _with_text_config(full)
+
+
+def _with_text_config(cfg: dict) -> dict:
+    """A multimodal config (Gemma 3's) with its ``text_config`` values at the top level, as llama.cpp's
+    TextModel merges them (the top-level ``architectures`` kept)."""
+    text = cfg.get("text_config")
+    if not isinstance(text, dict):
         return cfg
+    return {**cfg, **text, "architectures": cfg.get("architectures")}
 
 
 def open_checkpoint(model_dir: Path) -> Checkpoint:

@@ -222,14 +222,15 @@ def save_imatrix(path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray
 # ------------------------------------------------------------------ collection (transformers)
 
 def _gguf_arch_for(config: dict, where: str):
+    """The GGUF architecture of a checkpoint: its family's (:mod:`ggq.models`), else the one named
+    like its ``model_type`` (tensor names only matter here)."""
     import gguf
 
-    try:
-        from ggq.convert.arch import arch_for
+    from ggq import models
 
-        return arch_for(config, where).gguf_arch
-    except (GGQError, ImportError):
-        pass
+    fam = models.find(hf_arch=(config.get("architectures") or [None])[0])
+    if fam is not None:
+        return fam.gguf_arch
     mt = config.get("model_type")
     for a, n in gguf.MODEL_ARCH_NAMES.items():
         if n == mt:

@@ -12,7 +12,10 @@ norms and biases in F32, and 32-block fallbacks for rows that are not a multiple
 * for F32/F16/BF16, the rules of ``convert_hf_to_gguf.py`` (``ModelBase.prepare_tensors``: 1-D
   tensors, norms and a few special tensors stay F32).
 
-The rules are re-implemented from reading those sources; see ``specs/mixes.md``.
+The rules are re-implemented from reading those sources; see ``specs/mixes.md``. What they know of
+an architecture (LLM_TYPE_70B) comes from its family (:mod:`ggq.models`); llama-quantize's rules
+for architectures ggq has no family for (falcon's) are not applied: such a file gets the general
+rules.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import gguf
 from gguf import GGMLQuantizationType, LlamaFileType
 
+from ggq import models
 from ggq.errors import GGQError
 
 T = GGMLQuantizationType
@@ -260,10 +264,6 @@ def _use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
-# archs and layer counts that llama.cpp classifies as LLM_TYPE_70B (the only type the mix rules use)
-_TYPE_70B_LAYERS = {"llama": 80, "deci": 80, "olmo": 80, "qwen2": 80, "jais2": 68}
-
-
 class _State:
     def __init__(self, arch: str, hparams: dict, has_imatrix: bool):
         self.arch = arch
@@ -273,8 +273,8 @@ class _State:
         n_head_kv = n_head if n_head_kv is None else int(n_head_kv)
         self.n_gqa = n_head // n_head_kv if n_head_kv else 0
         self.n_expert = int(hparams.get("n_expert", 0) or 0)
-        self.is_70b = (_TYPE_70B_LAYERS.get(arch) == self.n_layer
-                       and (arch != "llama" or n_head != n_head_kv))
+        # LLM_TYPE_70B is the only model type the mix rules use; its family knows it (ggq.models)
+        self.is_70b = models.is_70b(arch, self.n_layer, n_head, n_head_kv)
         self.has_imatrix = has_imatrix
         self.n_attention_wv = 0
         self.i_attention_wv = 0
@@ -293,11 +293,10 @@ class _State:
 def _mix_type(qs: _State, new_type: T, name: str, ne0: int, ftype: F, cat: str,
               ov: MixOverrides) -> T:
     """llama_tensor_get_type_impl for the K-quant / legacy file types ggq writes."""
-    arch = qs.arch
     if cat == "output" or (qs.has_tied_embeddings and cat == "token_embd"):
         if ov.output_tensor_type is not None:
             return ov.output_tensor_type
-        if arch == "falcon" or ne0 % gguf.GGML_QUANT_SIZES[new_type][0] != 0:
+        if ne0 % gguf.GGML_QUANT_SIZES[new_type][0] != 0:
             return T.Q8_0
         return new_type if new_type == T.Q8_0 else T.Q6_K
     if cat == "token_embd":
@@ -328,37 +327,28 @@ def _mix_type(qs: _State, new_type: T, name: str, ne0: int, ftype: F, cat: str,
         if ftype == F.MOSTLY_Q2_K:
             new_type = T.Q3_K
         elif ftype == F.MOSTLY_Q3_K_M:
-            new_type = (T.Q5_K if i_layer < n_layer // 16
-                        else T.Q4_K if arch != "falcon" or _use_more_bits(i_layer, n_layer) else T.Q3_K)
+            new_type = T.Q5_K if i_layer < n_layer // 16 else T.Q4_K
         elif ftype == F.MOSTLY_Q3_K_L:
-            new_type = T.Q4_K if arch == "falcon" else T.Q5_K
-        elif ftype == F.MOSTLY_Q4_K_M:
-            if arch == "falcon":
-                new_type = (T.Q6_K if i_layer < n_layer // 16
-                            else T.Q5_K if _use_more_bits(i_layer, n_layer) else T.Q4_K)
-            elif _use_more_bits(i_layer, n_layer):
-                new_type = T.Q6_K
+            new_type = T.Q5_K
+        elif ftype == F.MOSTLY_Q4_K_M and _use_more_bits(i_layer, n_layer):
+            new_type = T.Q6_K
         elif ftype == F.MOSTLY_Q5_K_M and _use_more_bits(i_layer, n_layer):
             new_type = T.Q6_K
-        elif ftype == F.MOSTLY_Q4_K_S and arch != "falcon" and i_layer < n_layer // 8:
+        elif ftype == F.MOSTLY_Q4_K_S and i_layer < n_layer // 8:
             new_type = T.Q5_K
         elif ftype in (F.MOSTLY_Q4_0, F.MOSTLY_Q5_0) and qs.has_imatrix and i_layer < n_layer // 8:
             new_type = T.Q4_1 if ftype == F.MOSTLY_Q4_0 else T.Q5_1
         qs.i_ffn_down += 1
     elif cat == "attn_output":
-        if arch != "falcon":
-            if qs.n_expert == 8:
-                if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M):
-                    new_type = T.Q5_K
-            else:
-                if ftype == F.MOSTLY_Q2_K:
-                    new_type = T.Q3_K
-                elif ftype == F.MOSTLY_Q3_K_M:
-                    new_type = T.Q4_K
-                elif ftype == F.MOSTLY_Q3_K_L:
-                    new_type = T.Q5_K
-        elif ftype == F.MOSTLY_Q3_K_L:
+        if qs.n_expert == 8:
+            if ftype in (F.MOSTLY_Q2_K, F.MOSTLY_Q3_K_S, F.MOSTLY_Q3_K_M, F.MOSTLY_Q4_K_S, F.MOSTLY_Q4_K_M):
+                new_type = T.Q5_K
+        elif ftype == F.MOSTLY_Q2_K:
+            new_type = T.Q3_K
+        elif ftype == F.MOSTLY_Q3_K_M:
             new_type = T.Q4_K
+        elif ftype == F.MOSTLY_Q3_K_L:
+            new_type = T.Q5_K
     elif cat == "attn_qkv":
         # attn_qkv is an attn_v-like category, handled above (llama.cpp's branch here is unreachable)
         pass

@@ -15,11 +15,12 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggq import quants
+from ggq import models, quants
 from ggq.convert import arch as archmod
 from ggq.convert.checkpoint import Checkpoint, TensorSource, open_checkpoint, resolve_source
 from ggq.errors import GGQError
 from ggq.format.output import atomic_output, check_output
+from ggq.models.base import Family, TensorRule
 
 T = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -46,7 +47,7 @@ class PlannedTensor:
     name: str
     shape: tuple[int, ...]
     source: TensorSource | None
-    permute_heads: int = 0  # >0: permute Q/K rows with this many heads
+    rule: TensorRule | None = None  # the family's transformation (Q/K permutation, norm shift, rows kept)
     data: np.ndarray | None = None  # for generated tensors (rope_freqs)
     qtype: T = T.F32
 
@@ -86,7 +87,7 @@ def _basic_plan(planned: list[PlannedTensor], qtype: T) -> None:
             p.qtype = qtype
 
 
-def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, overrides, src_float: T,
+def _plan_types(planned: list[PlannedTensor], type_name: str, fam: Family, hp, overrides, src_float: T,
                 has_imatrix: bool = False) -> FT:
     if type_name in BASIC_TYPES and type_name in ("F32", "F16", "BF16", "Q8_0") and overrides is None:
         ftype, qtype = BASIC_TYPES[type_name]
@@ -101,65 +102,95 @@ def _plan_types(planned: list[PlannedTensor], type_name: str, spec, hp, override
     ftype = mixes.parse_file_type(type_name)
     hparams = {"n_layer": hp.n_layer, "n_head": hp.n_head, "n_head_kv": hp.n_head_kv, "n_embd": hp.n_embd,
                "n_ff": hp.n_ff, "n_expert": 0, "n_vocab": hp.vocab_size}
-    types = mixes.plan_types([(p.name, p.ne) for p in planned], ftype, spec.name, hparams, overrides,
+    types = mixes.plan_types([(p.name, p.ne) for p in planned], ftype, fam.name, hparams, overrides,
                              source_float_type=src_float, has_imatrix=has_imatrix)
     for p in planned:
         p.qtype = types[p.name]
     return ftype
 
 
-def plan_checkpoint(ck: Checkpoint, spec: archmod.ArchSpec, hp: archmod.HParams) -> list[PlannedTensor]:
-    """Every output tensor in file order, with GGUF names and shapes (types not yet chosen)."""
-    names = archmod.NameMap(spec, hp.n_layer)
-    planned: list[PlannedTensor] = []
+def plan_checkpoint(ck: Checkpoint, fam: Family, hp: archmod.HParams) -> list[PlannedTensor]:
+    """Every output tensor in file order, with GGUF names and shapes (types not yet chosen): the
+    family's generated tensors first, then the checkpoint's as its :meth:`~Family.tensor_rule` maps them."""
+    names = archmod.NameMap(fam.gguf_arch, hp.n_layer, (ck.config.get("architectures") or [""])[0])
+    planned: list[PlannedTensor] = [PlannedTensor(n, tuple(d.shape), None, data=d)
+                                    for n, d in fam.extra_tensors(hp, ck.path)]
     seen: dict[str, str] = {}
+    dropped: list[str] = []
     for hf_name in sorted(ck.tensors, key=archmod.natural_key):
         src = ck.tensors[hf_name]
         if hp.tie_embeddings and hf_name == "lm_head.weight":
             continue  # llama.cpp uses token_embd when output.weight is absent
         try:
-            name = names.gguf_name(hf_name)
+            rule = fam.tensor_rule(hf_name, hp, names)
         except GGQError as e:
             raise GGQError(f"{ck.path}: {e}") from None
-        if name is None:
+        if rule is None:
+            dropped.append(hf_name)
             continue
-        if name in seen:
-            raise GGQError(f"{ck.path}: tensors {seen[name]!r} and {hf_name!r} both map to {name}")
-        seen[name] = hf_name
+        if rule.name in seen:
+            raise GGQError(f"{ck.path}: tensors {seen[rule.name]!r} and {hf_name!r} both map to {rule.name}")
+        seen[rule.name] = hf_name
         if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
             raise GGQError(f"{src.origin or ck.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
-        heads = 0
-        if spec.permute_qk:
-            if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                heads = hp.n_head
-            elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                heads = hp.n_head_kv
-        planned.append(PlannedTensor(name, tuple(src.shape), src, permute_heads=heads))
-    factors = hp.llama3_rope_factors()
-    if factors is not None:
-        planned.insert(0, PlannedTensor("rope_freqs.weight", factors.shape, None, data=factors))
+        shape = tuple(src.shape)
+        if rule.rows is not None and shape:
+            shape = (min(rule.rows, shape[0]), *shape[1:])
+        planned.append(PlannedTensor(rule.name, shape, src, rule=rule))
     if not any(p.name == "token_embd.weight" for p in planned):
         raise GGQError(f"{ck.path}: no token embedding tensor (model.embed_tokens.weight)")
+    note = fam.dropped_note(dropped)
+    if note:
+        print(f"ggq: note: {ck.path}: {note}", file=sys.stderr)
     return planned
+
+
+def _rows(p: PlannedTensor, arr: np.ndarray) -> np.ndarray:
+    """Row selection and Q/K row permutation of the family's rule (block bytes or values)."""
+    r = p.rule
+    if r is None:
+        return arr
+    if r.rows is not None:
+        arr = arr[:r.rows]
+    return archmod.permute_qk_rows(arr, r.permute_heads) if r.permute_heads else arr
+
+
+def _values(p: PlannedTensor) -> np.ndarray:
+    """The source tensor's values after the family's rule (the shift in the stored float type, as
+    llama.cpp adds it to the torch tensor), checked against the planned shape."""
+    src = p.source
+    assert src is not None
+    arr = src.load()
+    if p.rule is not None and p.rule.add:
+        if arr.dtype not in (np.float16, np.float32):
+            arr = arr.astype(np.float32)
+        arr = arr + arr.dtype.type(p.rule.add)
+    arr = _rows(p, arr)
+    if tuple(arr.shape) != p.shape:
+        raise GGQError(f"{src.origin}: tensor {src.name!r} has shape {arr.shape}, expected {p.shape}")
+    return arr
+
+
+def _native(p: PlannedTensor) -> np.ndarray | None:
+    """Block bytes an imported quantized tensor (GPTQ/AWQ) keeps in ``p.qtype``, or None."""
+    src = p.source
+    if src is None or src.native is None or (p.rule is not None and p.rule.add):
+        return None
+    raw = src.native(p.qtype)
+    return None if raw is None else _rows(p, raw)
 
 
 def _produce(p: PlannedTensor) -> np.ndarray:
     """Load, transform and encode one tensor into the array written to the file."""
     if p.data is not None:
         return p.data.astype(np.float32)
-    src = p.source
-    assert src is not None
-    if src.native is not None and p.qtype not in (T.F32, T.F16, T.BF16):
-        raw = src.native(p.qtype)
+    if p.qtype not in (T.F32, T.F16, T.BF16):
+        raw = _native(p)
         if raw is not None:
-            return archmod.permute_qk_rows(raw, p.permute_heads) if p.permute_heads else raw
-    arr = src.load()
+            return raw
+    arr = _values(p)
     if arr.dtype != np.float16 or p.qtype != T.F16:
         arr = arr.astype(np.float32, copy=False)
-    if tuple(arr.shape) != p.shape:
-        raise GGQError(f"{src.origin}: tensor {src.name!r} has shape {arr.shape}, expected {p.shape}")
-    if p.permute_heads:
-        arr = archmod.permute_qk_rows(arr, p.permute_heads)
     if p.qtype == T.F32:
         return np.ascontiguousarray(arr, dtype=np.float32)
     return quants.quantize(arr, p.qtype)
@@ -194,8 +225,8 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
         check_output(Path(out), force)
     model_dir = resolve_source(src_s)
     ck = open_checkpoint(model_dir)
-    spec = archmod.arch_for(ck.config, str(model_dir / "config.json"))
-    hp = archmod.HParams.from_config(ck.config, str(model_dir / "config.json"))
+    fam = models.for_checkpoint(ck.config, str(model_dir / "config.json"))
+    hp = fam.hparams(ck.config, model_dir)
 
     qinfo = None
     try:
@@ -212,9 +243,9 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     out_p = Path(out) if out else default_output(model_dir, type_name)
     check_output(out_p, force)
 
-    planned = plan_checkpoint(ck, spec, hp)
+    planned = plan_checkpoint(ck, fam, hp)
     src_float = {"F16": T.F16, "BF16": T.BF16}.get(ck.float_type, T.F32)
-    ftype = _plan_types(planned, type_name, spec, hp, overrides, src_float, has_imatrix=imatrix is not None)
+    ftype = _plan_types(planned, type_name, fam, hp, overrides, src_float, has_imatrix=imatrix is not None)
     if qinfo is not None:
         warned = set()
         for p in planned:
@@ -230,15 +261,13 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
         imat = load_imatrix(imatrix)
 
-    w = gguf.GGUFWriter(None, spec.name)
+    w = gguf.GGUFWriter(None, fam.name)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(model_dir.name)
-    hp.write(w, spec)
+    fam.write_hparams(w, hp)
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    from ggq.convert.vocab import write_vocab
-
-    write_vocab(w, model_dir, ck.config, spec.name)
+    fam.write_vocab(w, model_dir, ck.config)
     for p in planned:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
 
@@ -280,15 +309,10 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
 def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:
     """Like :func:`_produce`, quantizing with importance weights (float32 ``(n_per_row,)``)."""
-    src = p.source
-    assert src is not None
-    if src.native is not None:  # a GPTQ/AWQ tensor whose codes fit keeps them; the imatrix is moot
-        raw = src.native(p.qtype)
-        if raw is not None:
-            return archmod.permute_qk_rows(raw, p.permute_heads) if p.permute_heads else raw
-    arr = src.load().astype(np.float32, copy=False)
-    if p.permute_heads:
-        arr = archmod.permute_qk_rows(arr, p.permute_heads)
+    raw = _native(p)  # a GPTQ/AWQ tensor whose codes fit keeps them; the imatrix is moot
+    if raw is not None:
+        return raw
+    arr = _values(p).astype(np.float32, copy=False)
     if weights.shape != (p.shape[-1],):
         raise GGQError(f"imatrix entry for {p.name} has {weights.shape[0]} columns, the tensor has {p.shape[-1]}")
     return quants.quantize(arr, p.qtype, imatrix=weights)

@@ -4,7 +4,8 @@ The output is meant to be key-for-key and value-for-value what llama.cpp's ``con
 (llama-cpp-python 0.3.36) writes for the same folder, so that llama.cpp tokenizes a ggq file
 exactly as it tokenizes its own. The algorithms follow, in our own code:
 
-* ``LlamaModel.set_vocab`` / ``Qwen2Model.set_vocab`` (which tokenizer path an architecture takes);
+* which tokenizer path a model takes (llama.cpp's ``set_vocab`` of each model class) is its family's
+  ``write_vocab`` (:mod:`ggq.models`), composed of the functions below;
 * ``TextModel._set_vocab_sentencepiece`` (``tokenizer.model`` -> ``llama`` model);
 * ``gguf.LlamaHfVocab`` via ``_set_vocab_llama_hf`` (a Llama SentencePiece vocabulary stored as a
   byte-fallback BPE ``tokenizer.json`` -> ``llama`` model);
@@ -44,9 +45,6 @@ log = logging.getLogger(__name__)
 TT = gguf.TokenType
 K = gguf.Keys.Tokenizer
 
-#: Hugging Face architecture names accepted for ``arch`` besides the gguf names themselves.
-_HF_ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
 #: Special token kinds read from tokenizer_config.json / config.json, in llama.cpp's order.
 _SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
 
@@ -61,21 +59,29 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict, 
 
     ``writer``: the GGUFWriter of the output file (keys are added, nothing is written to disk).
     ``config``: the parsed ``config.json`` (``vocab_size`` sets the token count and padding).
-    ``arch``: the gguf architecture (``"llama"`` — also Mistral — or ``"qwen2"``); the Hugging Face
-    names ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM`` are accepted too.
+    ``arch``: a GGUF architecture (``"llama"``) or a Hugging Face one (``"LlamaForCausalLM"``); its
+    family (:mod:`ggq.models`) chooses the tokenizer export as llama.cpp's ``set_vocab`` does, from
+    the building blocks of this module: :func:`write_sentencepiece` (``tokenizer.model``),
+    :func:`write_llama_hf` (a byte-fallback BPE ``tokenizer.json`` holding a SentencePiece
+    vocabulary), :func:`write_gpt2` (``tokenizer.json`` or ``vocab.json`` + ``merges.txt`` BPE).
 
-    Which tokenizer is used, as in llama.cpp: ``tokenizer.model`` (SentencePiece) if present;
-    otherwise, for ``llama`` only, a byte-fallback BPE ``tokenizer.json`` (a Llama/Mistral
-    SentencePiece vocabulary in Hugging Face form), still written as a ``llama`` model; otherwise
-    ``tokenizer.json`` (or ``vocab.json`` + ``merges.txt``) as a ``gpt2`` BPE model.
-
-    Raises :class:`GGQError` (one line, naming the file) when no tokenizer is found, a tokenizer
-    file cannot be read or parsed, a BPE pre-tokenizer is not known to llama.cpp (see the module
-    docstring for the ``GGQ_TOKENIZER_PRE`` override), a token id lies outside ``vocab_size``, or
-    the checkpoint only has a Mistral ``tekken.json``.
+    Raises :class:`GGQError` (one line, naming the file) for an architecture without a family, when
+    no tokenizer is found, a tokenizer file cannot be read or parsed, a BPE pre-tokenizer is not
+    known to llama.cpp (see the module docstring for the ``GGQ_TOKENIZER_PRE`` override), a token
+    id lies outside ``vocab_size``, or the checkpoint only has a Mistral ``tekken.json``.
     """
-    model_dir = pathlib.Path(model_dir)
-    arch = _HF_ARCH.get(arch, arch)
+    from ggq import models
+
+    fam = models.find(hf_arch=arch) or models.find(gguf_arch=arch)
+    if fam is None:
+        raise GGQError(f"{model_dir}: no tokenizer export for architecture {arch!r} "
+                       f"(supported: {', '.join(models.gguf_architectures())})")
+    fam.write_vocab(writer, pathlib.Path(model_dir), config)
+
+
+def tokenizer_files(model_dir: pathlib.Path) -> tuple[bool, bool, bool]:
+    """Which tokenizer files ``model_dir`` has: (``tokenizer.model``, ``tokenizer.json``,
+    ``vocab.json``); GGQError when it has none of them."""
     has_spm = (model_dir / "tokenizer.model").is_file()
     has_json = (model_dir / "tokenizer.json").is_file()
     has_slow_bpe = (model_dir / "vocab.json").is_file()
@@ -84,43 +90,14 @@ def write_vocab(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict, 
             raise GGQError(f"{model_dir}: only a Mistral tekken.json tokenizer found; "
                            "ggq needs tokenizer.model or tokenizer.json")
         raise GGQError(f"{model_dir}: no tokenizer (tokenizer.model or tokenizer.json) found")
-
-    if arch == "llama":
-        # LlamaModel.set_vocab: add_prefix_space from tokenizer_config.json is written first.
-        tok_config = _read_json(model_dir / "tokenizer_config.json", missing_ok=True) or {}
-        add_prefix_space = tok_config.get("add_prefix_space")
-        if add_prefix_space is not None:
-            writer.add_add_space_prefix(add_prefix_space)
-        if has_spm:
-            _write_sentencepiece(writer, model_dir, config)
-        elif has_json and _is_llama_hf_json(model_dir):
-            _write_llama_hf(writer, model_dir)
-        else:
-            _write_gpt2(writer, model_dir, config)
-        vocab_size = config.get("vocab_size", 32000)
-        if vocab_size == 32016:
-            # CodeLlama: fill-in-the-middle tokens at fixed ids (LlamaModel.set_vocab).
-            sv = _SpecialVocab(model_dir, config, load_merges=False,
-                               special_types=("prefix", "suffix", "middle", "eot"))
-            for typ, tid in (("prefix", 32007), ("suffix", 32008), ("middle", 32009), ("eot", 32010)):
-                sv.set_special(typ, tid)
-            sv.add_to(writer)
-        if vocab_size == 49152:
-            # llama.cpp's rule for "granite small models" keys on vocab_size alone (SmolLM too).
-            writer.add_add_bos_token(False)
-    elif arch == "qwen2":
-        if has_spm:
-            _write_sentencepiece(writer, model_dir, config)
-        else:
-            _write_gpt2(writer, model_dir, config)
-    else:
-        raise GGQError(f"{model_dir}: no tokenizer export for architecture {arch!r} (supported: llama, qwen2)")
+    return has_spm, has_json, has_slow_bpe
 
 
 # ----------------------------------------------------------------------------- SentencePiece
 
 
-def _write_sentencepiece(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict) -> None:
+def write_sentencepiece(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict,
+                        added_special_only: bool = False, added_from_tokenizer_json: bool = False) -> None:
     """``tokenizer.model`` -> ``llama`` model (same result as llama.cpp's ``_set_vocab_sentencepiece``).
 
     Tokens are ``vocab_size`` (config) long: ids past the SentencePiece model are ``[PAD<id>]``
@@ -129,17 +106,26 @@ def _write_sentencepiece(writer: gguf.GGUFWriter, model_dir: pathlib.Path, confi
     tokenizer_config.json entries become CONTROL (special, or looking special) or USER_DEFINED
     with "▁" replaced by " " (score -1000). SentencePiece USER_DEFINED pieces stay NORMAL, as in
     llama.cpp.
+
+    The variant some llama.cpp model classes write with their own loop (Phi-3's): with
+    ``added_special_only`` an added token is CONTROL only when flagged special and its text is kept
+    as it is; with ``added_from_tokenizer_json`` tokenizer.json's ``added_tokens`` are applied the
+    same way after tokenizer_config.json's. (Ids outside the vocabulary are skipped with a warning
+    in both, where llama.cpp's loop would fail.)
     """
-    tokens, scores, types = _sentencepiece_vocab(model_dir, config)
+    tokens, scores, types = sentencepiece_vocab(model_dir, config, added_special_only, added_from_tokenizer_json)
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    _SpecialVocab(model_dir, config, n_vocab=len(tokens)).add_to(writer)
+    SpecialVocab(model_dir, config, n_vocab=len(tokens)).add_to(writer)
 
 
-def _sentencepiece_vocab(model_dir: pathlib.Path, config: dict) -> tuple[list[bytes], list[float], list[int]]:
+def sentencepiece_vocab(model_dir: pathlib.Path, config: dict, added_special_only: bool = False,
+                        added_from_tokenizer_json: bool = False) -> tuple[list[bytes], list[float], list[int]]:
+    """Tokens, scores and token types of ``tokenizer.model`` padded to the config's vocab size (see
+    :func:`write_sentencepiece`)."""
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError as e:  # pragma: no cover - a declared dependency
@@ -175,7 +161,7 @@ def _sentencepiece_vocab(model_dir: pathlib.Path, config: dict) -> tuple[list[by
         types[i] = int(t)
 
     added_path = model_dir / "added_tokens.json"
-    added = _read_json(added_path, missing_ok=True)
+    added = read_json(added_path, missing_ok=True)
     if added:
         for text, tid in added.items():
             if not _id_in_range(added_path, tid, vocab_size):
@@ -185,18 +171,23 @@ def _sentencepiece_vocab(model_dir: pathlib.Path, config: dict) -> tuple[list[by
             types[tid] = int(TT.USER_DEFINED)
 
     tc_path = model_dir / "tokenizer_config.json"
-    tok_config = _read_json(tc_path, missing_ok=True) or {}
-    for key, data in (tok_config.get("added_tokens_decoder") or {}).items():
-        tid = int(key)
-        if not _id_in_range(tc_path, tid, vocab_size):
+    tok_config = read_json(tc_path, missing_ok=True) or {}
+    added = [(tc_path, int(key), data) for key, data in (tok_config.get("added_tokens_decoder") or {}).items()]
+    if added_from_tokenizer_json:
+        tj_path = model_dir / "tokenizer.json"
+        tj = read_json(tj_path, missing_ok=True) or {}
+        added += [(tj_path, int(data["id"]), data) for data in (tj.get("added_tokens") or [])]
+    for path, tid, data in added:
+        if not _id_in_range(path, tid, vocab_size):
             continue
         text: str = data["content"]
         if types[tid] != TT.UNUSED and tokens[tid] != text.encode("utf-8"):
-            log.warning("%s: replacing token %d: %r -> %r", tc_path, tid, tokens[tid].decode("utf-8", "replace"), text)
-        if data.get("special") or _looks_special(text):
+            log.warning("%s: replacing token %d: %r -> %r", path, tid, tokens[tid].decode("utf-8", "replace"), text)
+        if data.get("special") or (not added_special_only and _looks_special(text)):
             types[tid] = int(TT.CONTROL)
         else:
-            text = text.replace(_SPM_SPACE, " ")
+            if not added_special_only:
+                text = text.replace(_SPM_SPACE, " ")
             types[tid] = int(TT.USER_DEFINED)
         scores[tid] = -1000.0
         tokens[tid] = text.encode("utf-8")
@@ -206,13 +197,13 @@ def _sentencepiece_vocab(model_dir: pathlib.Path, config: dict) -> tuple[list[by
 # ----------------------------------------------------------------------------- Llama vocab as tokenizer.json
 
 
-def _is_llama_hf_json(model_dir: pathlib.Path) -> bool:
+def is_llama_hf_json(model_dir: pathlib.Path) -> bool:
     """True if tokenizer.json holds a Llama SentencePiece vocab in HF form (gguf.LlamaHfVocab's test).
 
     That is a BPE model with ``byte_fallback`` and a ``Sequence`` decoder; a Llama-3 style BPE
     (``ignore_merges`` and no byte fallback) is not.
     """
-    tj = _read_json(model_dir / "tokenizer.json")
+    tj = read_json(model_dir / "tokenizer.json")
     model = tj.get("model") or {}
     if model.get("type") == "BPE" and model.get("ignore_merges", False) and not model.get("byte_fallback", True):
         return False
@@ -220,7 +211,7 @@ def _is_llama_hf_json(model_dir: pathlib.Path) -> bool:
             and (tj.get("decoder") or {}).get("type") == "Sequence")
 
 
-def _write_llama_hf(writer: gguf.GGUFWriter, model_dir: pathlib.Path) -> None:
+def write_llama_hf(writer: gguf.GGUFWriter, model_dir: pathlib.Path) -> None:
     """Byte-fallback BPE ``tokenizer.json`` -> ``llama`` model (as ``_set_vocab_llama_hf``).
 
     Base tokens (ids below the tokenizer's base ``vocab_size``) are BYTE for ``<0xXX>``, CONTROL
@@ -259,13 +250,13 @@ def _write_llama_hf(writer: gguf.GGUFWriter, model_dir: pathlib.Path) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores([-1000.0] * len(tokens))
     writer.add_token_types(types)
-    _SpecialVocab(model_dir, None, n_vocab=len(tokens)).add_to(writer)
+    SpecialVocab(model_dir, None, n_vocab=len(tokens)).add_to(writer)
 
 
 # ----------------------------------------------------------------------------- GPT-2 style BPE
 
 
-def _write_gpt2(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict) -> None:
+def write_gpt2(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict) -> None:
     """``tokenizer.json`` BPE -> ``gpt2`` model (as llama.cpp's ``_set_vocab_gpt2``/``get_vocab_base``).
 
     Tokens are ``config["vocab_size"]`` long (default: the tokenizer's), holes filled with
@@ -310,7 +301,7 @@ def _write_gpt2(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict) 
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    _SpecialVocab(model_dir, config, load_merges=True).add_to(writer)
+    SpecialVocab(model_dir, config, load_merges=True).add_to(writer)
 
 
 def _pre_tokenizer(model_dir: pathlib.Path, tok: Any) -> str:
@@ -332,7 +323,7 @@ def _pre_tokenizer(model_dir: pathlib.Path, tok: Any) -> str:
 # ----------------------------------------------------------------------------- special vocabulary
 
 
-class _SpecialVocab:
+class SpecialVocab:
     """Special token ids, add_* flags, merges, chat template and normalizer flags of a checkpoint.
 
     Reads tokenizer.json, tokenizer_config.json, chat_template.jinja / chat_template.json,
@@ -356,7 +347,7 @@ class _SpecialVocab:
         self.strip_accents: bool | None = None
         self._load_tokenizer_files()
         if config is None:
-            config = _read_json(model_dir / "config.json", missing_ok=True) or {}
+            config = read_json(model_dir / "config.json", missing_ok=True) or {}
         self._load_config(config)
         if load_merges and not self.merges:
             self._load_merges_txt()
@@ -399,7 +390,7 @@ class _SpecialVocab:
         self.ids.setdefault(typ, tid)
 
     def _load_tokenizer_files(self) -> None:
-        tj = _read_json(self.dir / "tokenizer.json", missing_ok=True)
+        tj = read_json(self.dir / "tokenizer.json", missing_ok=True)
         added_tokens: list[dict] = []
         if tj is not None:
             if self.load_merges:
@@ -407,7 +398,7 @@ class _SpecialVocab:
             if normalizer := tj.get("normalizer"):
                 self._read_normalizer(normalizer)
             added_tokens = tj.get("added_tokens") or []
-        tc = _read_json(self.dir / "tokenizer_config.json", missing_ok=True)
+        tc = read_json(self.dir / "tokenizer_config.json", missing_ok=True)
         if tj and (post := tj.get("post_processor")):
             tc = self._read_post_processor(post, tc)
         if not tc:
@@ -528,7 +519,7 @@ class _SpecialVocab:
                 alt = [{"name": "default", "template": alt}]
                 alt += [{"name": p.stem, "template": _read_text(p)} for p in extra]
         elif (self.dir / "chat_template.json").is_file():
-            alt = (_read_json(self.dir / "chat_template.json") or {}).get("chat_template")
+            alt = (read_json(self.dir / "chat_template.json") or {}).get("chat_template")
         template = tc.get("chat_template", alt)
         if template is None or isinstance(template, (str, list)):
             return template
@@ -612,7 +603,7 @@ def _auto_tokenizer(model_dir: pathlib.Path) -> Any:
         raise GGQError(f"{model_dir}: cannot load the tokenizer with transformers ({_first_line(e)})") from None
 
 
-def _read_json(path: pathlib.Path, missing_ok: bool = False) -> Any:
+def read_json(path: pathlib.Path, missing_ok: bool = False) -> Any:
     if missing_ok and not path.is_file():
         return None
     try:

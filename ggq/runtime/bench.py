@@ -3,7 +3,7 @@
 Prompt: ``n_prompt`` random token ids in one batch on an empty cache (pp tokens/s). Decode:
 ``n_gen`` single-token evals after a one-token start (tg tokens/s). Each test runs ``repetitions``
 times after one warm-up; the median is reported. Also reports load time, the number of Python ->
-compiled calls per decoded token (1: :func:`ggq.runtime.model.forward` runs all layers), and the
+compiled calls per decoded token (1: the family's ``forward`` runs all layers), and the
 process peak RSS.
 """
 
@@ -32,8 +32,6 @@ def peak_rss_mb() -> float:
 def bench_model(model, n_prompt: int = 128, n_gen: int = 128, repetitions: int = 3, seed: int = 0) -> dict:
     """Measure ``model`` (a loaded :class:`ggq.runtime.model.Model`); returns a dict with
     ``pp_tps``, ``tg_tps`` (tokens/s, median), ``pp_s``/``tg_s`` lists, ``calls_per_token``."""
-    from ggq.runtime import model as model_mod
-
     rs = np.random.RandomState(seed)
     vocab = model.n_vocab
     need = max(n_prompt, n_gen + 1)
@@ -44,7 +42,7 @@ def bench_model(model, n_prompt: int = 128, n_gen: int = 128, repetitions: int =
     pp, tg = [], []
     # count compiled calls per decoded token by wrapping the compiled forward
     calls = [0]
-    orig = model_mod.forward
+    orig = model._forward_fn
 
     def counting(*a):
         calls[0] += 1
@@ -61,7 +59,7 @@ def bench_model(model, n_prompt: int = 128, n_gen: int = 128, repetitions: int =
         if n_gen:
             model.reset()
             model.eval(gen[:1])
-            model_mod.forward = counting
+            model._forward_fn = counting
             calls[0] = 0
             try:
                 t0 = time.perf_counter()
@@ -69,7 +67,7 @@ def bench_model(model, n_prompt: int = 128, n_gen: int = 128, repetitions: int =
                     model.eval([int(t)])
                 dt = time.perf_counter() - t0
             finally:
-                model_mod.forward = orig
+                model._forward_fn = orig
             if rep:
                 tg.append(dt)
     model.reset()

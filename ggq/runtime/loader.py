@@ -20,10 +20,6 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 
 from ggq.errors import GGQError
 
-#: architectures the forward pass implements (general.architecture)
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
-
-
 _SCALAR = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8",
            12: "<f8"}
 _STRING, _ARRAY, _BOOL = 8, 9, 7
@@ -138,7 +134,7 @@ def open_gguf(path, check_arch: bool = True) -> GGUFFile:
     Raises GGQError (naming the file) for: a missing or unreadable file, wrong magic or version,
     a header the reader cannot parse (truncated file), an unknown ggml type, a tensor whose data
     lies outside the file, is misaligned or overlaps another, a row length that is not a multiple
-    of the type's block size, and (``check_arch``) an architecture not in SUPPORTED_ARCHS.
+    of the type's block size, and (``check_arch``) an architecture no family of :mod:`ggq.models` runs.
     """
     path = Path(path)
     name = path.name
@@ -220,6 +216,8 @@ def open_gguf(path, check_arch: bool = True) -> GGUFFile:
     if "general.architecture" not in metadata or not isinstance(metadata["general.architecture"], str):
         raise GGQError(f"{name}: missing general.architecture")
     arch = metadata["general.architecture"]
-    if check_arch and arch not in SUPPORTED_ARCHS:
-        raise GGQError(f"{name}: architecture {arch!r} is not supported (ggq runs {', '.join(SUPPORTED_ARCHS)})")
+    if check_arch:
+        from ggq import models
+
+        models.for_gguf(arch, name)
     return GGUFFile(path, metadata, tensors, size, data)

@@ -1,372 +1,31 @@
-"""The forward pass: llama / mistral / qwen2 decoder-only transformers from a GGUF file.
+"""A GGUF model ready to run: weights repacked for the kernels, a KV cache, one compiled call per batch.
 
-``Model.load(path)`` memory-maps the file (:mod:`ggq.runtime.loader`), repacks the weights into
-the kernel layouts (:mod:`ggq.runtime.kernels`, the file's pages are released as each tensor is
-done) and allocates a KV cache. ``Model.eval(tokens)`` runs the tokens at positions ``n_past...``
-through **one** compiled call (:func:`forward`) that loops over all layers: RMSNorm, Q/K/V
-projections (+ biases for qwen2), RoPE (NORM = adjacent pairs for llama/mistral, whose Q/K rows
-llama.cpp's converter permuted into that form; NEOX = halves for qwen2) with freq_base, linear
-scaling, YaRN and llama3-style ``rope_freqs`` factors (:mod:`.rope`), grouped-query attention
-over the float32 KV cache, SwiGLU FFN, final norm and the output projection (``token_embd`` when ``output.weight`` is
-absent). Prompt batches go through the same call with T rows (matrix-matrix kernels); a single
-token is the decode path. Same graph as llama.cpp's llm_build_llama / llm_build_qwen2.
+``Model.load(path)`` memory-maps the file (:mod:`ggq.runtime.loader`), finds its family
+(:mod:`ggq.models`: llama, qwen2, qwen3, gemma2/3, phi3, ...), lets the family name the tensors of
+each layer (:meth:`~ggq.models.base.Family.load_layer`) into the layer table, repacks the weights
+into the kernel layouts (:mod:`ggq.runtime.kernels`; the file's pages are released as each tensor
+is done) and allocates a KV cache. ``Model.eval(tokens)`` runs the tokens at positions
+``n_past...`` through the family's compiled ``forward``, which loops over all layers with the ops
+of :mod:`ggq.runtime.ops`. Prompt batches go through the same call with T rows (matrix-matrix
+kernels); a single token is the decode path.
 """
 
 from __future__ import annotations
 
-import math
 import mmap
 import time
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
-from numba import njit, prange, types
-from numba.extending import overload
 
+from ggq import models
 from ggq.errors import GGQError
-from ggq.runtime.kernels import (C_FAM, SUPPORTED_TYPES, WeightArena, get_row, matmul, quantize_act,
-                                 quantize_act_par)
-from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
-from ggq.runtime.kernels.mathf import expf
-from ggq.runtime.kernels.repack import FAM_N32
+from ggq.models.base import Metadata
+from ggq.runtime import ops
+from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
-from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
-
-# layer table columns
-L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_GATE, L_UP, L_DOWN, L_BQ, L_BK, L_BV = range(12)
-# integer hyper-parameters
-I_EMBD, I_HEAD, I_KV, I_HD, I_ROT, I_NEOX, I_FF, I_VOCAB, I_LAYER, I_TOKEMB, I_OUTNORM, I_OUT = range(12)
-
-
-#: KV cache element types: name -> numpy dtype of the cache arrays (F16 held as its bits)
-KV_TYPES = {"f32": np.float32, "f16": np.uint16}
-
-
-def kv_value(v):
-    """float32 value of a KV cache element: itself (float32) or the fp16 bits it holds (uint16)."""
-    raise NotImplementedError  # compiled code only (see the overload below)
-
-
-@overload(kv_value, inline="always")
-def _kv_value(v):
-    if v == types.uint16:
-        return lambda v: f16_to_f32(v)
-    if isinstance(v, types.Float):
-        return lambda v: v
-
-
-def kv_from_f32(v, like):
-    """``v`` (float32) as a KV cache element of the type of ``like`` (rounded to fp16 bits for uint16)."""
-    raise NotImplementedError  # compiled code only
-
-
-@overload(kv_from_f32, inline="always")
-def _kv_from_f32(v, like):
-    if like == types.uint16:
-        return lambda v, like: f32_to_f16(v)
-    if isinstance(like, types.Float):
-        return lambda v, like: v
-
-
-@njit(cache=True, inline="always")
-def _kv_store(cache, pos0, x):
-    """cache[pos0 + t] = x[t] (x float32 (T, n)), converted to the cache's element type."""
-    for t in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            cache[pos0 + t, j] = kv_from_f32(x[t, j], cache[0, 0])
-
-
-@njit(cache=True, inline="always")
-def _kv_store_t(cache, pos0, x):
-    """cache[j, pos0 + t] = x[t, j]: the transposed K cache ([dim][position], so decode attention
-    takes the scores of all positions along the vector lanes)."""
-    for t in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            cache[j, pos0 + t] = kv_from_f32(x[t, j], cache[0, 0])
-
-
-@njit(cache=True, fastmath=True)
-def _rmsnorm(x, w, eps, out):
-    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (ggml_rms_norm then mul)."""
-    n = x.shape[1]
-    for t in range(x.shape[0]):
-        ss = 0.0
-        for k in range(n):
-            ss += np.float64(x[t, k]) * x[t, k]
-        scale = np.float32(1.0 / math.sqrt(ss / n + eps))
-        for k in range(n):
-            out[t, k] = x[t, k] * scale * w[k]
-
-
-@njit(cache=True)
-def _rope_table(T, n_rot, pos0, inv_freq, mscale):
-    """cos and sin (float32 (T, n_rot // 2) each) of positions pos0.. for every dim pair: pair
-    ``i`` at position ``p`` turns by ``p * inv_freq[i]``, both times ``mscale`` (:mod:`.rope`).
-    Computed once per forward call, shared by all layers."""
-    half = n_rot // 2
-    cos = np.empty((T, half), np.float32)
-    sin = np.empty((T, half), np.float32)
-    for t in range(T):
-        for i in range(half):
-            th = (pos0 + t) * inv_freq[i]
-            cos[t, i] = np.float32(math.cos(th) * mscale)
-            sin[t, i] = np.float32(math.sin(th) * mscale)
-    return cos, sin
-
-
-@njit(cache=True)
-def _rope(v, n_heads, hd, n_rot, neox, cos, sin):
-    """Rotate the first ``n_rot`` dims of each head of ``v`` (T, n_heads*hd) in place by the
-    angles of :func:`_rope_table` (NORM: adjacent pairs; NEOX: dims i and i + n_rot/2)."""
-    half = n_rot // 2
-    for t in range(v.shape[0]):
-        for i in range(half):
-            c = cos[t, i]
-            s = sin[t, i]
-            for h in range(n_heads):
-                o = h * hd
-                if neox:
-                    a, b = o + i, o + i + half
-                else:
-                    a, b = o + 2 * i, o + 2 * i + 1
-                x0 = v[t, a]
-                x1 = v[t, b]
-                v[t, a] = x0 * c - x1 * s
-                v[t, b] = x0 * s + x1 * c
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _softmax(s, m, scale):
-    """s[:m] <- softmax(scale * s[:m]) in place (float32, max subtracted, vectorizable exp)."""
-    mx = np.float32(-np.inf)
-    for p in range(m):
-        s[p] *= scale
-        mx = max(mx, s[p])
-    tot = np.float32(0.0)
-    for p in range(m):
-        e = expf(s[p] - mx)
-        s[p] = e
-        tot += e
-    inv = np.float32(1.0) / tot
-    for p in range(m):
-        s[p] *= inv
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    """Causal attention of one (token, head) pair ``it`` = t * n_head + h (softmax in float32)."""
-    grp = n_head // n_kv
-    t = it // n_head
-    h = it % n_head
-    kvh = h // grp
-    n = pos0 + t + 1
-    sc = np.empty(n, np.float32)
-    qh = q[t, h * hd:(h + 1) * hd]
-    for p in range(n):
-        sc[p] = 0.0
-    for d in range(hd):  # keys along the vector lanes: the K cache is stored [dim][position]
-        qd = qh[d]
-        kd = kc[kvh * hd + d]
-        for p in range(n):
-            sc[p] += qd * kv_value(kd[p])
-    _softmax(sc, n, scale)
-    o = out[t, h * hd:(h + 1) * hd]
-    o[:] = 0.0
-    for p in range(n):
-        w = sc[p]
-        vp = vc[p, kvh * hd:(kvh + 1) * hd]
-        for d in range(hd):
-            o[d] += w * kv_value(vp[d])
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    for it in prange(q.shape[0] * n_head):
-        _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    """Prompt batches: per head, S = Q K^T, a causal softmax, O = P V as float products in 4 x 4
-    register tiles (:func:`~ggq.runtime.kernels.floats.rows_times_x`); parallel over heads."""
-    T = q.shape[0]
-    n = pos0 + T
-    grp = n_head // n_kv
-    for h in prange(n_head):
-        kvh = h // grp
-        kf = np.empty((n, hd), np.float32)
-        vt = np.empty((hd, n), np.float32)
-        for d in range(hd):
-            for p in range(n):
-                kf[p, d] = kv_value(kc[kvh * hd + d, p])
-        for p in range(n):
-            for d in range(hd):
-                vt[d, p] = kv_value(vc[p, kvh * hd + d])
-        qh = np.ascontiguousarray(q[:, h * hd:(h + 1) * hd])
-        s = np.empty((T, n), np.float32)
-        rows_times_x(kf, n, 0, qh, s)  # s[t, p] = k_p . q_t
-        for t in range(T):
-            m = pos0 + t + 1  # keys visible to token t
-            _softmax(s[t], m, scale)
-            s[t, m:] = 0.0
-        o = np.empty((T, hd), np.float32)
-        rows_times_x(vt, hd, 0, s, o)  # o[t, d] = sum_p v_p[d] * s[t, p]
-        out[:, h * hd:(h + 1) * hd] = o
-
-
-@njit(cache=True, fastmath=True)
-def _attention(q, kc, vc, pos0, n_head, n_kv, hd, scale, out):
-    """Causal GQA: q (T, n_head*hd), caches ``kc`` (n_kv*hd, n_ctx) (transposed) and ``vc``
-    (n_ctx, n_kv*hd) holding positions < pos0+T; out (T, n_head*hd). Prompt batches of >= 4 tokens as float matrix products per head; decode
-    per (token, head), in parallel unless the work is too small to pay for a parallel region."""
-    T = q.shape[0]
-    if T >= 4:
-        _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
-    elif T * n_head * (pos0 + T) * hd < 65536:
-        for it in range(T * n_head):
-            _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
-    else:
-        _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, out)
-
-
-@njit(cache=True, fastmath=True, inline="always")
-def _swiglu_row(g, u):
-    for j in range(g.shape[0]):
-        x = g[j]
-        g[j] = x / (np.float32(1.0) + expf(-x)) * u[j]
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _swiglu_par(gate, up):
-    for t in prange(gate.shape[0]):
-        _swiglu_row(gate[t], up[t])
-
-
-@njit(cache=True, fastmath=True)
-def _swiglu(gate, up):
-    """gate <- silu(gate) * up (ggml_swiglu), rows in parallel for prompt batches."""
-    if gate.shape[0] > 1:
-        _swiglu_par(gate, up)
-    else:
-        _swiglu_row(gate[0], up[0])
-
-
-@njit(cache=True, inline="always")
-def _reads_q8(mats, m):
-    """Whether matrix ``m`` (-1: none) is an integer family, i.e. reads the 8-bit activations."""
-    return m >= 0 and mats[m, C_FAM] >= FAM_N32
-
-
-@njit(cache=True)
-def _quant(x, xq, xd, xs16, xs32):
-    if x.shape[1] % 32 == 0:
-        if x.shape[0] > 1:
-            quantize_act_par(x, xq, xd, xs16, xs32)
-        else:
-            quantize_act(x, xq, xd, xs16, xs32)
-
-
-@njit(cache=True)
-def _abufs(T, n):
-    nb = max(n // 32, 1)
-    return (np.empty((T, nb * 32), np.int8), np.empty((T, nb), np.float32),
-            np.empty((T, 2 * nb), np.float32), np.empty((T, nb), np.float32))
-
-
-@njit(cache=True, fastmath=True)
-def forward(tokens, pos0, all_logits, mats, u8, i8, f32, u16, u32, vecs, lay, ip, eps, attn_scale,
-            inv_freq, rope_mscale, kc, vc, logits):
-    """Run ``tokens`` (int64 (T,)) at positions pos0.. through all layers, filling the KV caches
-    ``kc`` (n_layer, n_kv*hd, n_ctx) and ``vc`` (n_layer, n_ctx, n_kv*hd) (float32, or fp16 bits
-    as uint16) and ``logits`` (float32 (T or 1, n_vocab)):
-    every row when ``all_logits``, else the last token's. One compiled call per batch."""
-    T = tokens.shape[0]
-    n_embd = ip[I_EMBD]
-    n_head = ip[I_HEAD]
-    n_kv = ip[I_KV]
-    hd = ip[I_HD]
-    n_ff = ip[I_FF]
-    nq = n_head * hd
-    nkv = n_kv * hd
-    x = np.empty((T, n_embd), np.float32)
-    for t in range(T):
-        get_row(ip[I_TOKEMB], mats, u8, i8, f32, u16, u32, tokens[t], x[t])
-    h = np.empty((T, n_embd), np.float32)
-    q = np.empty((T, nq), np.float32)
-    k = np.empty((T, nkv), np.float32)
-    v = np.empty((T, nkv), np.float32)
-    att = np.empty((T, nq), np.float32)
-    o = np.empty((T, n_embd), np.float32)
-    gate = np.empty((T, n_ff), np.float32)
-    up = np.empty((T, n_ff), np.float32)
-    qkv = np.empty((T, nq + 2 * nkv), np.float32)
-    gu = np.empty((T, 2 * n_ff), np.float32)
-    e_q, e_d, e_s16, e_s32 = _abufs(T, n_embd)
-    a_q, a_d, a_s16, a_s32 = _abufs(T, nq)
-    f_q, f_d, f_s16, f_s32 = _abufs(T, n_ff)
-    rcos, rsin = _rope_table(T, ip[I_ROT], pos0, inv_freq, rope_mscale)
-    for l in range(ip[I_LAYER]):
-        L = lay[l]
-        an = L[L_ATTN_NORM]
-        _rmsnorm(x, vecs[an:an + n_embd], eps, h)
-        if _reads_q8(mats, L[L_WQ]) or _reads_q8(mats, L[L_WK]) or _reads_q8(mats, L[L_WV]):
-            _quant(h, e_q, e_d, e_s16, e_s32)
-        if L[L_WK] < 0:  # fused Q|K|V rows: one parallel region
-            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, qkv)
-            q[:] = qkv[:, :nq]
-            k[:] = qkv[:, nq:nq + nkv]
-            v[:] = qkv[:, nq + nkv:]
-        else:
-            matmul(L[L_WQ], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, q)
-            matmul(L[L_WK], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, k)
-            matmul(L[L_WV], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, v)
-        if L[L_BQ] >= 0:
-            for t in range(T):
-                q[t] += vecs[L[L_BQ]:L[L_BQ] + nq]
-                k[t] += vecs[L[L_BK]:L[L_BK] + nkv]
-                v[t] += vecs[L[L_BV]:L[L_BV] + nkv]
-        _rope(q, n_head, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
-        _rope(k, n_kv, hd, ip[I_ROT], ip[I_NEOX], rcos, rsin)
-        _kv_store_t(kc[l], pos0, k)
-        _kv_store(vc[l], pos0, v)
-        _attention(q, kc[l], vc[l], pos0, n_head, n_kv, hd, attn_scale, att)
-        if _reads_q8(mats, L[L_WO]):
-            _quant(att, a_q, a_d, a_s16, a_s32)
-        matmul(L[L_WO], mats, u8, i8, f32, u16, u32, att, a_q, a_d, a_s16, a_s32, o)
-        x += o
-        fn = L[L_FFN_NORM]
-        _rmsnorm(x, vecs[fn:fn + n_embd], eps, h)
-        if _reads_q8(mats, L[L_GATE]) or _reads_q8(mats, L[L_UP]):
-            _quant(h, e_q, e_d, e_s16, e_s32)
-        if L[L_UP] < 0:  # fused gate|up rows
-            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gu)
-            gate[:] = gu[:, :n_ff]
-            up[:] = gu[:, n_ff:]
-        else:
-            matmul(L[L_GATE], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, gate)
-            matmul(L[L_UP], mats, u8, i8, f32, u16, u32, h, e_q, e_d, e_s16, e_s32, up)
-        _swiglu(gate, up)
-        if _reads_q8(mats, L[L_DOWN]):
-            _quant(gate, f_q, f_d, f_s16, f_s32)
-        matmul(L[L_DOWN], mats, u8, i8, f32, u16, u32, gate, f_q, f_d, f_s16, f_s32, o)
-        x += o
-    on = ip[I_OUTNORM]
-    if all_logits:
-        hf = np.empty((T, n_embd), np.float32)
-        _rmsnorm(x, vecs[on:on + n_embd], eps, hf)
-    else:
-        hf = np.empty((1, n_embd), np.float32)
-        _rmsnorm(x[T - 1:T], vecs[on:on + n_embd], eps, hf)
-    o_q, o_d, o_s16, o_s32 = _abufs(hf.shape[0], n_embd)
-    if _reads_q8(mats, ip[I_OUT]):
-        _quant(hf, o_q, o_d, o_s16, o_s32)
-    matmul(ip[I_OUT], mats, u8, i8, f32, u16, u32, hf, o_q, o_d, o_s16, o_s32, logits)
-
-
-def _opt_float(v):
-    return None if v is None else float(v)
-
+from ggq.runtime.ops import KV_TYPES
 
 def _dequant_vec(t) -> np.ndarray:
     """A 1-D norm/bias tensor as float32."""
@@ -380,11 +39,82 @@ def _dequant_vec(t) -> np.ndarray:
     return dequantize(raw, t.qtype).astype(np.float32).reshape(-1)
 
 
+class LayerBuilder:
+    """What a family's ``load_layer`` names its tensors through (llama.cpp's ``create_tensor``).
+
+    Matrices go to the weight arena (:meth:`mat`, :meth:`stacked`: an index into it), norm weights
+    and biases to one float32 array (:meth:`vec`: an offset into it); -1 stands for an absent
+    optional tensor. Shapes are in ggml ``ne`` order (``ne[0]`` = row length). GGQError naming the
+    file for a missing required tensor, a wrong shape or a type ggq cannot run."""
+
+    def __init__(self, tensors: dict, where: str):
+        self.tensors = tensors
+        self.where = where
+        self.mats: list = []  # TensorInfo or _Fused, in arena order
+        self.vecs: list[np.ndarray] = []
+        self._vec_size = 0
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str, ne, optional: bool = False):
+        """The tensor ``name`` after checking its shape; None if absent and ``optional``."""
+        t = self.tensors.get(name)
+        if t is None:
+            if optional:
+                return None
+            raise GGQError(f"{self.where}: missing tensor {name}")
+        if tuple(t.ne) != tuple(ne):
+            raise GGQError(f"{self.where}: tensor {name} has shape {list(t.ne)}, expected {list(ne)}")
+        return t
+
+    def _add_mat(self, t) -> int:
+        if t.qtype not in SUPPORTED_TYPES:
+            raise GGQError(f"{self.where}: tensor {t.name} has type {t.qtype.name}, which ggq cannot run")
+        self.mats.append(t)
+        return len(self.mats) - 1
+
+    def mat(self, name: str, ne, optional: bool = False) -> int:
+        """Arena index of matrix ``name`` (-1 if absent and ``optional``)."""
+        t = self.tensor(name, ne, optional)
+        return -1 if t is None else self._add_mat(t)
+
+    def stacked(self, *named) -> list[int]:
+        """Arena indices of the matrices ``(name, ne)`` that one input multiplies (Q, K, V; gate, up).
+        When they share a type and row length and their row counts are multiples of 64 they are
+        stacked into one matrix, so one parallel region computes them all: then the first index
+        is that matrix and the others are -1 (the ops split its output)."""
+        ts = [self.tensor(n, ne) for n, ne in named]
+        if _fusable(*ts):
+            return [self._add_mat(_Fused(*ts))] + [-1] * (len(ts) - 1)
+        return [self._add_mat(t) for t in ts]
+
+    def vec_array(self, name: str, n: int, optional: bool = False) -> np.ndarray | None:
+        """The float32 values of the 1-D tensor ``name`` (``n`` elements), None if absent and ``optional``."""
+        t = self.tensor(name, (n,), optional)
+        return None if t is None else _dequant_vec(t)
+
+    def vec(self, name: str, n: int, optional: bool = False) -> int:
+        """Offset of the 1-D tensor ``name`` in the runtime's vector array (-1 if absent and ``optional``)."""
+        arr = self.vec_array(name, n, optional)
+        if arr is None:
+            return -1
+        off = self._vec_size
+        padded = -(-arr.size // 16) * 16
+        self.vecs += [arr, np.zeros(padded - arr.size, np.float32)]
+        self._vec_size += padded
+        return off
+
+    def vec_values(self) -> np.ndarray:
+        return np.concatenate(self.vecs).astype(np.float32) if self.vecs else np.zeros(16, np.float32)
+
+
 class Model:
     """A GGUF model ready to run: see the module docstring and ``specs/runtime.md``.
 
-    Attributes: ``arch``, ``n_vocab``, ``n_ctx``, ``metadata`` (GGUF key -> value), ``reader``
-    (gguf.GGUFReader), ``n_past`` (tokens in the KV cache), ``path``, ``load_seconds``.
+    Attributes: ``arch``, ``family`` (:class:`ggq.models.base.Family`), ``n_vocab``, ``n_ctx``,
+    ``metadata`` (GGUF key -> value), ``reader`` (gguf.GGUFReader), ``n_past`` (tokens in the KV
+    cache), ``path``, ``load_seconds``.
     """
 
     n_batch = 512
@@ -404,132 +134,50 @@ class Model:
         self.metadata = gf.metadata
         self.arch = gf.arch
         name = gf.path.name
-        md = gf.metadata
-        a = self.arch
+        fam = models.for_gguf(gf.arch, name)
+        self.family = fam
+        rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
+        self.params = rp
+        n_layer, n_embd = rp.n_layer, rp.n_embd
+        self.n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
+        self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = (
+            n_layer, n_embd, rp.n_head, rp.n_kv, rp.head_dim, rp.n_ff)
 
-        def hp(key, default=None, required=True):
-            v = md.get(f"{a}.{key}", default)
-            if v is None and required:
-                raise GGQError(f"{name}: missing metadata {a}.{key}")
-            return v
-
-        n_layer = int(hp("block_count"))
-        n_embd = int(hp("embedding_length"))
-        n_ff = int(hp("feed_forward_length"))
-        n_head = int(hp("attention.head_count"))
-        n_kv = int(hp("attention.head_count_kv", n_head))
-        hd = int(hp("attention.key_length", n_embd // n_head))
-        if int(hp("attention.value_length", hd)) != hd:
-            raise GGQError(f"{name}: different key and value head sizes are not supported")
-        if n_head % n_kv:
-            raise GGQError(f"{name}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-        n_rot = int(hp("rope.dimension_count", hd))
-        eps = float(hp("attention.layer_norm_rms_epsilon", 1e-5))
-        base = float(hp("rope.freq_base", 10000.0))
-        ctx_train = int(hp("context_length", 4096))
-        # llama.cpp: type defaults to linear; factor from rope.scaling.factor or the old rope.scale_linear
-        stype = hp("rope.scaling.type", "linear", required=False)
-        sfactor = float(hp("rope.scaling.factor", None, required=False) or hp("rope.scale_linear", 0.0, required=False)
-                        or 0.0)
-        if stype not in SCALING_TYPES:
-            if sfactor not in (0.0, 1.0):
-                raise GGQError(f"{name}: rope scaling {stype!r} is not supported")
-            stype = "none"
-        self.n_ctx = int(n_ctx) if n_ctx else min(ctx_train, 4096)
-        self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = n_layer, n_embd, n_head, n_kv, hd, n_ff
-
-        tens = gf.tensors
-
-        def get(tname, shape, optional=False):
-            t = tens.get(tname)
-            if t is None:
-                if optional:
-                    return None
-                raise GGQError(f"{name}: missing tensor {tname}")
-            if tuple(t.ne) != tuple(shape):
-                raise GGQError(f"{name}: tensor {tname} has shape {list(t.ne)}, expected {list(shape)}")
-            return t
-
-        emb = tens.get("token_embd.weight")
+        b = LayerBuilder(gf.tensors, name)
+        emb = gf.tensors.get("token_embd.weight")
         if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
             raise GGQError(f"{name}: missing or malformed token_embd.weight")
         self.n_vocab = int(emb.ne[1])
-        nq, nkv = n_head * hd, n_kv * hd
-        mats, vecs = [], []  # (TensorInfo), (array)
-        vec_off = [0]
-
-        def add_mat(t):
-            if t.qtype not in SUPPORTED_TYPES:
-                raise GGQError(f"{name}: tensor {t.name} has type {t.qtype.name}, which ggq cannot run")
-            mats.append(t)
-            return len(mats) - 1
-
-        def add_vec(t):
-            if t is None:
-                return -1
-            arr = _dequant_vec(t)
-            off = vec_off[0]
-            vecs.append(arr)
-            vec_off[0] += -(-arr.size // 16) * 16
-            vecs.append(np.zeros(-(-arr.size // 16) * 16 - arr.size, np.float32))
-            return off
-
-        lay = np.full((n_layer, 12), -1, np.int64)
+        lay = np.full((n_layer, ops.N_L), -1, np.int64)
         for i in range(n_layer):
-            p = f"blk.{i}."
-            lay[i, L_ATTN_NORM] = add_vec(get(p + "attn_norm.weight", (n_embd,)))
-            wq, wk, wv = (get(p + "attn_q.weight", (n_embd, nq)), get(p + "attn_k.weight", (n_embd, nkv)),
-                          get(p + "attn_v.weight", (n_embd, nkv)))
-            if _fusable(wq, wk, wv):
-                lay[i, L_WQ] = add_mat(_Fused(wq, wk, wv))
-            else:
-                lay[i, L_WQ], lay[i, L_WK], lay[i, L_WV] = add_mat(wq), add_mat(wk), add_mat(wv)
-            lay[i, L_WO] = add_mat(get(p + "attn_output.weight", (nq, n_embd)))
-            lay[i, L_FFN_NORM] = add_vec(get(p + "ffn_norm.weight", (n_embd,)))
-            wg, wu = get(p + "ffn_gate.weight", (n_embd, n_ff)), get(p + "ffn_up.weight", (n_embd, n_ff))
-            if _fusable(wg, wu):
-                lay[i, L_GATE] = add_mat(_Fused(wg, wu))
-            else:
-                lay[i, L_GATE], lay[i, L_UP] = add_mat(wg), add_mat(wu)
-            lay[i, L_DOWN] = add_mat(get(p + "ffn_down.weight", (n_ff, n_embd)))
-            bq = get(p + "attn_q.bias", (nq,), optional=True)
-            if bq is not None:
-                lay[i, L_BQ] = add_vec(bq)
-                lay[i, L_BK] = add_vec(get(p + "attn_k.bias", (nkv,)))
-                lay[i, L_BV] = add_vec(get(p + "attn_v.bias", (nkv,)))
-        i_emb = add_mat(emb)
-        i_onorm = add_vec(get("output_norm.weight", (n_embd,)))
-        out = get("output.weight", (n_embd, self.n_vocab), optional=True)
-        i_out = add_mat(out) if out is not None else i_emb
-        self.tied_output = out is None
-
-        rf = get("rope_freqs.weight", (n_rot // 2,), optional=True)
-        self._inv_freq, self._rope_mscale = rope_frequencies(
-            n_rot, base, stype, sfactor, int(hp("rope.scaling.original_context_length", ctx_train, required=False)),
-            None if rf is None else _dequant_vec(rf), float(hp("rope.scaling.attn_factor", 1.0, required=False)),
-            float(hp("rope.scaling.yarn_beta_fast", 32.0, required=False)),
-            float(hp("rope.scaling.yarn_beta_slow", 1.0, required=False)),
-            _opt_float(hp("rope.scaling.yarn_ext_factor", None, required=False)),
-            float(hp("rope.scaling.yarn_log_multiplier", 0.0, required=False)))
-        self._neox = 1 if a == "qwen2" else 0
+            fam.load_layer(b, i, rp, lay[i])
+            lay[i, ops.L_SWA] = int(bool(rp.swa_layers[i])) if rp.swa_layers else 0
+            lay[i, ops.L_ROPE] = rp.rope_kinds[i] if rp.rope_kinds else 0
+        i_emb = b.mat("token_embd.weight", emb.ne)
+        i_onorm = b.vec("output_norm.weight", n_embd)
+        i_out = b.mat("output.weight", (n_embd, self.n_vocab), optional=True)
+        self.tied_output = i_out < 0
+        if self.tied_output:
+            i_out = i_emb
+        self._inv_freq, self._rope_mscale = fam.rope(rp, b, self.n_ctx)
 
         try:
-            arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in mats])
+            arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in b.mats])
         except ValueError as e:
             raise GGQError(f"{name}: {e}") from None
         mm = getattr(gf.data, "_mmap", None)
-        for j, t in enumerate(mats):
+        for j, t in enumerate(b.mats):
             arena.fill(j, t.raw)
             for part in getattr(t, "parts", (t,)):
                 _release(mm, part.offset, part.nbytes)
         self.arena = arena
-        self._vecs = np.concatenate(vecs).astype(np.float32) if vecs else np.zeros(16, np.float32)
+        self._vecs = b.vec_values()
         self._lay = lay
-        self._ip = np.array([n_embd, n_head, n_kv, hd, n_rot, self._neox, n_ff, self.n_vocab, n_layer, i_emb,
-                             i_onorm, i_out], np.int64)
-        self._eps = eps
-        self._attn_scale = 1.0 / math.sqrt(hd)
+        self._ip = rp.int_params(self.n_vocab, i_emb, i_onorm, i_out)
+        self._fp = rp.float_params()
+        self._forward_fn = fam.forward
         self.kv_type = kv_type
+        nkv = rp.n_kv_dim
         self._kc = np.zeros((n_layer, nkv, self.n_ctx), KV_TYPES[kv_type])  # K transposed: [dim][position]
         self._vc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
         self.n_past = 0
@@ -592,10 +240,8 @@ class Model:
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def _forward(self, chunk, logits, all_logits):
-        mats, u8, i8, f32, u16, u32 = self.arena.args
-        forward(chunk, self.n_past, all_logits, mats, u8, i8, f32, u16, u32, self._vecs, self._lay, self._ip,
-                self._eps, np.float32(self._attn_scale), self._inv_freq,
-                self._rope_mscale, self._kc, self._vc, logits)
+        self._forward_fn(chunk, self.n_past, all_logits, self.arena.args, self._vecs, self._lay, self._ip, self._fp,
+                         self._inv_freq, self._rope_mscale, self._kc, self._vc, logits)
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"

@@ -1,0 +1,490 @@
+"""The compiled ops every family's forward pass is written with (:mod:`ggq.models`).
+
+A family's ``forward`` is one ``@njit`` function that runs a whole batch through all layers as a
+readable sequence of these ops (llama2.c's style: one step, one comment), so a decoded token costs
+one Python -> compiled call whatever the family. The ops work on preallocated buffers
+(:func:`scratch`), never allocate per layer, and keep the kernels' layout decisions
+(:mod:`ggq.runtime.kernels`) out of the family code.
+
+Shared data every forward receives (built by :class:`ggq.runtime.model.Model`):
+
+* ``W``: the weight arenas ``(mats, u8, i8, f32, u16, u32)`` (:class:`~ggq.runtime.kernels.WeightArena`);
+* ``vecs``: float32 norm weights and biases, one flat array addressed by offsets;
+* ``lay``: int64 ``(n_layer, N_L)`` layer table: per layer the matrix index or vector offset of
+  each weight in the ``L_*`` columns (-1: absent), a sliding-window flag and a rope kind;
+* ``ip``: int64 hyper-parameters (``I_*``), ``fp``: float64 ones (``F_*``);
+* ``inv_freq`` float64 ``(n_kinds, n_rot/2)`` and ``mscale`` float64 ``(n_kinds,)``: the rope
+  kinds (:mod:`ggq.runtime.rope`; Gemma 3 has one for local and one for global layers);
+* ``kc`` ``(n_layer, n_kv*hd, n_ctx)`` (K transposed: [dim][position]) and ``vc``
+  ``(n_layer, n_ctx, n_kv*hd)``: the KV cache, float32 or fp16 bits as uint16.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from ggq.runtime.kernels import C_FAM, get_row, matmul, quantize_act, quantize_act_par
+from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
+from ggq.runtime.kernels.mathf import expf
+from ggq.runtime.kernels.repack import FAM_N32
+
+# ---------------------------------------------------------------------------------------------------
+# layer table columns (one row per layer; -1 = the layer has no such weight)
+(L_ATTN_NORM, L_WQ, L_WK, L_WV, L_WO, L_FFN_NORM, L_GATE, L_UP, L_DOWN, L_BQ, L_BK, L_BV, L_Q_NORM, L_K_NORM,
+ L_POST_ATTN_NORM, L_POST_FFN_NORM, L_SWA, L_ROPE) = range(18)
+N_L = 18
+# integer hyper-parameters
+(I_EMBD, I_HEAD, I_KV, I_HD, I_ROT, I_NEOX, I_FF, I_VOCAB, I_LAYER, I_TOKEMB, I_OUTNORM, I_OUT,
+ I_SWA_WINDOW) = range(13)
+N_I = 13
+# float hyper-parameters
+F_EPS, F_ATTN_SCALE, F_ATTN_SOFTCAP, F_FINAL_SOFTCAP, F_EMBD_SCALE = range(5)
+N_F = 5
+# gated linear units of the FFN
+SILU, GELU_TANH = 0, 1
+
+#: KV cache element types: name -> numpy dtype of the cache arrays (F16 held as its bits)
+KV_TYPES = {"f32": np.float32, "f16": np.uint16}
+
+
+def kv_value(v):
+    """float32 value of a KV cache element: itself (float32) or the fp16 bits it holds (uint16)."""
+    raise NotImplementedError  # compiled code only (see the overload below)
+
+
+@overload(kv_value, inline="always")
+def _kv_value(v):
+    if v == types.uint16:
+        return lambda v: f16_to_f32(v)
+    if isinstance(v, types.Float):
+        return lambda v: v
+
+
+def kv_from_f32(v, like):
+    """``v`` (float32) as a KV cache element of the type of ``like`` (rounded to fp16 bits for uint16)."""
+    raise NotImplementedError  # compiled code only
+
+
+@overload(kv_from_f32, inline="always")
+def _kv_from_f32(v, like):
+    if like == types.uint16:
+        return lambda v, like: f32_to_f16(v)
+    if isinstance(like, types.Float):
+        return lambda v, like: v
+
+
+# ---------------------------------------------------------------------------------------------------
+# buffers
+
+Scratch = namedtuple("Scratch", "h q k v att o gate up qkv gu ae aa af")
+Scratch.__doc__ = """Buffers of one forward call (float32, T rows): ``h`` normed input, ``q``/``k``/``v``,
+``att`` attention output, ``o`` a block's output, ``gate``/``up`` FFN, ``qkv``/``gu`` fused
+projections; ``ae``/``aa``/``af``: 8-bit activation buffers (:func:`act_bufs`) for inputs of
+n_embd, n_head*hd and n_ff values."""
+
+
+@njit(cache=True)
+def act_bufs(T, n):
+    """(xq int8 (T, n), xd, xs16, xs32 float32): :func:`~ggq.runtime.kernels.quantize_act`'s outputs."""
+    nb = max(n // 32, 1)
+    return (np.empty((T, nb * 32), np.int8), np.empty((T, nb), np.float32),
+            np.empty((T, 2 * nb), np.float32), np.empty((T, nb), np.float32))
+
+
+@njit(cache=True)
+def scratch(T, ip):
+    """The :data:`Scratch` buffers for a batch of ``T`` tokens."""
+    n_embd, n_ff = ip[I_EMBD], ip[I_FF]
+    nq, nkv = ip[I_HEAD] * ip[I_HD], ip[I_KV] * ip[I_HD]
+    f = np.float32
+    return Scratch(np.empty((T, n_embd), f), np.empty((T, nq), f), np.empty((T, nkv), f), np.empty((T, nkv), f),
+                   np.empty((T, nq), f), np.empty((T, n_embd), f), np.empty((T, n_ff), f), np.empty((T, n_ff), f),
+                   np.empty((T, nq + 2 * nkv), f), np.empty((T, 2 * n_ff), f),
+                   act_bufs(T, n_embd), act_bufs(T, nq), act_bufs(T, n_ff))
+
+
+@njit(cache=True, inline="always")
+def vec(vecs, off, n):
+    """The ``n`` float32 values of the norm weight / bias stored at ``off`` in ``vecs``."""
+    return vecs[off:off + n]
+
+
+# ---------------------------------------------------------------------------------------------------
+# matrix products
+
+
+@njit(cache=True, inline="always")
+def _reads_q8(mats, m):
+    """Whether matrix ``m`` (-1: none) is an integer family, i.e. reads the 8-bit activations."""
+    return m >= 0 and mats[m, C_FAM] >= FAM_N32
+
+
+@njit(cache=True)
+def quantize_for(W, x, A, m0, m1, m2):
+    """Quantize ``x`` (T, n) to 8 bits into ``A`` once, if any of matrices m0, m1, m2 (-1: none)
+    reads 8-bit activations (the integer families; float weights read ``x`` itself)."""
+    mats = W[0]
+    if (_reads_q8(mats, m0) or _reads_q8(mats, m1) or _reads_q8(mats, m2)) and x.shape[1] % 32 == 0:
+        if x.shape[0] > 1:
+            quantize_act_par(x, A[0], A[1], A[2], A[3])
+        else:
+            quantize_act(x, A[0], A[1], A[2], A[3])
+
+
+@njit(cache=True, inline="always")
+def mm(W, m, x, A, out):
+    """out (T, n_rows) = x (T, n_cols) @ W[m].T, integer families reading ``A`` (from :func:`quantize_for`)."""
+    matmul(m, W[0], W[1], W[2], W[3], W[4], W[5], x, A[0], A[1], A[2], A[3], out)
+
+
+@njit(cache=True)
+def linear(W, m, x, A, out):
+    """out = x @ W[m].T, quantizing ``x`` into ``A`` first when ``m`` needs it."""
+    quantize_for(W, x, A, m, -1, -1)
+    mm(W, m, x, A, out)
+
+
+@njit(cache=True)
+def embed(W, ip, tokens, scale):
+    """x (float32 (T, n_embd)): x[t] = row tokens[t] of token_embd times ``scale`` (1: none;
+    Gemma: sqrt(n_embd))."""
+    x = np.empty((tokens.shape[0], ip[I_EMBD]), np.float32)
+    for t in range(tokens.shape[0]):
+        get_row(ip[I_TOKEMB], W[0], W[1], W[2], W[3], W[4], W[5], tokens[t], x[t])
+    if scale != 1.0:
+        s = np.float32(scale)
+        for t in range(tokens.shape[0]):
+            for k in range(x.shape[1]):
+                x[t, k] *= s
+    return x
+
+
+@njit(cache=True)
+def attn_inputs(W, L, vecs, s, ip):
+    """s.q, s.k, s.v from the normed input s.h: the Q/K/V projections (one fused Q|K|V matrix, as
+    Phi-3 stores it or the loader stacks it, or three) plus their biases where the layer has them."""
+    nq, nkv = ip[I_HEAD] * ip[I_HD], ip[I_KV] * ip[I_HD]
+    quantize_for(W, s.h, s.ae, L[L_WQ], L[L_WK], L[L_WV])
+    if L[L_WK] < 0:  # fused rows: one parallel region
+        mm(W, L[L_WQ], s.h, s.ae, s.qkv)
+        s.q[:] = s.qkv[:, :nq]
+        s.k[:] = s.qkv[:, nq:nq + nkv]
+        s.v[:] = s.qkv[:, nq + nkv:]
+    else:
+        mm(W, L[L_WQ], s.h, s.ae, s.q)
+        mm(W, L[L_WK], s.h, s.ae, s.k)
+        mm(W, L[L_WV], s.h, s.ae, s.v)
+    if L[L_BQ] >= 0:
+        for t in range(s.q.shape[0]):
+            s.q[t] += vec(vecs, L[L_BQ], nq)
+            s.k[t] += vec(vecs, L[L_BK], nkv)
+            s.v[t] += vec(vecs, L[L_BV], nkv)
+
+
+@njit(cache=True)
+def ffn(W, L, s, act):
+    """s.o = down(glu(gate(s.h), up(s.h))): SwiGLU (``act`` SILU) or GeGLU with the tanh GELU
+    (GELU_TANH); gate and up from two matrices or one fused gate|up matrix (gate rows first)."""
+    n_ff = s.gate.shape[1]
+    quantize_for(W, s.h, s.ae, L[L_GATE], L[L_UP], -1)
+    if L[L_UP] < 0:  # fused gate|up rows
+        mm(W, L[L_GATE], s.h, s.ae, s.gu)
+        s.gate[:] = s.gu[:, :n_ff]
+        s.up[:] = s.gu[:, n_ff:]
+    else:
+        mm(W, L[L_GATE], s.h, s.ae, s.gate)
+        mm(W, L[L_UP], s.h, s.ae, s.up)
+    glu(s.gate, s.up, act)
+    linear(W, L[L_DOWN], s.gate, s.af, s.o)
+
+
+@njit(cache=True)
+def output(W, ip, fp, vecs, x, all_logits, logits):
+    """logits = output(norm(x)) for every row (``all_logits``) or the last; soft-capped as
+    cap * tanh(logits / cap) when F_FINAL_SOFTCAP > 0 (Gemma 2)."""
+    n_embd = ip[I_EMBD]
+    T = x.shape[0]
+    w = vec(vecs, ip[I_OUTNORM], n_embd)
+    if all_logits:
+        hf = np.empty((T, n_embd), np.float32)
+        rmsnorm(x, w, fp[F_EPS], hf)
+    else:
+        hf = np.empty((1, n_embd), np.float32)
+        rmsnorm(x[T - 1:T], w, fp[F_EPS], hf)
+    linear(W, ip[I_OUT], hf, act_bufs(hf.shape[0], n_embd), logits)
+    cap = np.float32(fp[F_FINAL_SOFTCAP])
+    if cap > 0:
+        for t in range(logits.shape[0]):
+            softcap(logits[t], cap)
+
+
+# ---------------------------------------------------------------------------------------------------
+# element-wise ops
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm(x, w, eps, out):
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (ggml_rms_norm then mul; the sum in float64 as
+    ggml's ggml_float)."""
+    n = x.shape[1]
+    for t in range(x.shape[0]):
+        ss = 0.0
+        for k in range(n):
+            ss += np.float64(x[t, k]) * x[t, k]
+        scale = np.float32(1.0 / math.sqrt(ss / n + eps))
+        for k in range(n):
+            out[t, k] = x[t, k] * scale * w[k]
+
+
+@njit(cache=True, fastmath=True)
+def head_rmsnorm(v, n_heads, hd, w, eps):
+    """RMSNorm of each head of ``v`` (T, n_heads*hd) in place with the per-head weight ``w`` (hd,):
+    Qwen 3's and Gemma 3's attn_q_norm / attn_k_norm."""
+    for t in range(v.shape[0]):
+        for h in range(n_heads):
+            o = h * hd
+            ss = 0.0
+            for k in range(hd):
+                ss += np.float64(v[t, o + k]) * v[t, o + k]
+            scale = np.float32(1.0 / math.sqrt(ss / hd + eps))
+            for k in range(hd):
+                v[t, o + k] = v[t, o + k] * scale * w[k]
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def tanhf(x):
+    """tanh of float32 ``x`` through :func:`expf` (vectorizable): 1 - 2 / (e^(2x) + 1)."""
+    return np.float32(1.0) - np.float32(2.0) / (expf(np.float32(2.0) * x) + np.float32(1.0))
+
+
+@njit(cache=True, fastmath=True)
+def softcap(v, cap):
+    """v <- cap * tanh(v / cap) in place (Gemma 2's logit soft-capping)."""
+    inv = np.float32(1.0) / cap
+    for i in range(v.shape[0]):
+        v[i] = cap * tanhf(v[i] * inv)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _glu_row(g, u, act):
+    if act == SILU:
+        for j in range(g.shape[0]):
+            x = g[j]
+            g[j] = x / (np.float32(1.0) + expf(-x)) * u[j]
+    else:  # GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+        c = np.float32(0.7978845608028654)
+        for j in range(g.shape[0]):
+            x = g[j]
+            g[j] = np.float32(0.5) * x * (np.float32(1.0) + tanhf(c * (x + np.float32(0.044715) * x * x * x))) * u[j]
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _glu_par(gate, up, act):
+    for t in prange(gate.shape[0]):
+        _glu_row(gate[t], up[t], act)
+
+
+@njit(cache=True, fastmath=True)
+def glu(gate, up, act):
+    """gate <- act(gate) * up (ggml_swiglu / ggml_geglu), rows in parallel for prompt batches."""
+    if gate.shape[0] > 1:
+        _glu_par(gate, up, act)
+    else:
+        _glu_row(gate[0], up[0], act)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rope
+
+
+@njit(cache=True)
+def rope_tables(T, n_rot, pos0, inv_freq, mscale):
+    """cos and sin (float32 (n_kinds, T, n_rot // 2) each) of positions pos0.. for every rope kind
+    and dim pair: pair ``i`` at position ``p`` turns by ``p * inv_freq[kind, i]``, both times
+    ``mscale[kind]`` (:mod:`.rope`). Computed once per forward call, shared by all layers."""
+    half = n_rot // 2
+    nk = inv_freq.shape[0]
+    cos = np.empty((nk, T, half), np.float32)
+    sin = np.empty((nk, T, half), np.float32)
+    for r in range(nk):
+        for t in range(T):
+            for i in range(half):
+                th = (pos0 + t) * inv_freq[r, i]
+                cos[r, t, i] = np.float32(math.cos(th) * mscale[r])
+                sin[r, t, i] = np.float32(math.sin(th) * mscale[r])
+    return cos, sin
+
+
+@njit(cache=True)
+def rope(v, n_heads, ip, cos, sin):
+    """Rotate the first n_rot dims of each head of ``v`` (T, n_heads*hd) in place by the angles of
+    :func:`rope_tables` (one kind): NORM rope turns adjacent pairs (2i, 2i+1), NEOX rope (I_NEOX)
+    dims i and i + n_rot/2."""
+    hd = ip[I_HD]
+    half = ip[I_ROT] // 2
+    neox = ip[I_NEOX]
+    for t in range(v.shape[0]):
+        for i in range(half):
+            c = cos[t, i]
+            s = sin[t, i]
+            for h in range(n_heads):
+                o = h * hd
+                if neox:
+                    a, b = o + i, o + i + half
+                else:
+                    a, b = o + 2 * i, o + 2 * i + 1
+                x0 = v[t, a]
+                x1 = v[t, b]
+                v[t, a] = x0 * c - x1 * s
+                v[t, b] = x0 * s + x1 * c
+
+
+# ---------------------------------------------------------------------------------------------------
+# attention
+
+
+@njit(cache=True, inline="always")
+def _kv_store(cache, pos0, x):
+    """cache[pos0 + t] = x[t] (x float32 (T, n)), converted to the cache's element type."""
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            cache[pos0 + t, j] = kv_from_f32(x[t, j], cache[0, 0])
+
+
+@njit(cache=True, inline="always")
+def _kv_store_t(cache, pos0, x):
+    """cache[j, pos0 + t] = x[t, j]: the transposed K cache ([dim][position], so decode attention
+    takes the scores of all positions along the vector lanes)."""
+    for t in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            cache[j, pos0 + t] = kv_from_f32(x[t, j], cache[0, 0])
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _softmax(s, lo, m, scale, cap):
+    """s[lo:m] <- softmax(cap * tanh(scale * s / cap)) in place (float32, max subtracted); without
+    soft-capping (``cap`` 0) softmax(scale * s)."""
+    mx = np.float32(-np.inf)
+    if cap > 0:
+        inv = np.float32(1.0) / cap
+        for p in range(lo, m):
+            s[p] = cap * tanhf(s[p] * scale * inv)
+            mx = max(mx, s[p])
+    else:
+        for p in range(lo, m):
+            s[p] *= scale
+            mx = max(mx, s[p])
+    tot = np.float32(0.0)
+    for p in range(lo, m):
+        e = expf(s[p] - mx)
+        s[p] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    for p in range(lo, m):
+        s[p] *= inv
+
+
+@njit(cache=True, inline="always")
+def _first_key(pos, window):
+    """The first key position query position ``pos`` sees: 0, or with a sliding window of
+    ``window`` positions pos - window + 1 (llama.cpp's LLAMA_SWA_TYPE_STANDARD masks keys with
+    pos - p >= window)."""
+    return max(0, pos - window + 1) if window > 0 else 0
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """Causal attention of one (token, head) pair ``it`` = t * n_head + h (softmax in float32)."""
+    grp = n_head // n_kv
+    t = it // n_head
+    h = it % n_head
+    kvh = h // grp
+    n = pos0 + t + 1
+    lo = _first_key(pos0 + t, window)
+    sc = np.empty(n, np.float32)
+    qh = q[t, h * hd:(h + 1) * hd]
+    for p in range(lo, n):
+        sc[p] = 0.0
+    for d in range(hd):  # keys along the vector lanes: the K cache is stored [dim][position]
+        qd = qh[d]
+        kd = kc[kvh * hd + d]
+        for p in range(lo, n):
+            sc[p] += qd * kv_value(kd[p])
+    _softmax(sc, lo, n, scale, cap)
+    o = out[t, h * hd:(h + 1) * hd]
+    o[:] = 0.0
+    for p in range(lo, n):
+        w = sc[p]
+        vp = vc[p, kvh * hd:(kvh + 1) * hd]
+        for d in range(hd):
+            o[d] += w * kv_value(vp[d])
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    for it in prange(q.shape[0] * n_head):
+        _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """Prompt batches: per head, S = Q K^T, a causal softmax, O = P V as float products in 4 x 4
+    register tiles (:func:`~ggq.runtime.kernels.floats.rows_times_x`); parallel over heads. With a
+    sliding window only the keys the first token still sees are read."""
+    T = q.shape[0]
+    n = pos0 + T
+    p0 = _first_key(pos0, window)
+    nk = n - p0
+    grp = n_head // n_kv
+    for h in prange(n_head):
+        kvh = h // grp
+        kf = np.empty((nk, hd), np.float32)
+        vt = np.empty((hd, nk), np.float32)
+        for d in range(hd):
+            for p in range(nk):
+                kf[p, d] = kv_value(kc[kvh * hd + d, p0 + p])
+        for p in range(nk):
+            for d in range(hd):
+                vt[d, p] = kv_value(vc[p0 + p, kvh * hd + d])
+        qh = np.ascontiguousarray(q[:, h * hd:(h + 1) * hd])
+        s = np.empty((T, nk), np.float32)
+        rows_times_x(kf, nk, 0, qh, s)  # s[t, p] = k_p . q_t
+        for t in range(T):
+            m = pos0 + t + 1 - p0  # keys visible to token t: [lo, m)
+            lo = _first_key(pos0 + t, window) - p0
+            _softmax(s[t], lo, m, scale, cap)
+            s[t, :lo] = 0.0
+            s[t, m:] = 0.0
+        o = np.empty((T, hd), np.float32)
+        rows_times_x(vt, hd, 0, s, o)  # o[t, d] = sum_p v_p[d] * s[t, p]
+        out[:, h * hd:(h + 1) * hd] = o
+
+
+@njit(cache=True, fastmath=True)
+def attention(l, q, k, v, kc, vc, pos0, ip, fp, swa, out):
+    """Causal grouped-query attention of layer ``l``: store k, v (T, n_kv*hd) at positions pos0..
+    in the KV cache, then out (T, n_head*hd) = softmax(scale * q K^T) V over the cached positions,
+    with attention soft-capping (F_ATTN_SOFTCAP > 0) and, when ``swa``, a sliding window of
+    I_SWA_WINDOW positions. Prompt batches of >= 4 tokens as float matrix products per head; decode
+    per (token, head), in parallel unless the work is too small to pay for a parallel region."""
+    kcl = kc[l]
+    vcl = vc[l]
+    _kv_store_t(kcl, pos0, k)
+    _kv_store(vcl, pos0, v)
+    n_head, n_kv, hd = ip[I_HEAD], ip[I_KV], ip[I_HD]
+    scale = np.float32(fp[F_ATTN_SCALE])
+    cap = np.float32(fp[F_ATTN_SOFTCAP])
+    window = ip[I_SWA_WINDOW] if swa else 0
+    T = q.shape[0]
+    if T >= 4:
+        _attention_batch(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
+    elif T * n_head * (pos0 + T) * hd < 65536:
+        for it in range(T * n_head):
+            _attend(it, q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
+    else:
+        _attention_par(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
