@@ -169,6 +169,10 @@ def _sampling_options(f):
                      help="Tokens the repeat penalty looks back over (0: off, -1: the whole context)."),
         click.option("--seed", type=int, default=-1, show_default=True, help="Random seed (-1: random)."),
         click.option("-v", "--verbose", is_flag=True, help="Print prompt/generation speed after each reply."),
+        click.option("--no-think", "no_think", is_flag=True,
+                     help="Thinking models (Qwen 3): answer without thinking (enable_thinking=false)."),
+        click.option("--hide-think", "hide_think", is_flag=True,
+                     help="Do not print a reply's <think> block (shown dimmed on a terminal otherwise)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -187,7 +191,7 @@ def _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, se
 @click.option("-s", "--system", default=None, help="System prompt.")
 @_sampling_options
 def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-        repeat_last_n, seed, verbose):
+        repeat_last_n, seed, verbose, no_think, hide_think):
     """Chat with a GGUF model (default: SmolLM2-135M-Instruct, fetched on first use).
 
     Type a message and press Enter; /reset clears the conversation, /exit or Ctrl-D quits,
@@ -201,7 +205,7 @@ def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, to
         model = str(default_model_path())
     run_chat(model, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
              system=system, n_predict=n_predict, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
-             kv_type=cache_type)
+             kv_type=cache_type, no_think=no_think, hide_think=hide_think)
 
 
 @main.command()
@@ -211,7 +215,7 @@ def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, to
 @click.option("-s", "--system", default=None, help="System prompt (with --chat).")
 @_sampling_options
 def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p,
-             repeat_penalty, repeat_last_n, seed, verbose):
+             repeat_penalty, repeat_last_n, seed, verbose, no_think, hide_think):
     """Print the continuation of a prompt (for scripts and pipes).
 
     The prompt is -p's text, else standard input (one trailing newline dropped). The raw text is
@@ -227,7 +231,7 @@ def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predi
             prompt = prompt[:-1]
     run_generate(model, prompt, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
                  n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
-                 kv_type=cache_type)
+                 kv_type=cache_type, no_think=no_think, hide_think=hide_think)
 
 
 # ---------------------------------------------------------------- perplexity (quality)

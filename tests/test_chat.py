@@ -309,3 +309,101 @@ def test_chat_loop_survives_too_long_message(qwen, capsys):
     chat_loop(s, inp=io.StringIO("word " * 200 + "\nhello\n"))
     assert "context" in capsys.readouterr().err
     assert out.getvalue() == "Four.\n"
+
+
+# ---------------------------------------------------------------------- families' chat formats (issue 10)
+
+def _llama_cpp_builtin(name: str, conv: list[dict], add_ass: bool = True) -> str:
+    """llama.cpp's built-in chat format ``name`` (llama_chat_apply_template, C++), an independent reference."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import ctypes
+
+    msgs = (llama_cpp.llama_chat_message * len(conv))()
+    keep = []
+    for m, c in zip(msgs, conv):
+        role, content = c["role"].encode(), c["content"].encode()
+        keep += [role, content]
+        m.role, m.content = role, content
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(name.encode(), msgs, len(conv), add_ass, buf, len(buf))
+    assert 0 < n < len(buf)
+    return buf.raw[:n].decode()
+
+
+@pytest.mark.parametrize("family,builtin", [("gemma3", "gemma"), ("gemma2", "gemma"), ("phi3", "phi3"),
+                                            ("qwen3", "chatml")])
+def test_family_chat_formats_match_llama_cpp(family, builtin):
+    """The chat format a family uses for files without a template, against llama.cpp's built-in one
+    (Gemma: the system message opens the first user turn; BOS is the tokenizer's, not the text's)."""
+    from ggq import models
+
+    fam = models.find(gguf_arch=family)
+    conv = CONV if builtin != "phi3" else CONV[1:]
+    tpl = ChatTemplate(fam.chat_template, bos_token="<bos>")
+    for agp in (True, False):
+        ours = tpl.render(conv, agp).removeprefix("<bos>")
+        ref = _llama_cpp_builtin(builtin, conv, agp)
+        if builtin == "phi3" and not agp:
+            ref += tpl.eos_token  # transformers' Phi-3 template ends a finished chat with EOS
+        assert ours == ref, (ours, ref)
+
+
+# Gemma 2's published template: it refuses a system message
+GEMMA2_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}")
+
+
+def test_template_without_system_role_gets_it_in_the_first_user_turn():
+    tpl = ChatTemplate(GEMMA2_TEMPLATE, bos_token="<bos>")
+    got = tpl.render(CONV)
+    merged = [{"role": "user", "content": "Be brief.\n\nHi there"}] + CONV[2:]
+    assert got == tpl.render(merged) and got.startswith("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>")
+    with pytest.raises(GGQError, match="alternate"):  # other template errors still reach the user
+        tpl.render([CONV[1], CONV[1]])
+
+
+def test_qwen3_thinking_switch_and_history():
+    from ggq import models
+
+    tpl = ChatTemplate(models.find(gguf_arch="qwen3").chat_template)
+    conv = CONV[1:3] + [{"role": "assistant", "content": "<think>\nadd\n</think>\n\nFour."}, CONV[3]]
+    conv[2] = {"role": "user", "content": "and 2+2?"}
+    assert tpl.render(conv).endswith("<|im_start|>assistant\n")
+    assert "<think>" not in tpl.render(conv)  # earlier replies keep only their answer
+    off = ChatTemplate(tpl.source, enable_thinking=False)
+    assert off.render(conv).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_thinking_filter_splits_tags_across_pieces():
+    from ggq.runtime.chat import ThinkingFilter, strip_thinking
+
+    text = "<think>\nLet me see: 2+2.\n</think>\n\nFour. <b>"
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        cuts = sorted(rng.choice(np.arange(1, len(text)), size=rng.integers(1, 12), replace=False))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        f = ThinkingFilter()
+        parts = [p for piece in pieces for p in f.feed(piece)] + f.flush()
+        assert "".join(t for th, t in parts if th) == "\nLet me see: 2+2.\n"
+        assert "".join(t for th, t in parts if not th) == "\n\nFour. <b>"
+    assert strip_thinking(text) == "Four. <b>"
+    assert strip_thinking("<think>unfinished") == "" and strip_thinking("no thinking") == "no thinking"
+
+
+@pytest.mark.parametrize("think", ["hide", "dim", "show"])
+def test_thinking_display_and_history(qwen, think):
+    """A reply's thinking block is hidden / dimmed / shown as asked, and never kept in the history."""
+    from ggq.runtime.chat import DIM, RESET
+
+    reply = "<think>\nLet me add.\n</think>\n\nFour."
+    s, model, out = _session(qwen, reply=reply, think=think)
+    st = s.turn("What is 2+2?")
+    assert st.text == reply
+    want = {"hide": "\n\nFour.", "dim": DIM + "\nLet me add.\n" + RESET + "\n\nFour.", "show": reply}[think]
+    assert out.getvalue() == want
+    assert s.messages[-1] == {"role": "assistant", "content": "Four."}

@@ -3,7 +3,14 @@
 Templates: the GGUF's ``tokenizer.chat_template`` is rendered with jinja2 in an
 ``ImmutableSandboxedEnvironment`` set up as transformers' ``apply_chat_template`` does
 (trim_blocks, lstrip_blocks, loopcontrols, ``raise_exception``, ``strftime_now``, a ``tojson``
-filter). A file without a template gets a plain ``role: content`` layout.
+filter). A file without a template gets its family's chat format (Gemma's turns, Phi-3's, Qwen 3's
+ChatML; :attr:`ggq.models.base.Family.chat_template`), else a plain ``role: content`` layout. A
+template that refuses a system message (Gemma 2's) gets it prepended to the first user message, as
+Gemma 3's own template does.
+
+Thinking models (Qwen 3): ``enable_thinking`` goes to the template (``--no-think`` makes it false);
+the reply's ``<think>...</think>`` block is shown dimmed on a terminal (or hidden with
+``--hide-think``) and never kept in the conversation history.
 
 Multi-turn chats reuse the KV cache: every turn renders the whole conversation, tokenizes it, keeps
 the longest prefix that is already in the cache (``Model.truncate``) and evaluates only the rest.
@@ -64,29 +71,110 @@ class ChatTemplate:
     Raises :class:`GGQError` when the template raises (e.g. roles out of order).
     """
 
-    def __init__(self, template: str | None, bos_token: str = "", eos_token: str = ""):
+    def __init__(self, template: str | None, bos_token: str = "", eos_token: str = "", source: str = "file",
+                 **options):
         self.source = template or PLAIN_TEMPLATE
         self.is_plain = not template
+        #: where the template comes from: "file", "family" (the family's default) or "plain"
+        self.origin = source if template else "plain"
         self.bos_token, self.eos_token = bos_token, eos_token
+        #: extra template variables, e.g. ``enable_thinking=False``
+        self.options = options
         self._tpl = _compile(self.source)
 
     @classmethod
-    def for_model(cls, metadata: dict, tok: Tokenizer) -> "ChatTemplate":
-        """The template of a GGUF file (``tokenizer.chat_template``), or the plain fallback."""
+    def for_model(cls, metadata: dict, tok: Tokenizer, family_template: str | None = None,
+                  **options) -> "ChatTemplate":
+        """The template of a GGUF file (``tokenizer.chat_template``), else ``family_template`` (the
+        family's chat format), else the plain fallback. ``options``: extra template variables."""
         tpl = metadata.get("tokenizer.chat_template")
         bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
-        return cls(tpl if isinstance(tpl, str) and tpl.strip() else None, bos, eos)
+        if isinstance(tpl, str) and tpl.strip():
+            return cls(tpl, bos, eos, "file", **options)
+        return cls(family_template, bos, eos, "family", **options)
+
+    def _render(self, messages, add_generation_prompt):
+        return self._tpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
+                                documents=None, custom_tools=None, tools_in_user_message=False, **self.options)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         import jinja2
 
         try:
-            return self._tpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                    bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
-                                    documents=None, custom_tools=None, tools_in_user_message=False)
+            return self._render(messages, add_generation_prompt)
         except jinja2.exceptions.TemplateError as e:
+            merged = _system_into_user(messages)
+            if merged is not None:  # a template without a system role (Gemma 2's raises on one)
+                try:
+                    return self._render(merged, add_generation_prompt)
+                except jinja2.exceptions.TemplateError:
+                    pass
             raise GGQError(f"chat template: {e}") from e
+
+
+def _system_into_user(messages: list[dict]) -> list[dict] | None:
+    """``messages`` with a leading system message prepended to the first user message (None if
+    there is no such pair)."""
+    if len(messages) < 2 or messages[0].get("role") != "system" or messages[1].get("role") != "user":
+        return None
+    first = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [first] + messages[2:]
+
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def strip_thinking(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks and the newlines after them (an unclosed
+    block runs to the end)."""
+    out, rest = [], text
+    while (i := rest.find(THINK_OPEN)) >= 0:
+        out.append(rest[:i])
+        j = rest.find(THINK_CLOSE, i)
+        rest = "" if j < 0 else rest[j + len(THINK_CLOSE):].lstrip("\n")
+    out.append(rest)
+    return "".join(out)
+
+
+def opens_thinking(prompt: str) -> bool:
+    """Whether a rendered prompt ends inside a ``<think>`` block (templates that start the reply's
+    thinking themselves), so that the reply begins with thinking text."""
+    return prompt.rfind(THINK_OPEN) > prompt.rfind(THINK_CLOSE)
+
+
+class ThinkingFilter:
+    """Splits streamed reply text into thinking (inside ``<think>...</think>``) and answer text, tags
+    split across pieces included: ``feed(piece)`` and ``flush()`` return ``[(is_thinking, text)]``."""
+
+    def __init__(self, thinking: bool = False):
+        self.thinking = thinking
+        self._held = ""
+
+    def feed(self, piece: str) -> list[tuple[bool, str]]:
+        out: list[tuple[bool, str]] = []
+        s = self._held + piece
+        self._held = ""
+        while s:
+            tag = THINK_CLOSE if self.thinking else THINK_OPEN
+            i = s.find(tag)
+            if i >= 0:
+                if i:
+                    out.append((self.thinking, s[:i]))
+                self.thinking = not self.thinking
+                s = s[i + len(tag):]
+                continue
+            keep = next((k for k in range(min(len(tag) - 1, len(s)), 0, -1) if tag.startswith(s[-k:])), 0)
+            if len(s) > keep:
+                out.append((self.thinking, s[:len(s) - keep]))
+            self._held = s[len(s) - keep:]
+            break
+        return out
+
+    def flush(self) -> list[tuple[bool, str]]:
+        held, self._held = self._held, ""
+        return [(self.thinking, held)] if held else []
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -222,15 +310,25 @@ class Generator:
         return st
 
 
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
 class ChatSession:
-    """A conversation over one model: ``turn(user_text) -> GenStats`` streams the reply to ``out``."""
+    """A conversation over one model: ``turn(user_text) -> GenStats`` streams the reply to ``out``.
+
+    ``think``: how a reply's ``<think>...</think>`` block is printed: ``"dim"`` (faint, for a
+    terminal), ``"show"`` (as generated) or ``"hide"``. The history keeps replies without it."""
 
     def __init__(self, model, tok: Tokenizer, template: ChatTemplate, params: SamplerParams | None = None,
-                 system: str | None = None, n_predict: int = -1, out=None):
+                 system: str | None = None, n_predict: int = -1, out=None, think: str = "show"):
         self.gen = Generator(model, tok, params or SamplerParams())
         self.tok, self.template = tok, template
         self.system, self.n_predict = system, n_predict
         self.out = out if out is not None else sys.stdout
+        if think not in ("dim", "show", "hide"):
+            raise GGQError(f"unknown thinking display {think!r} (dim, show, hide)")
+        self.think = think
+        self._opens_thinking = False
         self.messages: list[dict] = []
         self.reset()
 
@@ -242,6 +340,7 @@ class ChatSession:
     def tokens_for(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Rendered and tokenized conversation (special tokens parsed, BOS added once)."""
         text = self.template.render(messages, add_generation_prompt)
+        self._opens_thinking = opens_thinking(text)
         ids = self.tok.encode(text, add_special=False, parse_special=True)
         if self.tok.add_bos and self.tok.bos_id is not None and (not ids or ids[0] != self.tok.bos_id):
             ids.insert(0, self.tok.bos_id)
@@ -260,16 +359,39 @@ class ChatSession:
             ids = self.tokens_for(msgs)
         return ids
 
+    def _writer(self):
+        """(emit(piece), finish()) printing a reply's pieces with the thinking block as ``think`` says."""
+        if self.think == "show":
+            def emit(piece: str) -> None:
+                self.out.write(piece)
+                self.out.flush()
+            return emit, lambda: None
+        filt = ThinkingFilter(self._opens_thinking)
+        dimmed = [False]
+
+        def write(parts, end: bool = False) -> None:
+            for thinking, text in parts:
+                if thinking and self.think == "hide":
+                    continue
+                if thinking != dimmed[0]:  # entering or leaving the thinking block
+                    self.out.write(DIM if thinking else RESET)
+                    dimmed[0] = thinking
+                self.out.write(text)
+            if end and dimmed[0]:
+                self.out.write(RESET)
+            self.out.flush()
+
+        return (lambda piece: write(filt.feed(piece))), (lambda: write(filt.flush(), end=True))
+
     def turn(self, user_text: str, stop_flag: _SigintFlag | None = None) -> GenStats:
         msgs = self.messages + [{"role": "user", "content": user_text}]
         ids = self._fit(msgs)
-
-        def emit(s: str) -> None:
-            self.out.write(s)
-            self.out.flush()
-
+        emit, finish = self._writer()
         st = self.gen.generate(ids, self.n_predict, on_text=emit, stop_flag=stop_flag)
-        msgs.append({"role": "assistant", "content": st.text})
+        finish()
+        # the thinking is not part of the conversation (Qwen 3's own template drops it too)
+        text = THINK_OPEN + st.text if self._opens_thinking else st.text
+        msgs.append({"role": "assistant", "content": strip_thinking(text)})
         self.messages = msgs
         return st
 
@@ -356,44 +478,53 @@ def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str
     return model, tok
 
 
+def _chat_setup(model, tok, params, system, n_predict, no_think: bool, hide_think: bool, out=None) -> ChatSession:
+    """The ChatSession of ``ggq run`` / ``ggq generate --chat``: the file's template (else its
+    family's), ``enable_thinking`` false with ``no_think``, the thinking block hidden with
+    ``hide_think``, else dimmed on a terminal."""
+    options = {"enable_thinking": False} if no_think else {}
+    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, **options)
+    out = out if out is not None else sys.stdout
+    think = "hide" if hide_think else "dim" if out.isatty() else "show"
+    return ChatSession(model, tok, template, params, system=system, n_predict=n_predict, out=out, think=think)
+
+
 def run_chat(model_path: str, params: SamplerParams, system: str | None = None, n_predict: int = -1,
              n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
-             kv_type: str = "f16") -> None:
+             kv_type: str = "f16", no_think: bool = False, hide_think: bool = False) -> None:
     """``ggq run``: interactive chat with the model at ``model_path``."""
     from pathlib import Path
 
     model, tok = load(model_path, n_ctx, n_threads, kv_type)
-    template = ChatTemplate.for_model(model.metadata, tok)
-    if template.is_plain:
+    session = _chat_setup(model, tok, params, system, n_predict, no_think, hide_think)
+    if session.template.origin == "plain":
         sys.stderr.write("ggq: this file has no chat template; using a plain 'User:/Assistant:' layout\n")
-    session = ChatSession(model, tok, template, params, system=system, n_predict=n_predict)
+    elif session.template.origin == "family":
+        sys.stderr.write(f"ggq: this file has no chat template; using {model.family.name}'s chat format\n")
     name = model.metadata.get("general.name") or Path(model_path).name
     chat_loop(session, name=str(name), verbose=verbose)
 
 
 def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
                  system: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
-                 verbose: bool = False, kv_type: str = "f16") -> None:
+                 verbose: bool = False, kv_type: str = "f16", no_think: bool = False,
+                 hide_think: bool = False) -> None:
     """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
     model, tok = load(model_path, n_ctx, n_threads, kv_type)
-    if chat:
-        template = ChatTemplate.for_model(model.metadata, tok)
-        session = ChatSession(model, tok, template, params, system=system, n_predict=n_predict)
-        msgs = session.messages + [{"role": "user", "content": prompt}]
-        ids = session.tokens_for(msgs)
-    else:
-        ids = tok.encode(prompt, add_special=True, parse_special=True)
-    if not ids:
-        raise GGQError("empty prompt")
-    gen = Generator(model, tok, params)
     out = sys.stdout
-
-    def emit(s: str) -> None:
-        out.write(s)
-        out.flush()
-
     with _SigintFlag() as flag:
-        st = gen.generate(ids, n_predict, on_text=emit, stop_flag=flag)
+        if chat:
+            st = _chat_setup(model, tok, params, system, n_predict, no_think, hide_think, out).turn(prompt, flag)
+        else:
+            ids = tok.encode(prompt, add_special=True, parse_special=True)
+            if not ids:
+                raise GGQError("empty prompt")
+
+            def emit(s: str) -> None:
+                out.write(s)
+                out.flush()
+
+            st = Generator(model, tok, params).generate(ids, n_predict, on_text=emit, stop_flag=flag)
     out.write("\n")
     out.flush()
     if verbose:
