@@ -366,26 +366,28 @@ def _kv_store_t(cache, pos0, x):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _softmax(s, lo, m, scale, cap):
-    """s[lo:m] <- softmax(cap * tanh(scale * s / cap)) in place (float32, max subtracted); without
-    soft-capping (``cap`` 0) softmax(scale * s)."""
+def _softmax(s, scale, cap):
+    """s <- softmax(cap * tanh(scale * s / cap)) in place (float32, max subtracted); without
+    soft-capping (``cap`` 0) softmax(scale * s). ``s``: the visible keys' scores, a view starting at
+    its first element (loops from 0 vectorize)."""
+    m = s.shape[0]
     mx = np.float32(-np.inf)
     if cap > 0:
         inv = np.float32(1.0) / cap
-        for p in range(lo, m):
+        for p in range(m):
             s[p] = cap * tanhf(s[p] * scale * inv)
             mx = max(mx, s[p])
     else:
-        for p in range(lo, m):
+        for p in range(m):
             s[p] *= scale
             mx = max(mx, s[p])
     tot = np.float32(0.0)
-    for p in range(lo, m):
+    for p in range(m):
         e = expf(s[p] - mx)
         s[p] = e
         tot += e
     inv = np.float32(1.0) / tot
-    for p in range(lo, m):
+    for p in range(m):
         s[p] *= inv
 
 
@@ -406,21 +408,19 @@ def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     kvh = h // grp
     n = pos0 + t + 1
     lo = _first_key(pos0 + t, window)
-    sc = np.empty(n, np.float32)
+    sc = np.zeros(n - lo, np.float32)  # scores of the visible keys lo .. n-1
     qh = q[t, h * hd:(h + 1) * hd]
-    for p in range(lo, n):
-        sc[p] = 0.0
     for d in range(hd):  # keys along the vector lanes: the K cache is stored [dim][position]
         qd = qh[d]
-        kd = kc[kvh * hd + d]
-        for p in range(lo, n):
+        kd = kc[kvh * hd + d, lo:n]
+        for p in range(n - lo):
             sc[p] += qd * kv_value(kd[p])
-    _softmax(sc, lo, n, scale, cap)
+    _softmax(sc, scale, cap)
     o = out[t, h * hd:(h + 1) * hd]
     o[:] = 0.0
-    for p in range(lo, n):
+    for p in range(n - lo):
         w = sc[p]
-        vp = vc[p, kvh * hd:(kvh + 1) * hd]
+        vp = vc[lo + p, kvh * hd:(kvh + 1) * hd]
         for d in range(hd):
             o[d] += w * kv_value(vp[d])
 
@@ -457,7 +457,7 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
         for t in range(T):
             m = pos0 + t + 1 - p0  # keys visible to token t: [lo, m)
             lo = _first_key(pos0 + t, window) - p0
-            _softmax(s[t], lo, m, scale, cap)
+            _softmax(s[t, lo:m], scale, cap)
             s[t, :lo] = 0.0
             s[t, m:] = 0.0
         o = np.empty((T, hd), np.float32)
