@@ -487,7 +487,7 @@ def hparams_from_gguf(reader) -> tuple[str, dict]:
             v = v[0] if len(v) else default
         return v
 
-    arch = get("general.architecture", "llama")
+    arch = get("general.architecture", "")
     n_head = get(f"{arch}.attention.head_count", 0)
     return arch, {
         "n_layer": get(f"{arch}.block_count", 0),
