@@ -1,7 +1,13 @@
-"""ggq's runtime against llama.cpp (llama-cpp-python) on the same GGUF files, in one run.
+"""ggq's runtime against llama.cpp on the same GGUF files, in one run.
 
     python tools/bench_runtime.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 128] [-t 2] [-r 3] [--cold]
-                                  [--cache-type f16|f32]
+                                  [--cache-type f16|f32] [--llama-bench native|avx2|PATH]
+
+With ``--llama-bench`` the llama.cpp side is its own ``llama-bench`` binary (C++, no Python in
+its loop; built once by ``tools/llama_bench.py``): each repetition runs ``llama-bench -r 1`` and
+ggq's prompt and decode measurement in turn, and the table gives the medians and ratios, with the
+CPU's SIMD flags. Without it, llama.cpp runs through llama-cpp-python, whose Python ``eval`` loop
+adds per-token work (~25 % of a decode step on small models):
 
 For each file: prompt (pp, one batch of p random tokens) and decode (tg, n single-token evals)
 tokens/s of ggq and llama.cpp with the same thread count and KV cache type (f16, llama.cpp's
@@ -123,6 +129,38 @@ def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int, k
     )
 
 
+def bench_file_llama_bench(path: Path, binary: Path, n_prompt: int, n_gen: int, threads: int, reps: int,
+                           kv_type: str = "f16") -> dict:
+    """ggq (in this process) and ``llama-bench`` (a subprocess, one repetition per call) in turn."""
+    from llama_bench import run as llama_bench_run
+
+    from ggq.runtime.model import Model
+
+    m = Model.load(path, n_ctx=max(n_prompt, n_gen + 1) + 8, n_threads=threads, kv_type=kv_type)
+    rs = np.random.RandomState(0)
+    prompt = [int(t) for t in rs.randint(0, m.n_vocab, n_prompt)]
+    gen = [int(t) for t in rs.randint(0, m.n_vocab, n_gen + 1)]
+    m.eval(prompt)  # warm-up (loads the compiled code)
+    res = {k: [] for k in ("g_pp", "l_pp", "g_tg", "l_tg")}
+    for _ in range(reps):
+        m.reset()
+        t = time.perf_counter()
+        m.eval(prompt)
+        res["g_pp"].append(n_prompt / (time.perf_counter() - t))
+        m.reset()
+        m.eval(gen[:1])
+        t = time.perf_counter()
+        for tok in gen[1:]:
+            m.eval([tok])
+        res["g_tg"].append(n_gen / (time.perf_counter() - t))
+        lb = llama_bench_run(binary, path, n_prompt, n_gen, threads, 1, kv_type)
+        res["l_pp"].append(lb["pp"])
+        res["l_tg"].append(lb["tg"])
+    out = {k: statistics.median(v) for k, v in res.items()}
+    out["types"] = sorted({t.qtype.name for t in m._gf.tensors.values()})
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
@@ -132,10 +170,21 @@ def main(argv=None):
     ap.add_argument("-r", type=int, default=3)
     ap.add_argument("--cold", action="store_true", help="also measure start-up with an empty Numba cache")
     ap.add_argument("--cache-type", choices=["f16", "f32"], default="f16", help="KV cache type of both engines")
+    ap.add_argument("--llama-bench", default=None,
+                    help="compare with llama-bench: 'native' or 'avx2' (built by tools/llama_bench.py) or a binary's path")
     a = ap.parse_args(argv)
+    sys.path.insert(0, str(REPO / "tools"))
+    binary = None
+    if a.llama_bench:
+        from llama_bench import build
+
+        binary = build(a.llama_bench) if a.llama_bench in ("native", "avx2") else Path(a.llama_bench)
     rows = []
     for f in a.files:
-        r = bench_file(f, a.p, a.n, a.t, a.r, a.cache_type)
+        if binary is not None:
+            r = bench_file_llama_bench(f, binary, a.p, a.n, a.t, a.r, a.cache_type)
+        else:
+            r = bench_file(f, a.p, a.n, a.t, a.r, a.cache_type)
         s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n, kv_type=a.cache_type)
         if a.cold:
             with tempfile.TemporaryDirectory() as tmp:
@@ -143,7 +192,11 @@ def main(argv=None):
             r["cold_s"] = c["ttft_s"]
         rows.append((f, r, s))
         print(f"{f.name}: done", file=sys.stderr)
-    print(f"threads {a.t}, pp{a.p}, tg{a.n}, KV cache {a.cache_type}, median of {a.r} interleaved runs")
+    from llama_bench import cpu_flags
+
+    against = f"llama-bench ({a.llama_bench})" if binary is not None else "llama-cpp-python"
+    print(f"threads {a.t}, pp{a.p}, tg{a.n}, KV cache {a.cache_type}, median of {a.r} interleaved runs, llama.cpp = "
+          f"{against}; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')}; CPU flags: {cpu_flags()}")
     print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "
           "(file + KV) | TTFT warm s | cold s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
