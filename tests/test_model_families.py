@@ -24,7 +24,6 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
@@ -381,3 +380,13 @@ def test_gemma3_270m_chats(gemma3_270m, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "using gemma3's chat format" in r.stderr
     assert r.stdout.strip() and "<start_of_turn>" not in r.stdout and "<end_of_turn>" not in r.stdout
+
+
+@pytest.mark.parametrize("t", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("name", RUN_CASES)
+def test_mix_types_match_llamacpp(type_files, name, t):
+    """ggq's quantization mixes give every tensor the type llama-quantize gives it (Phi-3's fused
+    attn_qkv takes the attn_v rules; a tied token_embd takes the output rules)."""
+    ours = {n: x.tensor_type for n, x in _tensors(type_files(name, "ggq", t)).items()}
+    ref = {n: x.tensor_type for n, x in _tensors(type_files(name, "llamacpp", t)).items()}
+    assert ours == ref
