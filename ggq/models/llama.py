@@ -26,16 +26,18 @@ from numba import njit
 from ggq.convert import vocab
 from ggq.models.base import Family
 from ggq.runtime import ops
-from ggq.runtime.ops import I_EMBD, I_HEAD, I_KV, I_LAYER, I_ROT, L_ATTN_NORM, L_FFN_NORM, L_ROPE, L_WO
+from ggq.runtime.ops import (I_EMBD, I_HD, I_HEAD, I_KV, I_LAYER, I_ROT, L_ATTN_NORM, L_FFN_NORM, L_K_NORM, L_Q_NORM,
+                             L_ROPE, L_WO)
 
 
 @njit(cache=True, fastmath=True)
 def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc, vc, logits):
     """The llama graph for ``tokens`` (int64 (T,)) at positions pos0..: fills the KV cache and
-    ``logits`` (float32 (T or 1, n_vocab)). Also Qwen 2's (biases, NEOX rope) and Phi-3's (fused
-    Q|K|V and gate|up, LongRoPE factors in ``inv_freq``): the ops take those from the layer table."""
+    ``logits`` (float32 (T or 1, n_vocab)). Also Qwen 2's (biases, NEOX rope), Qwen 3's (per-head
+    Q/K RMSNorm before rope, where the layer has attn_q_norm) and Phi-3's (fused Q|K|V and
+    gate|up, LongRoPE factors in ``inv_freq``): the ops take those from the layer table."""
     T = tokens.shape[0]
-    n_embd, eps = ip[I_EMBD], fp[ops.F_EPS]
+    n_embd, hd, eps = ip[I_EMBD], ip[I_HD], fp[ops.F_EPS]
     s = ops.scratch(T, ip)
     x = ops.embed(W, ip, tokens, 1.0)                               # token embeddings
     cos, sin = ops.rope_tables(T, ip[I_ROT], pos0, inv_freq, mscale)
@@ -43,6 +45,9 @@ def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc
         L = lay[l]
         ops.rmsnorm(x, ops.vec(vecs, L[L_ATTN_NORM], n_embd), eps, s.h)  # attention norm
         ops.attn_inputs(W, L, vecs, s, ip)                          # q, k, v (+ biases)
+        if L[L_Q_NORM] >= 0:                                        # Qwen 3: per-head Q/K norms
+            ops.head_rmsnorm(s.q, ip[I_HEAD], hd, ops.vec(vecs, L[L_Q_NORM], hd), eps)
+            ops.head_rmsnorm(s.k, ip[I_KV], hd, ops.vec(vecs, L[L_K_NORM], hd), eps)
         ops.rope(s.q, ip[I_HEAD], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
         ops.rope(s.k, ip[I_KV], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
         ops.attention(l, s.q, s.k, s.v, kc, vc, pos0, ip, fp, False, s.att)
