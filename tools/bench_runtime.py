@@ -1,7 +1,7 @@
 """ggq's runtime against llama.cpp on the same GGUF files, in one run.
 
     python tools/bench_runtime.py FILE.gguf [FILE2.gguf ...] [-p 128] [-n 128] [-t 2] [-r 3] [--cold]
-                                  [--cache-type f16|f32] [--llama-bench native|avx2|PATH]
+                                  [--cache-type f16|f32] [--llama-bench native|avx2|PATH] [--isa avx2]
 
 With ``--llama-bench`` the llama.cpp side is its own ``llama-bench`` binary (C++, no Python in
 its loop; built once by ``tools/llama_bench.py``): each repetition runs ``llama-bench -r 1`` and
@@ -161,6 +161,17 @@ def bench_file_llama_bench(path: Path, binary: Path, n_prompt: int, n_gen: int, 
     return out
 
 
+def avx2_only_features() -> str:
+    """The host's LLVM feature string with every AVX-512, VNNI, AVX10 and AMX feature disabled."""
+    from llvmlite import binding
+
+    feats = binding.get_host_cpu_features()
+    for k in list(feats):
+        if k.startswith(("avx512", "avx10", "amx")) or "vnni" in k:
+            feats[k] = False
+    return feats.flatten()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("files", nargs="+", type=Path)
@@ -172,7 +183,17 @@ def main(argv=None):
     ap.add_argument("--cache-type", choices=["f16", "f32"], default="f16", help="KV cache type of both engines")
     ap.add_argument("--llama-bench", default=None,
                     help="compare with llama-bench: 'native' or 'avx2' (built by tools/llama_bench.py) or a binary's path")
+    ap.add_argument("--isa", choices=["host", "avx2"], default="host",
+                    help="avx2: Numba compiles ggq for an AVX2-only CPU (haswell, every AVX-512 and VNNI feature "
+                         "off; NUMBA_CPU_NAME alone keeps the host's features), and llama-bench defaults to its "
+                         "AVX2-only build")
     a = ap.parse_args(argv)
+    if a.isa == "avx2" and os.environ.get("GGQ_BENCH_ISA") != "avx2":
+        env = dict(os.environ, GGQ_BENCH_ISA="avx2", NUMBA_CPU_NAME="haswell", NUMBA_CPU_FEATURES=avx2_only_features())
+        args = list(argv if argv is not None else sys.argv[1:])
+        if a.llama_bench is None:
+            args += ["--llama-bench", "avx2"]
+        sys.exit(subprocess.run([sys.executable, __file__, *args], env=env).returncode)
     sys.path.insert(0, str(REPO / "tools"))
     binary = None
     if a.llama_bench:
@@ -194,9 +215,12 @@ def main(argv=None):
         print(f"{f.name}: done", file=sys.stderr)
     from llama_bench import cpu_flags
 
+    from ggq.runtime.kernels.simd import ISA
+
     against = f"llama-bench ({a.llama_bench})" if binary is not None else "llama-cpp-python"
     print(f"threads {a.t}, pp{a.p}, tg{a.n}, KV cache {a.cache_type}, median of {a.r} interleaved runs, llama.cpp = "
-          f"{against}; NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')}; CPU flags: {cpu_flags()}")
+          f"{against}; ggq kernels: {ISA} (NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')}); "
+          f"CPU flags: {cpu_flags()}")
     print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "
           "(file + KV) | TTFT warm s | cold s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

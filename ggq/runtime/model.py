@@ -264,10 +264,10 @@ class _Fused:
 
 
 def _fusable(*ts) -> bool:
-    from ggq.runtime.kernels.repack import FAMILY_OF, FAM_N32, G
+    from ggq.runtime.kernels.repack import FAM_N4, FAMILY_OF, G
 
     t0 = ts[0]
-    return (t0.qtype in FAMILY_OF and FAMILY_OF[t0.qtype] >= FAM_N32
+    return (t0.qtype in FAMILY_OF and FAMILY_OF[t0.qtype] >= FAM_N4
             and all(t.qtype == t0.qtype and t.n_cols == t0.n_cols and t.n_rows % G == 0 for t in ts))
 
 

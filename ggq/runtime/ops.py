@@ -31,7 +31,7 @@ from numba.extending import overload
 from ggq.runtime.kernels import C_FAM, get_row, matmul, quantize_act, quantize_act_par
 from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
 from ggq.runtime.kernels.mathf import expf
-from ggq.runtime.kernels.repack import FAM_N32
+from ggq.runtime.kernels.repack import FAM_N4
 
 # ---------------------------------------------------------------------------------------------------
 # layer table columns (one row per layer; -1 = the layer has no such weight)
@@ -121,7 +121,7 @@ def vec(vecs, off, n):
 @njit(cache=True, inline="always")
 def _reads_q8(mats, m):
     """Whether matrix ``m`` (-1: none) is an integer family, i.e. reads the 8-bit activations."""
-    return m >= 0 and mats[m, C_FAM] >= FAM_N32
+    return m >= 0 and mats[m, C_FAM] >= FAM_N4
 
 
 @njit(cache=True)

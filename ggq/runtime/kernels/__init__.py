@@ -5,10 +5,9 @@ all stored in five flat *arenas* (uint8, int8, float32, uint16, uint32 arrays) d
 int64 table ``mats`` (one row per matrix: family, n_rows, n_cols and plane offsets). One compiled
 function, :func:`matmul`, dispatches on the family, so the whole forward pass can run inside a
 single compiled call. Modules: ``act`` (activation quantization), ``floats`` (F32/F16/BF16),
-``nib`` (Q4_0/Q4_1/Q4_K, Q2_K/Q3_K), ``nib5`` (Q5_0/Q5_1/Q5_K), ``int8`` (Q8_0/IQ4_NL, Q6_K):
-the integer kernels, used for decoding and batches of fewer than ``FLOAT_BATCH_MIN`` tokens;
-``dequant``: larger prompt batches of the integer families (rows dequantized, float product
-with the same 8-bit activations).
+``simd`` (vector registers and the int8 dot-product instructions as Numba intrinsics), ``nib``
+(Q4_0/Q4_1/Q4_K, Q2_K/Q3_K), ``codes8`` (Q5_0/Q5_1/Q5_K, Q6_K, Q8_0/IQ4_NL): the integer
+kernels, used for decoding and prompt batches alike.
 
 :class:`WeightArena` builds the arenas; ``WeightArena.matmul`` is the Python entry the tests use.
 """
@@ -20,18 +19,12 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from .act import quantize_act, quantize_act_par
-from .dequant import FLOAT_BATCH_MIN, mm_dequant
 from .floats import bf16_to_f32, f16_to_f32, mm_f32, mm_half
-from .int8 import mm_i8_16, mm_i8_32
-from .nib import mm_n16, mm_n32
-from .nib5 import mm_n5
-from .repack import (FAM_BF16, FAM_F16, FAM_F32, FAM_I8_16, FAM_I8_32, FAM_N5, FAM_N16, FAM_N32, FAMILY_OF, G,
-                     pack_rows, planes)
-
-#: columns of the ``mats`` table
-C_FAM, C_ROWS, C_COLS, C_OQ, C_OSC, C_OMN, C_OH = range(7)
-_N_C = 7
-_PLANE_COL = {"q": C_OQ, "w": C_OQ, "sc": C_OSC, "mn": C_OMN, "h": C_OH}
+from .int8 import mm_i8
+from .nib import mm_nib
+from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_QT, C_ROWS,
+                     FAM_BF16, FAM_F16, FAM_F32, FAM_I8, FAM_N5, FAM_N6, FAMILY_OF, LAYOUT, N_COLS_TABLE, PLANE_COL,
+                     SK_F16, SK_K, G, pack_rows, planes)
 
 SUPPORTED_TYPES = tuple(FAMILY_OF)
 
@@ -46,48 +39,31 @@ def matmul(m, mats, u8, i8, f32, u16, u32, x, xq, xd, xs16, xs32, out):
     n_rows = mats[m, C_ROWS]
     n_cols = mats[m, C_COLS]
     oq = mats[m, C_OQ]
-    osc = mats[m, C_OSC]
-    omn = mats[m, C_OMN]
-    nb = n_cols // 32
-    ng = (n_rows + G - 1) // G
-    if fam >= FAM_N32 and x.shape[0] >= FLOAT_BATCH_MIN:  # prompt batch: dequantize rows, float product
-        ls = ng * nb * G
-        n_sc = 2 * ls if fam == FAM_N16 or fam == FAM_I8_16 else ls
-        nibbles = fam == FAM_N32 or fam == FAM_N16
-        qu = u8[oq:oq + 16 * ls] if nibbles else u8[0:0]
-        qi = i8[0:0] if nibbles else i8[oq:oq + 32 * ls]
-        mnp = f32[omn:omn + n_sc] if fam == FAM_N32 or fam == FAM_N16 or fam == FAM_N5 else f32[0:0]
-        mm_dequant(fam, qu, qi, f32[osc:osc + n_sc], mnp, n_rows, nb, xq, xd, out)
-    elif fam == FAM_F32:
+    if fam == FAM_F32:
         mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
         mm_half(u16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, x, out)
-    elif fam == FAM_N32:
-        ls = ng * nb * G
-        mm_n32(u8[oq:oq + 16 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
-    elif fam == FAM_N16:
-        ls = ng * nb * G
-        mm_n16(u8[oq:oq + 16 * ls], f32[osc:osc + 2 * ls], f32[omn:omn + 2 * ls], n_rows, nb, xq, xd, xs16, out)
-    elif fam == FAM_N5:
-        ls = ng * nb * G
-        mm_n5(i8[oq:oq + 32 * ls], f32[osc:osc + ls], f32[omn:omn + ls], n_rows, nb, xq, xd, xs32, out)
-    elif fam == FAM_I8_32:
-        ls = ng * nb * G
-        mm_i8_32(i8[oq:oq + 32 * ls], f32[osc:osc + ls], n_rows, nb, xq, xd, out)
-    elif fam == FAM_I8_16:
-        ls = ng * nb * G
-        mm_i8_16(i8[oq:oq + 32 * ls], f32[osc:osc + 2 * ls], n_rows, nb, xq, xd, out)
+    elif fam == FAM_I8:
+        mm_i8(i8, u16, mats[m], xq, xd, out)
+    else:
+        mm_nib(u8, u16, mats[m], xq, xd, xs16, xs32, out)
+
+
+@njit(cache=True, inline="always")
+def _qi(base, nq, k, rr):
+    """Index of weight ``k`` (0 .. 4 nq - 1) of row ``rr`` of block ``base`` in a quads plane of
+    ``nq`` quads per block ([b][j][G][4])."""
+    return ((base * nq + k // 4) * G + rr) * 4 + k % 4
 
 
 @njit(cache=True)
 def get_row(m, mats, u8, i8, f32, u16, u32, r, out):
-    """Dequantize row ``r`` of matrix ``m`` into float32 ``out`` (n_cols,) (embedding lookup)."""
-    fam = mats[m, C_FAM]
-    n_cols = mats[m, C_COLS]
-    oq = mats[m, C_OQ]
-    osc = mats[m, C_OSC]
-    omn = mats[m, C_OMN]
-    nb = n_cols // 32
+    """Dequantize row ``r`` of matrix ``m`` into float32 ``out`` (n_cols,) (embedding lookup);
+    equal to ``gguf.quants.dequantize`` bit for bit."""
+    o = mats[m]
+    fam = o[C_FAM]
+    n_cols = o[C_COLS]
+    oq = o[C_OQ]
     if fam == FAM_F32:
         for k in range(n_cols):
             out[k] = f32[oq + r * n_cols + k]
@@ -100,42 +76,45 @@ def get_row(m, mats, u8, i8, f32, u16, u32, r, out):
         for k in range(n_cols):
             out[k] = bf16_to_f32(u16[oq + r * n_cols + k])
         return
+    kind, gs, moff = o[C_KIND], o[C_GS], o[C_MOFF]
+    oqh, osc, omn, od, odm = o[C_OQH], o[C_OSC], o[C_OMN], o[C_OD], o[C_ODM]
+    nb = n_cols // 32
+    k = 32 // gs
     g = r // G
     rr = r % G
     for b in range(nb):
         base = g * nb + b
-        if fam == FAM_N32 or fam == FAM_N16:
-            if fam == FAM_N16:
-                s0 = f32[osc + (2 * base) * G + rr]
-                s1 = f32[osc + (2 * base + 1) * G + rr]
-                m0 = f32[omn + (2 * base) * G + rr]
-                m1 = f32[omn + (2 * base + 1) * G + rr]
+        sbi = (g * (nb // 8) + b // 8) * G + rr
+        for h in range(k):
+            si = (base * k + h) * G + rr
+            if kind == SK_F16:
+                s = f16_to_f32(u16[osc + si])
+                mn = f16_to_f32(u16[omn + si]) if omn >= 0 else np.float32(0.0)
+            elif kind == SK_K:
+                s = f16_to_f32(u16[od + sbi]) * np.float32(u8[osc + si])
+                mn = -(f16_to_f32(u16[odm + sbi]) * np.float32(u8[omn + si]))
             else:
-                s0 = f32[osc + base * G + rr]
-                s1 = s0
-                m0 = f32[omn + base * G + rr]
-                m1 = m0
-            for j in range(16):
-                v = np.int64(u8[oq + (base * 16 + j) * G + rr])
-                lo = v & 15
-                hi = v >> 4
-                out[b * 32 + j] = s0 * np.float32(lo) + m0
-                out[b * 32 + 16 + j] = s1 * np.float32(hi) + m1
-        elif fam == FAM_N5:
-            s0 = f32[osc + base * G + rr]
-            m0 = f32[omn + base * G + rr]
-            for j in range(32):
-                out[b * 32 + j] = s0 * np.float32(i8[oq + (base * 32 + j) * G + rr]) + m0
-        else:
-            if fam == FAM_I8_16:
-                s0 = f32[osc + (2 * base) * G + rr]
-                s1 = f32[osc + (2 * base + 1) * G + rr]
-            else:
-                s0 = f32[osc + base * G + rr]
-                s1 = s0
-            for j in range(32):
-                s = s0 if j < 16 else s1
-                out[b * 32 + j] = s * np.float32(i8[oq + (base * 32 + j) * G + rr])
+                s = f16_to_f32(u16[od + sbi]) * np.float32(np.int8(u8[osc + si]))
+                mn = np.float32(0.0)
+            for kk in range(h * gs, (h + 1) * gs):
+                if fam == FAM_I8:
+                    out[b * 32 + kk] = s * np.float32(i8[oq + _qi(base, 8, kk, rr)])
+                    continue
+                hi = kk // 16
+                j = (kk % 16) // 4
+                i = kk % 4
+                byte = np.int64(u8[oq + ((base * 4 + j) * G + rr) * 4 + i])
+                c = (byte >> 4) if hi else (byte & 15)
+                if fam == FAM_N5:
+                    hb = np.int64(u8[oqh + (base * G + rr) * 4 + i])
+                    c |= ((hb >> (2 * j + hi)) & 1) << 4
+                elif fam == FAM_N6:
+                    hb = np.int64(u8[oqh + ((base * 2 + j // 2) * G + rr) * 4 + i])
+                    c |= ((hb >> (4 * (j % 2) + 2 * hi)) & 3) << 4
+                if omn >= 0:
+                    out[b * 32 + kk] = s * np.float32(c) + mn
+                else:  # w = sc * (q + moff), as the dequantizers compute it
+                    out[b * 32 + kk] = s * np.float32(c + moff)
 
 
 class WeightArena:
@@ -148,23 +127,29 @@ class WeightArena:
 
     def __init__(self, specs):
         sizes = dict(u8=0, i8=0, f32=0, u16=0, u32=0)
-        self.mats = np.full((max(len(specs), 1), _N_C), -1, np.int64)
+        self.mats = np.full((max(len(specs), 1), N_COLS_TABLE), -1, np.int64)
         self.specs = list(specs)
         for i, (qtype, n_rows, n_cols) in enumerate(self.specs):
             qtype = T(qtype)
             if qtype not in FAMILY_OF:
                 raise ValueError(f"no kernel for {qtype.name}")
             fam = FAMILY_OF[qtype]
-            if fam >= FAM_N32 and n_cols % 32:
-                raise ValueError(f"{qtype.name} row length {n_cols} is not a multiple of 32")
+            if fam > FAM_BF16:
+                if n_cols % 32:
+                    raise ValueError(f"{qtype.name} row length {n_cols} is not a multiple of 32")
+                kind, gs, _, moff = LAYOUT[qtype]
+                self.mats[i, C_KIND] = kind
+                self.mats[i, C_GS] = gs
+                self.mats[i, C_MOFF] = moff
             self.mats[i, C_FAM] = fam
+            self.mats[i, C_QT] = int(qtype)
             self.mats[i, C_ROWS] = n_rows
             self.mats[i, C_COLS] = n_cols
-            for key, arena, count in planes(fam, n_rows, n_cols):
+            for key, arena, count in planes(qtype, n_rows, n_cols):
                 # keep every plane 64-byte aligned
                 align = 64 // np.dtype(_DT[arena]).itemsize
                 sizes[arena] = -(-sizes[arena] // align) * align
-                self.mats[i, _PLANE_COL[key]] = sizes[arena]
+                self.mats[i, PLANE_COL[key]] = sizes[arena]
                 sizes[arena] += count
         self.arenas = {k: _aligned_empty(max(v, 16), _DT[k]) for k, v in sizes.items()}
         self.nbytes = sum(a.nbytes for a in self.arenas.values())
@@ -172,19 +157,19 @@ class WeightArena:
     def fill(self, i: int, raw: np.ndarray, chunk: int = 64 * G):
         """Repack GGUF block bytes ``raw`` (uint8 (n_rows, row_bytes)) into matrix ``i``."""
         qtype, n_rows, n_cols = self.specs[i]
-        fam = int(self.mats[i, C_FAM])
+        n_pad = -(-n_rows // G) * G
         for r0 in range(0, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
             dst = {}
-            for key, arena, count in planes(fam, n_rows, n_cols):
-                off = int(self.mats[i, _PLANE_COL[key]])
-                per_row = count // (n_rows if key == "w" else -(-n_rows // G) * G)
-                a0 = off + r0 * per_row
+            for key, arena, count in planes(qtype, n_rows, n_cols):
+                off = int(self.mats[i, PLANE_COL[key]])
                 if key == "w":
-                    dst[key] = self.arenas[arena][a0:off + r1 * per_row]
+                    per_row = count // n_rows
+                    dst[key] = self.arenas[arena][off + r0 * per_row:off + r1 * per_row]
                 else:
-                    dst[key] = self.arenas[arena][a0:off + (-(-r1 // G) * G) * per_row]
-            pack_rows(fam, T(qtype), np.asarray(raw[r0:r1]), n_cols, dst)
+                    per_row = count // n_pad
+                    dst[key] = self.arenas[arena][off + r0 * per_row:off + (-(-r1 // G) * G) * per_row]
+            pack_rows(qtype, np.asarray(raw[r0:r1]), n_cols, dst)
 
     @property
     def args(self):

@@ -1,10 +1,10 @@
-"""Dot products for the 8-bit families I8_32 (Q8_0, IQ4_NL) and I8_16 (Q6_K).
+"""Matrix products for the I8 family (Q8_0, IQ4_NL): signed 8-bit codes, an fp16 scale per 32.
 
-Weights are int8 codes times a float scale per 32 (I8_32) or per 16 (I8_16) weights, ``G`` rows
-interleaved (see repack). A block contributes ``sc * xd * sum(q * xq)``: integer products, one
-scale multiply per block, as ggml_vec_dot_q8_0_q8_0 and ggml_vec_dot_q6_K_q8_K do. The
-integer products are summed in float32 lanes, which is exact here (|w * xq| <= 128 * 127, 32 of
-them stay far below 2**24) and vectorizes better than int16/int32 arithmetic (~1.7x).
+A block of ``G`` rows is stored as 8 quads ``[j][G rows][4 bytes]`` (weights ``4j .. 4j + 3`` of
+each row, see :mod:`.repack`), so one 32-byte load is the operand of the int8 dot-product
+instruction for 8 rows (:mod:`.simd`), as in :mod:`.nib`. The full-range signed codes use
+:func:`.simd.dp4s` (``|w|`` times ``x`` with ``w``'s sign: ggml's ``mul_sum_i8_pairs``). A block
+contributes ``sc * xd * sum(q * xq)``, as in ggml_vec_dot_q8_0_q8_0.
 """
 
 from __future__ import annotations
@@ -12,66 +12,55 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .nib import TB
 from .prefetch import PF_BLOCKS, prefetch_span
-from .repack import G
+from .repack import C_COLS, C_OQ, C_OSC, C_ROWS, G
+from .simd import W, bcast4, dp4s, fma_s, iadd, izero, load_bytes, load_f, load_hf, mul_v, store_f, to_f
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_i8_32(q, sc, n_rows, nb, xq, xd, out):
-    """out[t, r] = sum_k W[r, k] * x[t, k] for I8_32 planes ``q`` (int8 [g][b][32][G]), ``sc``.
-
-    ``xq`` int8 (T, 32 nb), ``xd`` float32 (T, nb); ``out`` float32 (T, n_rows)."""
+def mm_i8(i8, u16, o, xq, xd, out):
+    """out[t, r] = sum_k W[r, k] * x[t, k] for the I8 matrix described by ``o`` (its row of the
+    ``mats`` table: codes in ``i8``, fp16 scales in ``u16``). ``xq`` int8 (T, n_cols), ``xd``
+    float32 (T, n_cols / 32); ``out`` float32 (T, n_rows)."""
+    oq, osc = o[C_OQ], o[C_OSC]
+    n_rows, nb = o[C_ROWS], o[C_COLS] // 32
     T = xq.shape[0]
+    K = xq.shape[1]
     ng = (n_rows + G - 1) // G
     for g in prange(ng):
-        acc = np.zeros((T, G), np.float32)
-        for b in range(nb):
-            base = g * nb + b
-            prefetch_span(q, (base + PF_BLOCKS) * 32 * G, 32 * G)
-            prefetch_span(sc, (base + PF_BLOCKS) * G, G)
-            qb = q[base * 32 * G:(base + 1) * 32 * G]
-            sb = sc[base * G:(base + 1) * G]
-            for t in range(T):
-                xb = xq[t, b * 32:b * 32 + 32]
-                xdb = xd[t, b]
-                a = acc[t]
-                for r in range(G):
-                    s = np.float32(0.0)
-                    for j in range(32):
-                        s += np.float32(qb[j * G + r]) * np.float32(xb[j])
-                    a[r] += sb[r] * xdb * s
-        r1 = min(G, n_rows - g * G)
-        for t in range(T):
-            for r in range(r1):
-                out[t, g * G + r] = acc[t, r]
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mm_i8_16(q, sc, n_rows, nb, xq, xd, out):
-    """As :func:`mm_i8_32` with a scale per 16 weights (sc plane [g][b][2][G])."""
-    T = xq.shape[0]
-    ng = (n_rows + G - 1) // G
-    for g in prange(ng):
-        acc = np.zeros((T, G), np.float32)
-        for b in range(nb):
-            base = g * nb + b
-            prefetch_span(q, (base + PF_BLOCKS) * 32 * G, 32 * G)
-            prefetch_span(sc, (base + PF_BLOCKS) * 2 * G, 2 * G)
-            qb = q[base * 32 * G:(base + 1) * 32 * G]
-            s0b = sc[2 * base * G:(2 * base + 1) * G]
-            s1b = sc[(2 * base + 1) * G:(2 * base + 2) * G]
-            for t in range(T):
-                xb = xq[t, b * 32:b * 32 + 32]
-                xdb = xd[t, b]
-                a = acc[t]
-                for r in range(G):
-                    s0 = np.float32(0.0)
-                    s1 = np.float32(0.0)
-                    for j in range(16):
-                        s0 += np.float32(qb[j * G + r]) * np.float32(xb[j])
-                        s1 += np.float32(qb[(j + 16) * G + r]) * np.float32(xb[j + 16])
-                    a[r] += xdb * (s0b[r] * s0 + s1b[r] * s1)
-        r1 = min(G, n_rows - g * G)
-        for t in range(T):
-            for r in range(r1):
-                out[t, g * G + r] = acc[t, r]
+        acc = np.empty((TB, G), np.float32)
+        for t0 in range(0, T, TB):
+            tn = min(T, t0 + TB) - t0
+            acc[:] = 0.0
+            for b in range(nb):
+                base = g * nb + b
+                prefetch_span(i8, oq + (base + PF_BLOCKS) * 32 * G, 32 * G)
+                qo = oq + base * 32 * G
+                for v in range(0, G, W):
+                    s = load_hf(u16, osc + base * G + v)
+                    w0 = load_bytes(i8, qo + v * 4)
+                    w1 = load_bytes(i8, qo + (G + v) * 4)
+                    w2 = load_bytes(i8, qo + (2 * G + v) * 4)
+                    w3 = load_bytes(i8, qo + (3 * G + v) * 4)
+                    w4 = load_bytes(i8, qo + (4 * G + v) * 4)
+                    w5 = load_bytes(i8, qo + (5 * G + v) * 4)
+                    w6 = load_bytes(i8, qo + (6 * G + v) * 4)
+                    w7 = load_bytes(i8, qo + (7 * G + v) * 4)
+                    for t in range(tn):
+                        xo = (t0 + t) * K + b * 32
+                        ia = dp4s(izero(), w0, bcast4(xq, xo))
+                        ib = dp4s(izero(), w1, bcast4(xq, xo + 4))
+                        ic = dp4s(izero(), w2, bcast4(xq, xo + 8))
+                        id_ = dp4s(izero(), w3, bcast4(xq, xo + 12))
+                        ia = dp4s(ia, w4, bcast4(xq, xo + 16))
+                        ib = dp4s(ib, w5, bcast4(xq, xo + 20))
+                        ic = dp4s(ic, w6, bcast4(xq, xo + 24))
+                        id_ = dp4s(id_, w7, bcast4(xq, xo + 28))
+                        ao = t * G + v
+                        i = iadd(iadd(ia, ib), iadd(ic, id_))
+                        store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(i), s), xd[t0 + t, b]))
+            r1 = min(G, n_rows - g * G)
+            for t in range(tn):
+                for r in range(r1):
+                    out[t0 + t, g * G + r] = acc[t, r]

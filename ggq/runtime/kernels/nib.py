@@ -1,14 +1,21 @@
-"""Dot products for the 4-bit nibble families N32 (Q4_0, Q4_1, Q4_K) and N16 (Q2_K, Q3_K).
+"""Matrix products for the nibble families: N4 (Q4_0, Q4_1, Q4_K, Q2_K, Q3_K), N5 (Q5_0, Q5_1,
+Q5_K: nibbles plus a plane of fifth bits) and N6 (Q6_K: nibbles plus 2-bit highs).
 
-Weights are ``w = sc * q + mn`` with ``q`` in 0..15 stored two per byte (lo nibble = weight j,
-hi nibble = weight j + 16 of a 32-weight block) and ``G`` rows interleaved (see repack). Against an
-activation block (int8 ``xq``, scale ``xd``, scaled sum ``xs``) a row's block contributes
-``sc * xd * sum(q * xq) + mn * xs``: the integer sum is one vectorized loop over G rows, then one
-scale multiply per block, the scheme of ggml_vec_dot_q4_1_q8_1 in ggml-cpu/quants.c.
-Products and partial sums stay in int16 (|q * xq| <= 15 * 127, so 16 products fit below 2**15;
-``xq`` is in -127..127) and are widened to int32 once per half block: 32 SIMD lanes per
-register instead of 16 (1.3x the int32-accumulating loop). Prompt
-batches (T > 1) reuse each block of weights (L1-resident) for all T activation rows.
+A block of ``G`` rows is stored as 4 quads ``[j][G rows][4 bytes]``: byte ``i`` of row ``r`` in
+quad ``j`` holds weights ``4j + i`` (lo nibble) and ``4j + i + 16`` (hi nibble) (see
+:mod:`.repack`). One 32-byte load is 4 weights of each of 8 rows; the high bits, where the type has
+them, are ORed in above the nibble (``vpsrld``/``vpand``/``vpor``), and the codes (at most 63) go
+into the int8 dot-product instruction (:func:`.simd.dp4`: ``vpdpbusd``, or ``vpmaddubsw`` +
+``vpmaddwd``) with the 4 matching activation bytes broadcast to every lane; the layout of
+llama.cpp's repacked GEMV kernels (block_q4_0x8 in ggml-cpu/repack.cpp), a 32-weight block per step.
+
+A row's block contributes ``sc * xd * sum(q * xq) + mn * xs`` per scale group (16 or 32 weights):
+integer dot product, then one scale multiply (the scheme of ggml_vec_dot_q4_1_q8_1). The scales
+are rebuilt per block from the file's fields (:data:`.repack.LAYOUT`: fp16, or a K-quant's
+sub-block scale times the super-block's fp16 ``d``), so the weights take the file's bytes. The
+products of a block are summed in four independent int32 chains (a ``vpdpbusd`` chain is latency
+bound). Decode (T = 1) and prompt batches run the same loop: for a batch every weight vector is
+decoded once and reused for up to ``TB`` tokens, whose float accumulators stay in L1.
 """
 
 from __future__ import annotations
@@ -17,83 +24,109 @@ import numpy as np
 from numba import njit, prange
 
 from .prefetch import PF_BLOCKS, prefetch_span
-from .repack import G
+from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_ROWS, FAM_N5,
+                     FAM_N6, G, SK_F16, SK_K)
+from .simd import (W, bcast4, dp4, field, fma_s, fneg, iadd, ior, izero, load_bytes, load_f, load_hf, load_s8f,
+                   load_u8f, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f)
+
+#: tokens whose accumulators are kept while a group's weights are streamed once
+TB = 32
+
+_M1 = 0x01010101
+_M2 = 0x03030303
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_n32(q, sc, mn, n_rows, nb, xq, xd, xs32, out):
-    """out[t, r] = sum_k W[r, k] * x[t, k] for N32 planes ``q`` (u8), ``sc``/``mn`` (f32 per 32).
-
-    ``xq`` int8 (T, 32 nb), ``xd``/``xs32`` float32 (T, nb); ``out`` float32 (T, n_rows)."""
+def mm_nib(u8, u16, o, xq, xd, xs16, xs32, out):
+    """out[t, r] = sum_k W[r, k] * x[t, k] for the nibble-family matrix described by ``o`` (its
+    row of the ``mats`` table: planes in the ``u8``/``u16`` arenas). ``xq`` int8 (T, n_cols),
+    ``xd``/``xs32`` float32 (T, n_cols / 32), ``xs16`` (T, n_cols / 16) from
+    :func:`.act.quantize_act`; ``out`` float32 (T, n_rows)."""
+    fam, kind, per16, moff = o[C_FAM], o[C_KIND], o[C_GS] == 16, np.float32(o[C_MOFF])
+    oq, oqh, osc, omn, od, odm = o[C_OQ], o[C_OQH], o[C_OSC], o[C_OMN], o[C_OD], o[C_ODM]
+    n_rows, nb = o[C_ROWS], o[C_COLS] // 32
+    k = 2 if per16 else 1
+    nsb = nb // 8
     T = xq.shape[0]
+    K = xq.shape[1]
     ng = (n_rows + G - 1) // G
     for g in prange(ng):
-        acc = np.zeros((T, G), np.float32)
-        for b in range(nb):
-            base = g * nb + b
-            prefetch_span(q, (base + PF_BLOCKS) * 16 * G, 16 * G)
-            prefetch_span(sc, (base + PF_BLOCKS) * G, G)
-            prefetch_span(mn, (base + PF_BLOCKS) * G, G)
-            qb = q[base * 16 * G:(base + 1) * 16 * G]
-            sb = sc[base * G:(base + 1) * G]
-            mb = mn[base * G:(base + 1) * G]
-            for t in range(T):
-                xb = xq[t, b * 32:b * 32 + 32]
-                xdb = xd[t, b]
-                xsb = xs32[t, b]
-                a = acc[t]
-                for r in range(G):
-                    # int16 partial sums: 8 pairs of at most 15 * 127 each stay below 2**15
-                    s0 = np.int16(0)
-                    s1 = np.int16(0)
-                    for j in range(8):
-                        v = np.int16(qb[j * G + r])
-                        s0 = np.int16(s0 + np.int16((v & np.int16(15)) * np.int16(xb[j]))
-                                      + np.int16((v >> np.int16(4)) * np.int16(xb[j + 16])))
-                    for j in range(8, 16):
-                        v = np.int16(qb[j * G + r])
-                        s1 = np.int16(s1 + np.int16((v & np.int16(15)) * np.int16(xb[j]))
-                                      + np.int16((v >> np.int16(4)) * np.int16(xb[j + 16])))
-                    a[r] += sb[r] * xdb * np.float32(np.int32(s0) + np.int32(s1)) + mb[r] * xsb
-        r1 = min(G, n_rows - g * G)
-        for t in range(T):
-            for r in range(r1):
-                out[t, g * G + r] = acc[t, r]
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def mm_n16(q, sc, mn, n_rows, nb, xq, xd, xs16, out):
-    """As :func:`mm_n32` with a scale and offset per 16 weights (sc/mn planes [g][b][2][G])."""
-    T = xq.shape[0]
-    ng = (n_rows + G - 1) // G
-    for g in prange(ng):
-        acc = np.zeros((T, G), np.float32)
-        for b in range(nb):
-            base = g * nb + b
-            prefetch_span(q, (base + PF_BLOCKS) * 16 * G, 16 * G)
-            prefetch_span(sc, (base + PF_BLOCKS) * 2 * G, 2 * G)
-            prefetch_span(mn, (base + PF_BLOCKS) * 2 * G, 2 * G)
-            qb = q[base * 16 * G:(base + 1) * 16 * G]
-            s0b = sc[2 * base * G:(2 * base + 1) * G]
-            s1b = sc[(2 * base + 1) * G:(2 * base + 2) * G]
-            m0b = mn[2 * base * G:(2 * base + 1) * G]
-            m1b = mn[(2 * base + 1) * G:(2 * base + 2) * G]
-            for t in range(T):
-                xb = xq[t, b * 32:b * 32 + 32]
-                xdb = xd[t, b]
-                xs0 = xs16[t, 2 * b]
-                xs1 = xs16[t, 2 * b + 1]
-                a = acc[t]
-                for r in range(G):
-                    # int16 sums: 16 products of at most 15 * 127 stay below 2**15
-                    s0 = np.int16(0)
-                    s1 = np.int16(0)
-                    for j in range(16):
-                        v = np.int16(qb[j * G + r])
-                        s0 = np.int16(s0 + np.int16((v & np.int16(15)) * np.int16(xb[j])))
-                        s1 = np.int16(s1 + np.int16((v >> np.int16(4)) * np.int16(xb[j + 16])))
-                    a[r] += xdb * (s0b[r] * np.float32(s0) + s1b[r] * np.float32(s1)) + m0b[r] * xs0 + m1b[r] * xs1
-        r1 = min(G, n_rows - g * G)
-        for t in range(T):
-            for r in range(r1):
-                out[t, g * G + r] = acc[t, r]
+        acc = np.empty((TB, G), np.float32)
+        for t0 in range(0, T, TB):
+            tn = min(T, t0 + TB) - t0
+            acc[:] = 0.0
+            for b in range(nb):
+                base = g * nb + b
+                prefetch_span(u8, oq + (base + PF_BLOCKS) * 16 * G, 16 * G)
+                if oqh >= 0:
+                    prefetch_span(u8, oqh + (base + PF_BLOCKS) * 4 * (fam - FAM_N5 + 1) * G, 4 * (fam - FAM_N5 + 1) * G)
+                sb = (g * nsb + b // 8) * G
+                for v in range(0, G, W):
+                    si = base * k * G + v
+                    if kind == SK_F16:
+                        s0 = load_hf(u16, osc + si)
+                        m0 = load_hf(u16, omn + si) if omn >= 0 else mul_s(s0, moff)
+                        s1 = s0
+                        m1 = m0
+                    elif kind == SK_K:
+                        dd = load_hf(u16, od + sb + v)
+                        dm = load_hf(u16, odm + sb + v)
+                        s0 = mul_v(dd, load_u8f(u8, osc + si))
+                        m0 = fneg(mul_v(dm, load_u8f(u8, omn + si)))
+                        if per16:
+                            s1 = mul_v(dd, load_u8f(u8, osc + si + G))
+                            m1 = fneg(mul_v(dm, load_u8f(u8, omn + si + G)))
+                        else:
+                            s1 = s0
+                            m1 = m0
+                    else:  # SK_K6: int8 scales per 16, mn = moff * sc
+                        dd = load_hf(u16, od + sb + v)
+                        s0 = mul_v(dd, load_s8f(u8, osc + si))
+                        s1 = mul_v(dd, load_s8f(u8, osc + si + G))
+                        m0 = mul_s(s0, moff)
+                        m1 = mul_s(s1, moff)
+                    qo = oq + base * 16 * G + v * 4
+                    w0 = load_bytes(u8, qo)
+                    w1 = load_bytes(u8, qo + 4 * G)
+                    w2 = load_bytes(u8, qo + 8 * G)
+                    w3 = load_bytes(u8, qo + 12 * G)
+                    l0, h0, l1, h1 = nib_lo(w0), nib_hi(w0), nib_lo(w1), nib_hi(w1)
+                    l2, h2, l3, h3 = nib_lo(w2), nib_hi(w2), nib_lo(w3), nib_hi(w3)
+                    if fam == FAM_N5:  # bit 2j + h: the fifth bit of quad j's lo (h = 0) / hi weight
+                        hv = load_bytes(u8, oqh + (base * G + v) * 4)
+                        l0, h0 = ior(l0, field(hv, 0, _M1, 4)), ior(h0, field(hv, 1, _M1, 4))
+                        l1, h1 = ior(l1, field(hv, 2, _M1, 4)), ior(h1, field(hv, 3, _M1, 4))
+                        l2, h2 = ior(l2, field(hv, 4, _M1, 4)), ior(h2, field(hv, 5, _M1, 4))
+                        l3, h3 = ior(l3, field(hv, 6, _M1, 4)), ior(h3, field(hv, 7, _M1, 4))
+                    elif fam == FAM_N6:  # 2-bit fields: quads 2m lo, 2m hi, 2m+1 lo, 2m+1 hi of plane m
+                        ha = load_bytes(u8, oqh + (2 * base * G + v) * 4)
+                        hb = load_bytes(u8, oqh + ((2 * base + 1) * G + v) * 4)
+                        l0, h0 = ior(l0, field(ha, 0, _M2, 4)), ior(h0, field(ha, 2, _M2, 4))
+                        l1, h1 = ior(l1, field(ha, 4, _M2, 4)), ior(h1, field(ha, 6, _M2, 4))
+                        l2, h2 = ior(l2, field(hb, 0, _M2, 4)), ior(h2, field(hb, 2, _M2, 4))
+                        l3, h3 = ior(l3, field(hb, 4, _M2, 4)), ior(h3, field(hb, 6, _M2, 4))
+                    for t in range(tn):
+                        xo = (t0 + t) * K + b * 32
+                        ia = dp4(izero(), l0, bcast4(xq, xo))
+                        ib = dp4(izero(), h0, bcast4(xq, xo + 16))
+                        ic = dp4(izero(), l1, bcast4(xq, xo + 4))
+                        id_ = dp4(izero(), h1, bcast4(xq, xo + 20))
+                        ia = dp4(ia, l2, bcast4(xq, xo + 8))
+                        ib = dp4(ib, h2, bcast4(xq, xo + 24))
+                        ic = dp4(ic, l3, bcast4(xq, xo + 12))
+                        id_ = dp4(id_, h3, bcast4(xq, xo + 28))
+                        ao = t * G + v
+                        xdt = xd[t0 + t, b]
+                        if per16:  # lo nibbles: the block's first 16 weights, hi: the second 16
+                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(ia, ic)), s0), xdt)
+                            a = fma_s(a, mul_v(to_f(iadd(ib, id_)), s1), xdt)
+                            a = fma_s(a, m0, xs16[t0 + t, 2 * b])
+                            a = fma_s(a, m1, xs16[t0 + t, 2 * b + 1])
+                        else:
+                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(iadd(ia, ib), iadd(ic, id_))), s0), xdt)
+                            a = fma_s(a, m0, xs32[t0 + t, b])
+                        store_f(acc, ao, a)
+            r1 = min(G, n_rows - g * G)
+            for t in range(tn):
+                for r in range(r1):
+                    out[t0 + t, g * G + r] = acc[t, r]

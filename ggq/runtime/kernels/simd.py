@@ -1,0 +1,435 @@
+"""8-lane SIMD values and the int8 dot-product instructions, as Numba intrinsics.
+
+LLVM does not turn plain loops of ``u8 * s8`` products into the x86 dot-product instructions
+(``vpmaddubsw``, ``vpdpbusd``), which is where llama.cpp's quantized kernels get their speed. This
+module gives the kernels two register types, :data:`i32x8` (``<8 x i32>``) and :data:`f32x8`
+(``<8 x float>``), and intrinsics on them, so a kernel written in Numba can use those instructions
+directly:
+
+- :func:`dp4`: ``acc + sum over 4 bytes of u8(w) * s8(x)`` per 32-bit lane. With AVX-512 VNNI
+  (or AVX-VNNI) one ``vpdpbusd``; with AVX2 ``vpmaddubsw`` then ``vpmaddwd`` by ones, as
+  ggml's ``mul_sum_us8_pairs_float`` in ggml-cpu/arch/x86/quants.c; elsewhere plain IR that the
+  target's vectorizer lowers. ``vpmaddubsw`` saturates int16 pair sums: callers keep
+  ``2 * max(w) * 127 < 2**15`` (codes of at most 6 bits; signed 8-bit weights go through
+  :func:`dp4s`).
+- :func:`dp4s`: the same for signed ``w``: ``|w|`` times ``x`` with ``w``'s sign (``vpsignb``),
+  ggml's ``mul_sum_i8_pairs`` trick.
+
+The instruction set is chosen from the CPU Numba compiles for (``NUMBA_CPU_NAME`` /
+``NUMBA_CPU_FEATURES`` or the host), so an AVX2-only target never gets a VNNI instruction; Numba's
+cache key includes the target features.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils, config
+from numba.extending import intrinsic, models, register_model
+
+#: lanes of a vector (int32 / float32): one 256-bit register
+W = 8
+
+
+def _target_features() -> set[str]:
+    """The CPU features Numba compiles for (``+name`` entries of its feature string)."""
+    feats = config.CPU_FEATURES
+    if feats is None:
+        try:
+            from numba.core.codegen import get_host_cpu_features
+
+            feats = get_host_cpu_features()
+        except Exception:  # pragma: no cover - unusual llvmlite builds
+            feats = ""
+    return {f[1:] for f in str(feats).split(",") if f.startswith("+")}
+
+
+def _isa() -> str:
+    """'vnni' (AVX-512 VNNI on 256-bit registers, or AVX-VNNI), 'avx2', or 'generic'."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return "generic"
+    f = _target_features()
+    if ("avx512vnni" in f and "avx512vl" in f) or "avxvnni" in f:
+        return "vnni"
+    if "avx2" in f:
+        return "avx2"
+    return "generic"
+
+
+#: the dot-product code path compiled for this process's target
+ISA = _isa()
+
+
+class _I32x8(types.Type):
+    def __init__(self):
+        super().__init__(name="i32x8")
+
+
+class _F32x8(types.Type):
+    def __init__(self):
+        super().__init__(name="f32x8")
+
+
+i32x8 = _I32x8()
+f32x8 = _F32x8()
+
+_I8, _I16, _I32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+_VI = ir.VectorType(_I32, W)
+_VF = ir.VectorType(ir.FloatType(), W)
+_VB = ir.VectorType(_I8, 4 * W)
+_VW = ir.VectorType(_I16, 2 * W)
+
+
+@register_model(_I32x8)
+class _I32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VI)
+
+
+@register_model(_F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _VF)
+
+
+def _elem_ptr(context, builder, aty, arr, ity, idx):
+    """Pointer to element ``idx`` (flat, C order) of array ``arr``."""
+    ary = context.make_array(aty)(context, builder, arr)
+    return builder.gep(ary.data, [context.cast(builder, idx, ity, types.intp)])
+
+
+def _splat(builder, v, vty):
+    undef = ir.Constant(vty, ir.Undefined)
+    v0 = builder.insert_element(undef, v, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(v0, undef, ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count))
+
+
+def _is_arr(a, idx):
+    return isinstance(a, types.Array) and isinstance(idx, types.Integer)
+
+
+@intrinsic
+def load_bytes(typingctx, arr, idx):
+    """The 32 bytes at ``arr[idx]`` (any 1-byte dtype; unaligned) as an :data:`i32x8`."""
+    if not _is_arr(arr, idx) or arr.dtype.bitwidth != 8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load(builder.bitcast(p, _VI.as_pointer()), align=1)
+
+    return i32x8(arr, idx), codegen
+
+
+@intrinsic
+def bcast4(typingctx, arr, idx):
+    """The 4 bytes at ``arr[idx]`` (int8 array) as one int32, in every lane."""
+    if not _is_arr(arr, idx) or arr.dtype.bitwidth != 8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return _splat(builder, builder.load(builder.bitcast(p, _I32.as_pointer()), align=1), _VI)
+
+    return i32x8(arr, idx), codegen
+
+
+@intrinsic
+def load_f(typingctx, arr, idx):
+    """``arr[idx:idx + 8]`` (float32 array; unaligned) as an :data:`f32x8`."""
+    if not _is_arr(arr, idx) or arr.dtype != types.float32:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        return builder.load(builder.bitcast(p, _VF.as_pointer()), align=4)
+
+    return f32x8(arr, idx), codegen
+
+
+@intrinsic
+def store_f(typingctx, arr, idx, v):
+    """``arr[idx:idx + 8] = v`` (float32 array)."""
+    if not _is_arr(arr, idx) or arr.dtype != types.float32 or v != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        builder.store(args[2], builder.bitcast(p, _VF.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, v), codegen
+
+
+@intrinsic
+def izero(typingctx):
+    """An :data:`i32x8` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VI, [0] * W)
+
+    return i32x8(), codegen
+
+
+@intrinsic
+def fzero(typingctx):
+    """An :data:`f32x8` of zeros."""
+    def codegen(context, builder, sig, args):
+        return ir.Constant(_VF, [0.0] * W)
+
+    return f32x8(), codegen
+
+
+@intrinsic
+def nib_lo(typingctx, v):
+    """The low nibble of every byte of ``v``."""
+    if v != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(args[0], ir.Constant(_VI, [0x0F0F0F0F] * W))
+
+    return i32x8(v), codegen
+
+
+@intrinsic
+def nib_hi(typingctx, v):
+    """The high nibble of every byte of ``v``."""
+    if v != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.and_(builder.lshr(args[0], ir.Constant(_VI, [4] * W)), ir.Constant(_VI, [0x0F0F0F0F] * W))
+
+    return i32x8(v), codegen
+
+
+def _dp_ir(builder, acc, w, x):
+    """IR for acc + per-lane sum of 4 products u8(w) * s8(x)."""
+    m = builder.module
+    if ISA == "vnni":
+        fn = cgutils.get_or_insert_function(m, ir.FunctionType(_VI, [_VI, _VI, _VI]), "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(fn, [acc, w, x])
+    if ISA == "avx2":
+        f1 = cgutils.get_or_insert_function(m, ir.FunctionType(_VW, [_VB, _VB]), "llvm.x86.avx2.pmadd.ub.sw")
+        f2 = cgutils.get_or_insert_function(m, ir.FunctionType(_VI, [_VW, _VW]), "llvm.x86.avx2.pmadd.wd")
+        p = builder.call(f1, [builder.bitcast(w, _VB), builder.bitcast(x, _VB)])
+        return builder.add(acc, builder.call(f2, [p, ir.Constant(_VW, [1] * (2 * W))]))
+    # generic: widen, multiply, add the 4 products of each lane
+    v32 = ir.VectorType(_I32, 4 * W)
+    prod = builder.mul(builder.zext(builder.bitcast(w, _VB), v32), builder.sext(builder.bitcast(x, _VB), v32))
+    s = None
+    for i in range(4):
+        part = builder.shuffle_vector(prod, ir.Constant(v32, ir.Undefined),
+                                      ir.Constant(_VI, [4 * lane + i for lane in range(W)]))
+        s = part if s is None else builder.add(s, part)
+    return builder.add(acc, s)
+
+
+@intrinsic
+def dp4(typingctx, acc, w, x):
+    """``acc`` + per 32-bit lane the sum of 4 products ``u8(w byte) * s8(x byte)``.
+
+    AVX2 saturates each pair sum to int16: keep ``w`` bytes <= 63 with ``x`` in -127..127."""
+    if acc != i32x8 or w != i32x8 or x != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return _dp_ir(builder, *args)
+
+    return i32x8(acc, w, x), codegen
+
+
+@intrinsic
+def dp4s(typingctx, acc, w, x):
+    """``acc`` + per 32-bit lane the sum of 4 products ``s8(w byte) * s8(x byte)`` (``x`` in
+    -127..127): ``|w| * (x with w's sign)``, exact on every path."""
+    if acc != i32x8 or w != i32x8 or x != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc, w, x = args
+        wb, xb = builder.bitcast(w, _VB), builder.bitcast(x, _VB)
+        zero = ir.Constant(_VB, [0] * (4 * W))
+        neg = builder.icmp_signed("<", wb, zero)
+        aw = builder.select(neg, builder.sub(zero, wb), wb)           # vpabsb (|-128| = 128 as u8)
+        sx = builder.select(neg, builder.sub(zero, xb), xb)           # vpsignb (w = 0 adds 0 anyway)
+        return _dp_ir(builder, acc, builder.bitcast(aw, _VI), builder.bitcast(sx, _VI))
+
+    return i32x8(acc, w, x), codegen
+
+
+@intrinsic
+def to_f(typingctx, v):
+    """int32 lanes -> float32 lanes."""
+    if v != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(args[0], _VF)
+
+    return f32x8(v), codegen
+
+
+@intrinsic
+def fma_s(typingctx, acc, a, s):
+    """``acc + a * s`` for vectors ``acc``, ``a`` and a float32 scalar ``s`` (contractable)."""
+    if acc != f32x8 or a != f32x8 or not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        sv = _splat(builder, context.cast(builder, args[2], sig.args[2], types.float32), _VF)
+        return builder.fadd(args[0], builder.fmul(args[1], sv, flags=("contract",)), flags=("contract",))
+
+    return f32x8(acc, a, s), codegen
+
+
+@intrinsic
+def fma_v(typingctx, acc, a, b):
+    """``acc + a * b`` for vectors (contractable to one FMA)."""
+    if acc != f32x8 or a != f32x8 or b != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
+
+    return f32x8(acc, a, b), codegen
+
+
+@intrinsic
+def mul_v(typingctx, a, b):
+    """``a * b`` for vectors."""
+    if a != f32x8 or b != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def add_v(typingctx, a, b):
+    """``a + b`` for vectors."""
+    if a != f32x8 or b != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+@intrinsic
+def iadd(typingctx, a, b):
+    """``a + b`` for int32 vectors."""
+    if a != i32x8 or b != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.add(args[0], args[1])
+
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def ior(typingctx, a, b):
+    """``a | b`` for int32 vectors."""
+    if a != i32x8 or b != i32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.or_(args[0], args[1])
+
+    return i32x8(a, b), codegen
+
+
+@intrinsic
+def field(typingctx, v, sr, mask, sl):
+    """``((v >> sr) & mask) << sl`` per 32-bit lane (logical shifts; integer scalars)."""
+    if v != i32x8 or not all(isinstance(a, types.Integer) for a in (sr, mask, sl)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = [_splat(builder, context.cast(builder, a, t, types.int32), _VI) for a, t in zip(args[1:], sig.args[1:])]
+        return builder.shl(builder.and_(builder.lshr(args[0], s[0]), s[1]), s[2])
+
+    return i32x8(v, sr, mask, sl), codegen
+
+
+def _load8(context, builder, sig, args, ety):
+    p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+    return builder.load(builder.bitcast(p, ir.VectorType(ety, W).as_pointer()), align=1)
+
+
+@intrinsic
+def load_hf(typingctx, arr, idx):
+    """``arr[idx:idx + 8]`` fp16 bit patterns (uint16 array) as float32 lanes (``vcvtph2ps`` with
+    F16C; an exact bit manipulation elsewhere, as :func:`.floats.f16_to_f32`)."""
+    if not _is_arr(arr, idx) or arr.dtype != types.uint16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        from .floats import HARDWARE_F16
+
+        h = _load8(context, builder, sig, args, _I16)
+        if HARDWARE_F16:
+            return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), W)), _VF)
+        u = builder.zext(h, _VI)
+        c = lambda x: ir.Constant(_VI, [x] * W)  # noqa: E731
+        mag = builder.shl(builder.and_(u, c(0x7FFF)), c(13))
+        val = builder.fmul(builder.bitcast(mag, _VF), ir.Constant(_VF, [2.0 ** 112] * W))
+        sign = builder.shl(builder.and_(u, c(0x8000)), c(16))
+        special = builder.select(builder.icmp_unsigned("==", builder.and_(u, c(0x7C00)), c(0x7C00)), c(0x7F800000), c(0))
+        return builder.bitcast(builder.or_(builder.or_(builder.bitcast(val, _VI), sign), special), _VF)
+
+    return f32x8(arr, idx), codegen
+
+
+@intrinsic
+def load_u8f(typingctx, arr, idx):
+    """``arr[idx:idx + 8]`` (uint8 array) as float32 lanes."""
+    if not _is_arr(arr, idx) or arr.dtype != types.uint8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.uitofp(_load8(context, builder, sig, args, _I8), _VF)
+
+    return f32x8(arr, idx), codegen
+
+
+@intrinsic
+def load_s8f(typingctx, arr, idx):
+    """``arr[idx:idx + 8]`` (a uint8 array holding int8 bit patterns) as signed float32 lanes."""
+    if not _is_arr(arr, idx) or arr.dtype != types.uint8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.sitofp(_load8(context, builder, sig, args, _I8), _VF)
+
+    return f32x8(arr, idx), codegen
+
+
+@intrinsic
+def fneg(typingctx, a):
+    """``-a`` for float vectors."""
+    if a != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fneg(args[0])
+
+    return f32x8(a), codegen
+
+
+@intrinsic
+def mul_s(typingctx, a, s):
+    """``a * s`` for a float vector and a scalar."""
+    if a != f32x8 or not isinstance(s, types.Float):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF))
+
+    return f32x8(a, s), codegen
