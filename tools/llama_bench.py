@@ -59,10 +59,11 @@ def build(flavour: str = "native", cache: Path = CACHE) -> Path:
 
 
 def run(binary: Path, path: Path, n_prompt: int, n_gen: int, threads: int, reps: int = 3,
-        kv_type: str = "f16") -> dict:
-    """llama-bench on ``path``: ``{"pp": tokens/s, "tg": tokens/s}`` (its mean over ``reps``)."""
+        kv_type: str = "f16", depth: int = 0) -> dict:
+    """llama-bench on ``path``: ``{"pp": tokens/s, "tg": tokens/s}`` (its mean over ``reps``), both
+    measured after ``depth`` tokens already in the context (``-d``)."""
     cmd = [str(binary), "-m", str(path), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads), "-r", str(reps),
-           "-ctk", kv_type, "-ctv", kv_type, "-o", "json"]
+           "-ctk", kv_type, "-ctv", kv_type, "-d", str(depth), "-o", "json"]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     res = {}
     for row in json.loads(out):

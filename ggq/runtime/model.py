@@ -25,7 +25,7 @@ from ggq.models.base import Metadata
 from ggq.runtime import ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
-from ggq.runtime.ops import KV_TYPES
+from ggq.runtime.ops import KT, KV_TYPES
 
 def _dequant_vec(t) -> np.ndarray:
     """A 1-D norm/bias tensor as float32."""
@@ -177,9 +177,10 @@ class Model:
         self._fp = rp.float_params()
         self._forward_fn = fam.forward
         self.kv_type = kv_type
-        nkv = rp.n_kv_dim
-        self._kc = np.zeros((n_layer, nkv, self.n_ctx), KV_TYPES[kv_type])  # K transposed: [dim][position]
-        self._vc = np.zeros((n_layer, self.n_ctx, nkv), KV_TYPES[kv_type])
+        # K in tiles of KT positions [kv head][tile][dim][position], V [kv head][position][dim]
+        n_kvh, hd = self.n_kv, self.head_dim
+        self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
+        self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
         self.n_past = 0
         if n_threads:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))

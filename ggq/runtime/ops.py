@@ -29,8 +29,9 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ggq.runtime.kernels import C_FAM, get_row, matmul, quantize_act, quantize_act_par
-from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16, rows_times_x
+from ggq.runtime.kernels.floats import causal_rows_times_x, f16_to_f32, f32_to_f16
 from ggq.runtime.kernels.mathf import expf
+from ggq.runtime.kernels.simd import W, add_v, fma_s, fzero, load_kv, store_f
 from ggq.runtime.kernels.repack import FAM_N4
 
 # ---------------------------------------------------------------------------------------------------
@@ -348,21 +349,32 @@ def rope(v, n_heads, ip, cos, sin):
 # attention
 
 
+#: positions per tile of the K cache
+KT = 64
+
+
 @njit(cache=True, inline="always")
 def _kv_store(cache, pos0, x):
-    """cache[pos0 + t] = x[t] (x float32 (T, n)), converted to the cache's element type."""
+    """V cache [kv head][position][dim]: cache[h, pos0 + t, d] = x[t, h * hd + d] (x float32 (T, n_kv * hd)),
+    converted to the cache's element type."""
+    n_kv, hd = cache.shape[0], cache.shape[2]
     for t in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            cache[pos0 + t, j] = kv_from_f32(x[t, j], cache[0, 0])
+        for h in range(n_kv):
+            for d in range(hd):
+                cache[h, pos0 + t, d] = kv_from_f32(x[t, h * hd + d], cache[0, 0, 0])
 
 
 @njit(cache=True, inline="always")
 def _kv_store_t(cache, pos0, x):
-    """cache[j, pos0 + t] = x[t, j]: the transposed K cache ([dim][position], so decode attention
-    takes the scores of all positions along the vector lanes)."""
+    """K cache in tiles of KT positions, [kv head][tile][dim][position in tile]: decode attention
+    reads a tile as one contiguous run and takes the scores of its positions along the vector
+    lanes (no horizontal sum per key)."""
+    n_kv, hd = cache.shape[0], cache.shape[2]
     for t in range(x.shape[0]):
-        for j in range(x.shape[1]):
-            cache[j, pos0 + t] = kv_from_f32(x[t, j], cache[0, 0])
+        p = pos0 + t
+        for h in range(n_kv):
+            for d in range(hd):
+                cache[h, p // KT, d, p % KT] = kv_from_f32(x[t, h * hd + d], cache[0, 0, 0, 0])
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -399,70 +411,187 @@ def _first_key(pos, window):
     return max(0, pos - window + 1) if window > 0 else 0
 
 
+#: cached positions per decode attention work item (a KV head and a span of positions)
+_DEC_SPAN = 512
+
+
 @njit(cache=True, fastmath=True, inline="always")
-def _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    """Causal attention of one (token, head) pair ``it`` = t * n_head + h (softmax in float32)."""
-    grp = n_head // n_kv
-    t = it // n_head
-    h = it % n_head
-    kvh = h // grp
-    n = pos0 + t + 1
-    lo = _first_key(pos0 + t, window)
-    sc = np.zeros(n - lo, np.float32)  # scores of the visible keys lo .. n-1
-    qh = q[t, h * hd:(h + 1) * hd]
-    for d in range(hd):  # keys along the vector lanes: the K cache is stored [dim][position]
-        qd = qh[d]
-        kd = kc[kvh * hd + d, lo:n]
-        for p in range(n - lo):
-            sc[p] += qd * kv_value(kd[p])
-    _softmax(sc, scale, cap)
-    o = out[t, h * hd:(h + 1) * hd]
-    o[:] = 0.0
-    for p in range(n - lo):
-        w = sc[p]
-        vp = vc[lo + p, kvh * hd:(kvh + 1) * hd]
-        for d in range(hd):
-            o[d] += w * kv_value(vp[d])
+def _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
+    """Work item ``it`` = (KV head, span of positions) of one decoded token: the scores of the
+    ``grp`` query heads sharing the KV head against the span's keys, a local softmax (max ``pm``,
+    sum ``pl``) and the unnormalized output ``po`` (flash-decoding's partial results, merged by
+    :func:`_attention_decode`). A K tile (``KT`` positions x hd, contiguous) gives 8 vectors of
+    scores per query head (positions along the lanes: 8 independent FMA chains over the dims, no
+    horizontal sums); V rows are accumulated with the dims along the lanes."""
+    kvh = it // nsp
+    pa = lo + (it % nsp) * _DEC_SPAN
+    pb = min(n, pa + _DEC_SPAN)
+    ln = pb - pa
+    ntile = kc.shape[1]
+    n_ctx = vc.shape[1]
+    sc = np.empty((grp, ln), np.float32)
+    st = np.empty(KT, np.float32)
+    for tile in range(pa // KT, (pb - 1) // KT + 1):
+        i0 = max(pa, tile * KT) - tile * KT
+        i1 = min(pb, tile * KT + KT) - tile * KT
+        o0 = tile * KT - pa
+        kb = (kvh * ntile + tile) * hd * KT
+        for g in range(grp):
+            qr = q[0, (kvh * grp + g) * hd:(kvh * grp + g + 1) * hd]
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = fzero()
+            for d in range(hd):
+                qd = qr[d]
+                o = kb + d * KT
+                a0 = fma_s(a0, load_kv(kc, o), qd)
+                a1 = fma_s(a1, load_kv(kc, o + 8), qd)
+                a2 = fma_s(a2, load_kv(kc, o + 16), qd)
+                a3 = fma_s(a3, load_kv(kc, o + 24), qd)
+                a4 = fma_s(a4, load_kv(kc, o + 32), qd)
+                a5 = fma_s(a5, load_kv(kc, o + 40), qd)
+                a6 = fma_s(a6, load_kv(kc, o + 48), qd)
+                a7 = fma_s(a7, load_kv(kc, o + 56), qd)
+            store_f(st, 0, a0)
+            store_f(st, 8, a1)
+            store_f(st, 16, a2)
+            store_f(st, 24, a3)
+            store_f(st, 32, a4)
+            store_f(st, 40, a5)
+            store_f(st, 48, a6)
+            store_f(st, 56, a7)
+            for i in range(i0, i1):
+                sc[g, o0 + i] = st[i]
+    for g in range(grp):
+        sg = sc[g]
+        mx = np.float32(-np.inf)
+        if cap > 0:
+            inv = np.float32(1.0) / cap
+            for p in range(ln):
+                sg[p] = cap * tanhf(sg[p] * scale * inv)
+                mx = max(mx, sg[p])
+        else:
+            for p in range(ln):
+                sg[p] *= scale
+                mx = max(mx, sg[p])
+        tot = np.float32(0.0)
+        for p in range(ln):
+            e = expf(sg[p] - mx)
+            sg[p] = e
+            tot += e
+        pm[it, g] = mx
+        pl[it, g] = tot
+    for g in range(grp):
+        og = po[it, g]
+        sg = sc[g]
+        if hd % W == 0:
+            for dv in range(0, hd, W):
+                c0 = fzero()
+                c1 = fzero()
+                vb = (kvh * n_ctx + pa) * hd + dv
+                p = 0
+                while p + 1 < ln:
+                    c0 = fma_s(c0, load_kv(vc, vb + p * hd), sg[p])
+                    c1 = fma_s(c1, load_kv(vc, vb + (p + 1) * hd), sg[p + 1])
+                    p += 2
+                if p < ln:
+                    c0 = fma_s(c0, load_kv(vc, vb + p * hd), sg[p])
+                store_f(og, dv, add_v(c0, c1))
+        else:
+            og[:] = 0.0
+            for p in range(ln):
+                w = sg[p]
+                vr = vc[kvh, pa + p]
+                for d in range(hd):
+                    og[d] += w * kv_value(vr[d])
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def _attention_par(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    for it in prange(q.shape[0] * n_head):
-        _attend(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
+def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
+    for it in prange(nit):
+        _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
+
+
+@njit(cache=True, fastmath=True)
+def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """One decoded token (q (1, n_head*hd)): work items of (KV head, span of ``_DEC_SPAN``
+    positions), in parallel once the context pays for a parallel region, then each head's partial
+    softmaxes merged (rescaled by exp(max_i - max)), as flash-decoding does. Each KV head's keys and
+    values are read once for all the query heads of its group."""
+    grp = n_head // n_kv
+    n = pos0 + 1
+    lo = _first_key(pos0, window)
+    nsp = (n - lo + _DEC_SPAN - 1) // _DEC_SPAN
+    nit = n_kv * nsp
+    pm = np.empty((nit, grp), np.float32)
+    pl = np.empty((nit, grp), np.float32)
+    po = np.empty((nit, grp, hd), np.float32)
+    if n_head * (n - lo) * hd < 65536:
+        for it in range(nit):
+            _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
+    else:
+        _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
+    for h in range(n_head):
+        kvh = h // grp
+        g = h % grp
+        mx = np.float32(-np.inf)
+        for c in range(nsp):
+            mx = max(mx, pm[kvh * nsp + c, g])
+        tot = np.float32(0.0)
+        o = out[0, h * hd:(h + 1) * hd]
+        o[:] = 0.0
+        for c in range(nsp):
+            it = kvh * nsp + c
+            f = expf(pm[it, g] - mx)
+            tot += f * pl[it, g]
+            for d in range(hd):
+                o[d] += f * po[it, g, d]
+        inv = np.float32(1.0) / tot
+        for d in range(hd):
+            o[d] *= inv
+
+
+#: prompt tokens per attention work item (a head and a chunk of tokens)
+_ATT_CHUNK = 64
 
 
 @njit(cache=True, parallel=True, fastmath=True)
 def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    """Prompt batches: per head, S = Q K^T, a causal softmax, O = P V as float products in 4 x 4
-    register tiles (:func:`~ggq.runtime.kernels.floats.rows_times_x`); parallel over heads. With a
-    sliding window only the keys the first token still sees are read."""
+    """Prompt batches: per head and chunk of ``_ATT_CHUNK`` tokens, S = Q K^T, a causal softmax,
+    O = P V as float products in 4 x 4 register tiles that skip the masked keys
+    (:func:`~ggq.runtime.kernels.floats.causal_rows_times_x`: about half the work of the full
+    products); parallel over (chunk, head) items. Only the keys the chunk sees are converted from
+    the cache (with a sliding window, from the first token's first visible key)."""
     T = q.shape[0]
-    n = pos0 + T
-    p0 = _first_key(pos0, window)
-    nk = n - p0
     grp = n_head // n_kv
-    for h in prange(n_head):
+    nch = (T + _ATT_CHUNK - 1) // _ATT_CHUNK
+    for it in prange(nch * n_head):
+        c = nch - 1 - it // n_head  # the longest chunks first
+        h = it % n_head
         kvh = h // grp
+        t0 = c * _ATT_CHUNK
+        tn = min(T, t0 + _ATT_CHUNK) - t0
+        p0 = _first_key(pos0 + t0, window)
+        nk = pos0 + t0 + tn - p0  # keys p0 .. pos0 + t0 + tn - 1
         kf = np.empty((nk, hd), np.float32)
         vt = np.empty((hd, nk), np.float32)
         for d in range(hd):
             for p in range(nk):
-                kf[p, d] = kv_value(kc[kvh * hd + d, p0 + p])
+                kf[p, d] = kv_value(kc[kvh, (p0 + p) // KT, d, (p0 + p) % KT])
         for p in range(nk):
             for d in range(hd):
-                vt[d, p] = kv_value(vc[p0 + p, kvh * hd + d])
-        qh = np.ascontiguousarray(q[:, h * hd:(h + 1) * hd])
-        s = np.empty((T, nk), np.float32)
-        rows_times_x(kf, nk, 0, qh, s)  # s[t, p] = k_p . q_t
-        for t in range(T):
-            m = pos0 + t + 1 - p0  # keys visible to token t: [lo, m)
-            lo = _first_key(pos0 + t, window) - p0
+                vt[d, p] = kv_value(vc[kvh, p0 + p, d])
+        qh = np.ascontiguousarray(q[t0:t0 + tn, h * hd:(h + 1) * hd])
+        s = np.empty((tn, nk), np.float32)
+        base = pos0 + t0 - p0  # token t of the chunk sees keys [lo, base + t + 1)
+        causal_rows_times_x(kf, qh, s, base, False)  # s[t, p] = k_p . q_t
+        for t in range(tn):
+            m = base + t + 1
+            lo = _first_key(pos0 + t0 + t, window) - p0
             _softmax(s[t, lo:m], scale, cap)
             s[t, :lo] = 0.0
             s[t, m:] = 0.0
-        o = np.empty((T, hd), np.float32)
-        rows_times_x(vt, hd, 0, s, o)  # o[t, d] = sum_p v_p[d] * s[t, p]
-        out[:, h * hd:(h + 1) * hd] = o
+        o = np.empty((tn, hd), np.float32)
+        causal_rows_times_x(vt, s, o, base, True)  # o[t, d] = sum_p v_p[d] * s[t, p]
+        out[t0:t0 + tn, h * hd:(h + 1) * hd] = o
 
 
 @njit(cache=True, fastmath=True)
@@ -470,8 +599,10 @@ def attention(l, q, k, v, kc, vc, pos0, ip, fp, swa, out):
     """Causal grouped-query attention of layer ``l``: store k, v (T, n_kv*hd) at positions pos0..
     in the KV cache, then out (T, n_head*hd) = softmax(scale * q K^T) V over the cached positions,
     with attention soft-capping (F_ATTN_SOFTCAP > 0) and, when ``swa``, a sliding window of
-    I_SWA_WINDOW positions. Prompt batches of >= 4 tokens as float matrix products per head; decode
-    per (token, head), in parallel unless the work is too small to pay for a parallel region."""
+    I_SWA_WINDOW positions. Prompt batches of >= 4 tokens as causal float matrix products per
+    (chunk of tokens, head); decoding one token at a time by (KV head, span of positions) items
+    merged flash-decoding style, in parallel unless the work is too small to pay for a parallel
+    region. ``kc[l]``: [kv head][tile of KT positions][dim][position], ``vc[l]``: [kv head][position][dim]."""
     kcl = kc[l]
     vcl = vc[l]
     _kv_store_t(kcl, pos0, k)
@@ -483,8 +614,6 @@ def attention(l, q, k, v, kc, vc, pos0, ip, fp, swa, out):
     T = q.shape[0]
     if T >= 4:
         _attention_batch(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
-    elif T * n_head * (pos0 + T) * hd < 65536:
-        for it in range(T * n_head):
-            _attend(it, q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
-    else:
-        _attention_par(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
+    else:  # decoding (and batches of 2-3 tokens, one token at a time; their K, V are all stored)
+        for t in range(T):
+            _attention_decode(q[t:t + 1], kcl, vcl, pos0 + t, n_head, n_kv, hd, scale, cap, window, out[t:t + 1])

@@ -217,6 +217,49 @@ def rows_times_x(buf, nr, r0, x, out):
             out[t, r0 + i] = acc
 
 
+@njit(cache=True, fastmath=True)
+def causal_rows_times_x(buf, x, out, base, shorten):
+    """Causal variants of :func:`rows_times_x` (``r0`` = 0) for attention, where token ``t`` sees
+    the first ``base + t + 1`` keys: with ``shorten`` False, out[t, i] = buf[i] . x[t] only for rows
+    ``i < base + t + 1`` (scores Q K^T: buf = keys); with ``shorten`` True, the dot products of
+    token ``t`` stop at ``k < base + t + 1`` (P V: buf = V^T, x = probabilities, zero beyond).
+    Entries not computed are left as they are; a 4-token tile computes up to its last token's
+    limit."""
+    T = x.shape[0]
+    nr = buf.shape[0]
+    n = x.shape[1]
+    t4 = T - T % 4
+    for t in range(0, t4, 4):
+        lim = min(base + t + 4, n if shorten else nr)
+        ni = nr if shorten else lim
+        nk = lim if shorten else n
+        i4 = ni - ni % 4
+        for i in range(0, i4, 4):
+            s = _dot4x4(buf[i], buf[i + 1], buf[i + 2], buf[i + 3], x[t], x[t + 1], x[t + 2], x[t + 3], nk)
+            for a in range(4):
+                for b in range(4):
+                    out[t + b, i + a] = s[4 * a + b]
+        for tt in range(t, t + 4):
+            xt = x[tt]
+            for i in range(i4, ni):
+                wi = buf[i]
+                acc = np.float32(0.0)
+                for k in range(nk):
+                    acc += wi[k] * xt[k]
+                out[tt, i] = acc
+    for t in range(t4, T):
+        lim = min(base + t + 1, n if shorten else nr)
+        ni = nr if shorten else lim
+        nk = lim if shorten else n
+        xt = x[t]
+        for i in range(ni):
+            wi = buf[i]
+            acc = np.float32(0.0)
+            for k in range(nk):
+                acc += wi[k] * xt[k]
+            out[t, i] = acc
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def _mm_f32_rows(w, n_rows, n_cols, x, out):
     nch = (n_rows + _RB - 1) // _RB

@@ -30,7 +30,7 @@ from .simd import (W, bcast4, dp4, field, fma_s, fneg, iadd, ior, izero, load_by
                    load_u8f, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f)
 
 #: tokens whose accumulators are kept while a group's weights are streamed once
-TB = 32
+TB = 64
 
 _M1 = 0x01010101
 _M2 = 0x03030303

@@ -371,18 +371,7 @@ def load_hf(typingctx, arr, idx):
         return None
 
     def codegen(context, builder, sig, args):
-        from .floats import HARDWARE_F16
-
-        h = _load8(context, builder, sig, args, _I16)
-        if HARDWARE_F16:
-            return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), W)), _VF)
-        u = builder.zext(h, _VI)
-        c = lambda x: ir.Constant(_VI, [x] * W)  # noqa: E731
-        mag = builder.shl(builder.and_(u, c(0x7FFF)), c(13))
-        val = builder.fmul(builder.bitcast(mag, _VF), ir.Constant(_VF, [2.0 ** 112] * W))
-        sign = builder.shl(builder.and_(u, c(0x8000)), c(16))
-        special = builder.select(builder.icmp_unsigned("==", builder.and_(u, c(0x7C00)), c(0x7C00)), c(0x7F800000), c(0))
-        return builder.bitcast(builder.or_(builder.or_(builder.bitcast(val, _VI), sign), special), _VF)
+        return _hf_ir(builder, _load8(context, builder, sig, args, _I16))
 
     return f32x8(arr, idx), codegen
 
@@ -433,3 +422,47 @@ def mul_s(typingctx, a, s):
         return builder.fmul(args[0], _splat(builder, context.cast(builder, args[1], sig.args[1], types.float32), _VF))
 
     return f32x8(a, s), codegen
+
+
+@intrinsic
+def load_kv(typingctx, arr, idx):
+    """``arr[idx:idx + 8]`` of a KV cache (float32, or uint16 fp16 bit patterns) as float32 lanes."""
+    if not _is_arr(arr, idx) or arr.dtype not in (types.float32, types.uint16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        if sig.args[0].dtype == types.float32:
+            p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+            return builder.load(builder.bitcast(p, _VF.as_pointer()), align=4)
+        return _hf_ir(builder, _load8(context, builder, sig, args, _I16))
+
+    return f32x8(arr, idx), codegen
+
+
+def _hf_ir(builder, h):
+    """IR: <8 x i16> fp16 bit patterns -> <8 x float> (hardware conversion where the CPU has it)."""
+    from .floats import HARDWARE_F16
+
+    if HARDWARE_F16:
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), W)), _VF)
+    u = builder.zext(h, _VI)
+    c = lambda x: ir.Constant(_VI, [x] * W)  # noqa: E731
+    mag = builder.shl(builder.and_(u, c(0x7FFF)), c(13))
+    val = builder.fmul(builder.bitcast(mag, _VF), ir.Constant(_VF, [2.0 ** 112] * W))
+    sign = builder.shl(builder.and_(u, c(0x8000)), c(16))
+    special = builder.select(builder.icmp_unsigned("==", builder.and_(u, c(0x7C00)), c(0x7C00)), c(0x7F800000), c(0))
+    return builder.bitcast(builder.or_(builder.or_(builder.bitcast(val, _VI), sign), special), _VF)
+
+
+@intrinsic
+def hsum(typingctx, a):
+    """The sum of the 8 lanes of ``a`` (float32)."""
+    if a != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _VF]),
+                                            "llvm.vector.reduce.fadd.v8f32")
+        return builder.call(fn, [ir.Constant(ir.FloatType(), 0.0), args[0]], flags=("reassoc",))
+
+    return types.float32(a), codegen
