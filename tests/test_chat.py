@@ -407,3 +407,45 @@ def test_thinking_display_and_history(qwen, think):
     want = {"hide": "\n\nFour.", "dim": DIM + "\nLet me add.\n" + RESET + "\n\nFour.", "show": reply}[think]
     assert out.getvalue() == want
     assert s.messages[-1] == {"role": "assistant", "content": "Four."}
+
+
+def test_warmup_compiles_in_the_background_with_a_status_line():
+    """``ggq run`` starts the compile before the prompt: the constructor returns at once, and the
+    first turn waits for it with a status line naming the types and the seconds so far."""
+    import threading
+
+    from ggq.runtime.chat import Warmup
+
+    class SlowModel:
+        compiled_types = ["Q4_K", "Q6_K"]
+
+        def __init__(self):
+            self.release = threading.Event()
+            self.warmed = False
+
+        def warmup(self):
+            self.release.wait(5)
+            self.warmed = True
+
+    m = SlowModel()
+    err = io.StringIO()
+    t0 = time.monotonic()
+    w = Warmup(m, err=err)
+    assert time.monotonic() - t0 < 0.5 and not w.done.is_set()
+    threading.Timer(0.3, m.release.set).start()
+    w.wait(announce_after=0.05)
+    assert m.warmed
+    assert "compiling the runtime for Q4_K, Q6_K (first run only" in err.getvalue()
+
+
+def test_warmup_reraises_the_compile_error():
+    from ggq.runtime.chat import Warmup
+
+    class Broken:
+        compiled_types = []
+
+        def warmup(self):
+            raise GGQError("boom")
+
+    with pytest.raises(GGQError, match="boom"):
+        Warmup(Broken(), err=io.StringIO()).wait()

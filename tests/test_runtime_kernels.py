@@ -185,3 +185,20 @@ def test_expf_within_5_ulp_and_edges():
     apply(edge, out)
     np.testing.assert_array_equal(out[:6], [1, 1, 0, np.inf, 0, np.inf])
     assert np.isnan(out[6])
+
+
+def test_unused_arenas_are_none_and_their_kernels_not_needed(data):
+    """A file's arena tuple has None for the arenas its types do not use (so Numba compiles only
+    the kernels of its types); products and rows still match the reference."""
+    x, mats, _ = data
+    pick = [m for m in mats if m[0] in (T.Q4_K, T.Q6_K)]
+    arena = WeightArena([(qt, N_ROWS, N_COLS) for qt, _ in pick])
+    for i, (_, raw) in enumerate(pick):
+        arena.fill(i, raw)
+    _, u8, i8, f32, u16, h16 = arena.args
+    assert u8 is not None and u16 is not None and i8 is None and f32 is None and h16 is None
+    for i, (qt, raw) in enumerate(pick):
+        w = _ref_weights(qt, raw)
+        exact = x[:2].astype(np.float64) @ w.T
+        assert np.abs(arena.matmul(i, x[:2]) - exact).max() <= 3e-2 * np.abs(exact).max()
+        np.testing.assert_array_equal(arena.row(i, 5), w[5].astype(np.float32))

@@ -24,6 +24,12 @@ SHAPES = {
         hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
         head_dim=128, vocab_size=151936, max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=True)),
+    # the issue-11 "real size" llama: hidden 2048, 24 layers (1.56 B parameters with this vocabulary;
+    # Q4_K_M ~0.95 GB, Q8_0 ~1.66 GB)
+    "llama-1.5b": ("LlamaForCausalLM", "LlamaConfig", dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=8,
+        vocab_size=49152, max_position_embeddings=8192, rope_theta=5e5, rms_norm_eps=1e-5,
+        tie_word_embeddings=True)),
     "qwen2.5-0.5b": ("Qwen2ForCausalLM", "Qwen2Config", dict(
         hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
         vocab_size=151936, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,

@@ -75,11 +75,11 @@ def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc
         ops.attention(l, s.q, s.k, s.v, kc, vc, pos0, ip, fp, L[L_SWA] == 1, s.att)
         ops.linear(W, L[L_WO], s.att, s.aa, s.o)                    # attention output
         ops.rmsnorm(s.o, ops.vec(vecs, L[L_POST_ATTN_NORM], n_embd), eps, s.o)  # post-attention norm
-        x += s.o
+        ops.add_rows(x, s.o)
         ops.rmsnorm(x, ops.vec(vecs, L[L_FFN_NORM], n_embd), eps, s.h)   # FFN norm
         ops.ffn(W, L, s, ops.GELU_TANH)                             # GeGLU
         ops.rmsnorm(s.o, ops.vec(vecs, L[L_POST_FFN_NORM], n_embd), eps, s.o)   # post-FFN norm
-        x += s.o
+        ops.add_rows(x, s.o)
     ops.output(W, ip, fp, vecs, x, all_logits, logits)              # (soft-capped) logits
 
 

@@ -52,10 +52,10 @@ def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc
         ops.rope(s.k, ip[I_KV], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
         ops.attention(l, s.q, s.k, s.v, kc, vc, pos0, ip, fp, False, s.att)
         ops.linear(W, L[L_WO], s.att, s.aa, s.o)                    # attention output
-        x += s.o
+        ops.add_rows(x, s.o)
         ops.rmsnorm(x, ops.vec(vecs, L[L_FFN_NORM], n_embd), eps, s.h)   # FFN norm
         ops.ffn(W, L, s, ops.SILU)                                  # SwiGLU
-        x += s.o
+        ops.add_rows(x, s.o)
     ops.output(W, ip, fp, vecs, x, all_logits, logits)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -208,6 +209,50 @@ class _SigintFlag:
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
         return False
+
+
+class Warmup:
+    """Compiles the model's forward pass in a background thread (:meth:`Model.warmup`), so that a
+    chat prompt appears at once on a fresh install while Numba compiles (tens of seconds the first
+    time, a fraction of a second from its cache afterwards). :meth:`wait` blocks until it is done,
+    with a one-line status (what is compiling, seconds so far) on ``err`` when that takes long."""
+
+    def __init__(self, model, err=None):
+        self.model = model
+        self.err = err if err is not None else sys.stderr
+        self.t0 = time.monotonic()
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        threading.Thread(target=self._run, name="ggq-warmup", daemon=True).start()
+
+    def _run(self):
+        try:
+            self.model.warmup()
+        except BaseException as e:  # re-raised by wait() in the caller's thread
+            self.error = e
+        finally:
+            self.done.set()
+
+    def status(self) -> str:
+        types = ", ".join(self.model.compiled_types)
+        return f"compiling the runtime for {types} (first run only; cached afterwards): {time.monotonic() - self.t0:.0f} s"
+
+    def wait(self, announce_after: float = 0.5) -> None:
+        """Block until the warm-up is done; after ``announce_after`` s show the status, updated in
+        place on a terminal. Raises what the warm-up raised."""
+        if not self.done.wait(announce_after):
+            tty = getattr(self.err, "isatty", lambda: False)()
+            if not tty:
+                self.err.write(f"ggq: {self.status()}\n")
+                self.err.flush()
+            while not self.done.wait(1.0 if tty else None):
+                self.err.write(f"\rggq: {self.status()}")
+                self.err.flush()
+            if tty:
+                self.err.write("\r\033[K")
+                self.err.flush()
+        if self.error is not None:
+            raise self.error
 
 
 @dataclass
@@ -399,8 +444,10 @@ class ChatSession:
 HELP = "/reset clears the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply"
 
 
-def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=None) -> None:
-    """Interactive loop on stdin/stdout: read a line, stream the reply; ``/reset``, ``/exit``."""
+def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=None,
+              warmup: Warmup | None = None) -> None:
+    """Interactive loop on stdin/stdout: read a line, stream the reply; ``/reset``, ``/exit``.
+    With ``warmup``, the first reply waits for the background compile (with a status line)."""
     out = session.out
     interactive = sys.stdin.isatty() if inp is None else False
     if interactive:
@@ -450,6 +497,8 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
             err.write(HELP + "\n")
             err.flush()
             continue
+        if warmup is not None:
+            warmup.wait()
         try:
             with _SigintFlag() as flag:
                 st = session.turn(text, stop_flag=flag)
@@ -502,7 +551,8 @@ def run_chat(model_path: str, params: SamplerParams, system: str | None = None, 
     elif session.template.origin == "family":
         sys.stderr.write(f"ggq: this file has no chat template; using {model.family.name}'s chat format\n")
     name = model.metadata.get("general.name") or Path(model_path).name
-    chat_loop(session, name=str(name), verbose=verbose)
+    warmup = Warmup(model)  # compiles while the user types the first question
+    chat_loop(session, name=str(name), verbose=verbose, warmup=warmup)
 
 
 def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
@@ -512,6 +562,7 @@ def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict:
     """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
     model, tok = load(model_path, n_ctx, n_threads, kv_type)
     out = sys.stdout
+    Warmup(model).wait(announce_after=1.0)  # a status line while Numba compiles (first run)
     with _SigintFlag() as flag:
         if chat:
             st = _chat_setup(model, tok, params, system, n_predict, no_think, hide_think, out).turn(prompt, flag)

@@ -206,6 +206,22 @@ class Model:
             raise GGQError(f"cannot truncate the KV cache to {n_past} tokens (it holds {self.n_past})")
         self.n_past = int(n_past)
 
+    def warmup(self) -> None:
+        """Compile the forward pass for this file's types (or load it from Numba's on-disk cache):
+        one decode step at position 0, then the cache is cleared. The compiled code covers every
+        batch size. Safe to run in a background thread while nothing else uses the model."""
+        self.eval([0])
+        self.reset()
+
+    @property
+    def compiled_types(self) -> list[str]:
+        """The ggml types of the matrices, i.e. the kernels this file compiles (e.g. ['Q4_K', 'Q6_K'])."""
+        from gguf import GGMLQuantizationType
+
+        from ggq.runtime.kernels.repack import C_QT
+
+        return sorted({GGMLQuantizationType(int(q)).name for q in self.arena.mats[:, C_QT] if q >= 0})
+
     @property
     def kv_cache_bytes(self) -> int:
         return self._kc.nbytes + self._vc.nbytes

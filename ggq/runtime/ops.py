@@ -8,7 +8,7 @@ one Python -> compiled call whatever the family. The ops work on preallocated bu
 
 Shared data every forward receives (built by :class:`ggq.runtime.model.Model`):
 
-* ``W``: the weight arenas ``(mats, u8, i8, f32, u16, u32)`` (:class:`~ggq.runtime.kernels.WeightArena`);
+* ``W``: the weight arenas ``(mats, u8, i8, f32, u16, h16)``, None where unused (:class:`~ggq.runtime.kernels.WeightArena`);
 * ``vecs``: float32 norm weights and biases, one flat array addressed by offsets;
 * ``lay``: int64 ``(n_layer, N_L)`` layer table: per layer the matrix index or vector offset of
   each weight in the ``L_*`` columns (-1: absent), a sliding-window flag and a rope kind;
@@ -109,6 +109,31 @@ def scratch(T, ip):
                    act_bufs(T, n_embd), act_bufs(T, nq), act_bufs(T, n_ff))
 
 
+@njit(cache=True)
+def copy_cols(dst, src, c0):
+    """dst[t, :] = src[t, c0:c0 + dst.shape[1]] (explicit loops: Numba's broadcasting assignment
+    compiles its shape-mismatch error formatting, seconds of first-run compile)."""
+    for t in range(dst.shape[0]):
+        for k in range(dst.shape[1]):
+            dst[t, k] = src[t, c0 + k]
+
+
+@njit(cache=True)
+def add_rows(x, y):
+    """x[t, :] += y[t, :] for 2-D float32 arrays of one shape (the residual additions)."""
+    for t in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            x[t, k] += y[t, k]
+
+
+@njit(cache=True)
+def add_vec(x, b):
+    """x[t, :] += b for every row ``t`` (biases)."""
+    for t in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            x[t, k] += b[k]
+
+
 @njit(cache=True, inline="always")
 def vec(vecs, off, n):
     """The ``n`` float32 values of the norm weight / bias stored at ``off`` in ``vecs``."""
@@ -173,18 +198,17 @@ def attn_inputs(W, L, vecs, s, ip):
     quantize_for(W, s.h, s.ae, L[L_WQ], L[L_WK], L[L_WV])
     if L[L_WK] < 0:  # fused rows: one parallel region
         mm(W, L[L_WQ], s.h, s.ae, s.qkv)
-        s.q[:] = s.qkv[:, :nq]
-        s.k[:] = s.qkv[:, nq:nq + nkv]
-        s.v[:] = s.qkv[:, nq + nkv:]
+        copy_cols(s.q, s.qkv, 0)
+        copy_cols(s.k, s.qkv, nq)
+        copy_cols(s.v, s.qkv, nq + nkv)
     else:
         mm(W, L[L_WQ], s.h, s.ae, s.q)
         mm(W, L[L_WK], s.h, s.ae, s.k)
         mm(W, L[L_WV], s.h, s.ae, s.v)
     if L[L_BQ] >= 0:
-        for t in range(s.q.shape[0]):
-            s.q[t] += vec(vecs, L[L_BQ], nq)
-            s.k[t] += vec(vecs, L[L_BK], nkv)
-            s.v[t] += vec(vecs, L[L_BV], nkv)
+        add_vec(s.q, vec(vecs, L[L_BQ], nq))
+        add_vec(s.k, vec(vecs, L[L_BK], nkv))
+        add_vec(s.v, vec(vecs, L[L_BV], nkv))
 
 
 @njit(cache=True)
@@ -195,8 +219,8 @@ def ffn(W, L, s, act):
     quantize_for(W, s.h, s.ae, L[L_GATE], L[L_UP], -1)
     if L[L_UP] < 0:  # fused gate|up rows
         mm(W, L[L_GATE], s.h, s.ae, s.gu)
-        s.gate[:] = s.gu[:, :n_ff]
-        s.up[:] = s.gu[:, n_ff:]
+        copy_cols(s.gate, s.gu, 0)
+        copy_cols(s.up, s.gu, n_ff)
     else:
         mm(W, L[L_GATE], s.h, s.ae, s.gate)
         mm(W, L[L_UP], s.h, s.ae, s.up)
@@ -415,7 +439,7 @@ def _first_key(pos, window):
 _DEC_SPAN = 512
 
 
-@njit(cache=True, fastmath=True, inline="always")
+@njit(cache=True, fastmath=True)
 def _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
     """Work item ``it`` = (KV head, span of positions) of one decoded token: the scores of the
     ``grp`` query heads sharing the KV head against the span's keys, a local softmax (max ``pm``,
@@ -504,7 +528,7 @@ def _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
                     og[d] += w * kv_value(vr[d])
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, parallel=True)
 def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
     for it in prange(nit):
         _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
@@ -553,45 +577,58 @@ def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
 _ATT_CHUNK = 64
 
 
-@njit(cache=True, parallel=True, fastmath=True)
+@njit(cache=True, fastmath=True)
+def _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """Work item ``it`` of :func:`_attention_batch`: one head and one chunk of prompt tokens."""
+    T = q.shape[0]
+    grp = n_head // n_kv
+    nch = (T + _ATT_CHUNK - 1) // _ATT_CHUNK
+    c = nch - 1 - it // n_head  # the longest chunks first
+    h = it % n_head
+    kvh = h // grp
+    t0 = c * _ATT_CHUNK
+    tn = min(T, t0 + _ATT_CHUNK) - t0
+    p0 = _first_key(pos0 + t0, window)
+    nk = pos0 + t0 + tn - p0  # keys p0 .. pos0 + t0 + tn - 1
+    kf = np.empty((nk, hd), np.float32)
+    vt = np.empty((hd, nk), np.float32)
+    for p in range(nk):
+        pp = p0 + p
+        for d in range(hd):
+            kf[p, d] = kv_value(kc[kvh, pp // KT, d, pp % KT])
+    for p in range(nk):
+        for d in range(hd):
+            vt[d, p] = kv_value(vc[kvh, p0 + p, d])
+    qh = np.empty((tn, hd), np.float32)
+    for t in range(tn):
+        for d in range(hd):
+            qh[t, d] = q[t0 + t, h * hd + d]
+    s = np.empty((tn, nk), np.float32)
+    base = pos0 + t0 - p0  # token t of the chunk sees keys [lo, base + t + 1)
+    causal_rows_times_x(kf, qh, s, base, False)  # s[t, p] = k_p . q_t
+    for t in range(tn):
+        m = base + t + 1
+        lo = _first_key(pos0 + t0 + t, window) - p0
+        _softmax(s[t, lo:m], scale, cap)
+        s[t, :lo] = 0.0
+        s[t, m:] = 0.0
+    o = np.empty((tn, hd), np.float32)
+    causal_rows_times_x(vt, s, o, base, True)  # o[t, d] = sum_p v_p[d] * s[t, p]
+    for t in range(tn):
+        for d in range(hd):
+            out[t0 + t, h * hd + d] = o[t, d]
+
+
+@njit(cache=True, parallel=True)
 def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """Prompt batches: per head and chunk of ``_ATT_CHUNK`` tokens, S = Q K^T, a causal softmax,
     O = P V as float products in 4 x 4 register tiles that skip the masked keys
     (:func:`~ggq.runtime.kernels.floats.causal_rows_times_x`: about half the work of the full
     products); parallel over (chunk, head) items. Only the keys the chunk sees are converted from
     the cache (with a sliding window, from the first token's first visible key)."""
-    T = q.shape[0]
-    grp = n_head // n_kv
-    nch = (T + _ATT_CHUNK - 1) // _ATT_CHUNK
+    nch = (q.shape[0] + _ATT_CHUNK - 1) // _ATT_CHUNK
     for it in prange(nch * n_head):
-        c = nch - 1 - it // n_head  # the longest chunks first
-        h = it % n_head
-        kvh = h // grp
-        t0 = c * _ATT_CHUNK
-        tn = min(T, t0 + _ATT_CHUNK) - t0
-        p0 = _first_key(pos0 + t0, window)
-        nk = pos0 + t0 + tn - p0  # keys p0 .. pos0 + t0 + tn - 1
-        kf = np.empty((nk, hd), np.float32)
-        vt = np.empty((hd, nk), np.float32)
-        for d in range(hd):
-            for p in range(nk):
-                kf[p, d] = kv_value(kc[kvh, (p0 + p) // KT, d, (p0 + p) % KT])
-        for p in range(nk):
-            for d in range(hd):
-                vt[d, p] = kv_value(vc[kvh, p0 + p, d])
-        qh = np.ascontiguousarray(q[t0:t0 + tn, h * hd:(h + 1) * hd])
-        s = np.empty((tn, nk), np.float32)
-        base = pos0 + t0 - p0  # token t of the chunk sees keys [lo, base + t + 1)
-        causal_rows_times_x(kf, qh, s, base, False)  # s[t, p] = k_p . q_t
-        for t in range(tn):
-            m = base + t + 1
-            lo = _first_key(pos0 + t0 + t, window) - p0
-            _softmax(s[t, lo:m], scale, cap)
-            s[t, :lo] = 0.0
-            s[t, m:] = 0.0
-        o = np.empty((tn, hd), np.float32)
-        causal_rows_times_x(vt, s, o, base, True)  # o[t, d] = sum_p v_p[d] * s[t, p]
-        out[t0:t0 + tn, h * hd:(h + 1) * hd] = o
+        _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
 
 
 @njit(cache=True, fastmath=True)

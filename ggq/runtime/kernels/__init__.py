@@ -1,7 +1,7 @@
 """Compiled matrix products for every ggml type the runtime reads.
 
 Weights are repacked at load time (:mod:`.repack`) into five integer families plus float rows,
-all stored in five flat *arenas* (uint8, int8, float32, uint16, uint32 arrays) described by an
+all stored in five flat *arenas* (uint8, int8, float32, uint16 fp16 fields, uint16 F16/BF16 rows) described by an
 int64 table ``mats`` (one row per matrix: family, n_rows, n_cols and plane offsets). One compiled
 function, :func:`matmul`, dispatches on the family, so the whole forward pass can run inside a
 single compiled call. Modules: ``act`` (activation quantization), ``floats`` (F32/F16/BF16),
@@ -30,22 +30,27 @@ SUPPORTED_TYPES = tuple(FAMILY_OF)
 
 
 @njit(cache=True)
-def matmul(m, mats, u8, i8, f32, u16, u32, x, xq, xd, xs16, xs32, out):
+def matmul(m, mats, u8, i8, f32, u16, h16, x, xq, xd, xs16, xs32, out):
     """out (T, n_rows) = x (T, n_cols) @ W[m].T for matrix ``m`` of ``mats``.
 
     Integer families read the quantized activations ``xq``/``xd``/``xs16``/``xs32`` (from
-    :func:`quantize_act` of ``x``); float families read ``x``."""
+    :func:`quantize_act` of ``x``); float families read ``x``. An arena the file does not use is
+    None, and the kernels reading it are not compiled (Numba prunes ``is not None`` branches on
+    arguments at compile time): a file compiles only its types' kernels."""
     fam = mats[m, C_FAM]
     n_rows = mats[m, C_ROWS]
     n_cols = mats[m, C_COLS]
     oq = mats[m, C_OQ]
     if fam == FAM_F32:
-        mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
+        if f32 is not None:
+            mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
-        mm_half(u16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, x, out)
+        if h16 is not None:
+            mm_half(h16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, x, out)
     elif fam == FAM_I8:
-        mm_i8(i8, u16, mats[m], xq, xd, out)
-    else:
+        if i8 is not None and u16 is not None:
+            mm_i8(i8, u16, mats[m], xq, xd, out)
+    elif u8 is not None and u16 is not None:
         mm_nib(u8, u16, mats[m], xq, xd, xs16, xs32, out)
 
 
@@ -57,31 +62,48 @@ def _qi(base, nq, k, rr):
 
 
 @njit(cache=True)
-def get_row(m, mats, u8, i8, f32, u16, u32, r, out):
+def get_row(m, mats, u8, i8, f32, u16, h16, r, out):
     """Dequantize row ``r`` of matrix ``m`` into float32 ``out`` (n_cols,) (embedding lookup);
-    equal to ``gguf.quants.dequantize`` bit for bit."""
-    o = mats[m]
-    fam = o[C_FAM]
-    n_cols = o[C_COLS]
-    oq = o[C_OQ]
+    equal to ``gguf.quants.dequantize`` bit for bit. Arenas as in :func:`matmul`."""
+    fam = mats[m, C_FAM]
     if fam == FAM_F32:
-        for k in range(n_cols):
-            out[k] = f32[oq + r * n_cols + k]
-        return
-    if fam == FAM_F16:
-        for k in range(n_cols):
-            out[k] = f16_to_f32(u16[oq + r * n_cols + k])
-        return
-    if fam == FAM_BF16:
-        for k in range(n_cols):
-            out[k] = bf16_to_f32(u16[oq + r * n_cols + k])
-        return
-    kind, gs, moff = o[C_KIND], o[C_GS], o[C_MOFF]
-    oqh, osc, omn, od, odm = o[C_OQH], o[C_OSC], o[C_OMN], o[C_OD], o[C_ODM]
-    nb = n_cols // 32
+        if f32 is not None:
+            n_cols = mats[m, C_COLS]
+            oq = mats[m, C_OQ]
+            for k in range(n_cols):
+                out[k] = f32[oq + r * n_cols + k]
+    elif fam == FAM_F16 or fam == FAM_BF16:
+        if h16 is not None:
+            n_cols = mats[m, C_COLS]
+            oq = mats[m, C_OQ]
+            for k in range(n_cols):
+                h = h16[oq + r * n_cols + k]
+                out[k] = f16_to_f32(h) if fam == FAM_F16 else bf16_to_f32(h)
+    elif fam == FAM_I8:
+        if i8 is not None and u16 is not None:
+            _row_i8(mats[m], i8, u16, r, out)
+    elif u8 is not None and u16 is not None:
+        _row_nib(mats[m], u8, u16, r, out)
+
+
+@njit(cache=True)
+def _row_i8(o, i8, u16, r, out):
+    oq, osc, nb = o[C_OQ], o[C_OSC], o[C_COLS] // 32
+    g, rr = r // G, r % G
+    for b in range(nb):
+        base = g * nb + b
+        s = f16_to_f32(u16[osc + base * G + rr])
+        for kk in range(32):
+            out[b * 32 + kk] = s * np.float32(i8[oq + _qi(base, 8, kk, rr)])
+
+
+@njit(cache=True)
+def _row_nib(o, u8, u16, r, out):
+    fam, kind, gs, moff = o[C_FAM], o[C_KIND], o[C_GS], o[C_MOFF]
+    oq, oqh, osc, omn, od, odm = o[C_OQ], o[C_OQH], o[C_OSC], o[C_OMN], o[C_OD], o[C_ODM]
+    nb = o[C_COLS] // 32
     k = 32 // gs
-    g = r // G
-    rr = r % G
+    g, rr = r // G, r % G
     for b in range(nb):
         base = g * nb + b
         sbi = (g * (nb // 8) + b // 8) * G + rr
@@ -97,9 +119,6 @@ def get_row(m, mats, u8, i8, f32, u16, u32, r, out):
                 s = f16_to_f32(u16[od + sbi]) * np.float32(np.int8(u8[osc + si]))
                 mn = np.float32(0.0)
             for kk in range(h * gs, (h + 1) * gs):
-                if fam == FAM_I8:
-                    out[b * 32 + kk] = s * np.float32(i8[oq + _qi(base, 8, kk, rr)])
-                    continue
                 hi = kk // 16
                 j = (kk % 16) // 4
                 i = kk % 4
@@ -126,7 +145,7 @@ class WeightArena:
     """
 
     def __init__(self, specs):
-        sizes = dict(u8=0, i8=0, f32=0, u16=0, u32=0)
+        sizes = dict(u8=0, i8=0, f32=0, u16=0, h16=0)
         self.mats = np.full((max(len(specs), 1), N_COLS_TABLE), -1, np.int64)
         self.specs = list(specs)
         for i, (qtype, n_rows, n_cols) in enumerate(self.specs):
@@ -151,6 +170,7 @@ class WeightArena:
                 sizes[arena] = -(-sizes[arena] // align) * align
                 self.mats[i, PLANE_COL[key]] = sizes[arena]
                 sizes[arena] += count
+        self._used = {k: v > 0 for k, v in sizes.items()}
         self.arenas = {k: _aligned_empty(max(v, 16), _DT[k]) for k, v in sizes.items()}
         self.nbytes = sum(a.nbytes for a in self.arenas.values())
 
@@ -173,9 +193,10 @@ class WeightArena:
 
     @property
     def args(self):
-        """The arena arguments of :func:`matmul`/:func:`get_row`: mats, u8, i8, f32, u16, u32."""
+        """The arena arguments of :func:`matmul`/:func:`get_row`: mats, u8, i8, f32, u16, h16
+        (None for an arena no matrix uses)."""
         a = self.arenas
-        return self.mats, a["u8"], a["i8"], a["f32"], a["u16"], a["u32"]
+        return (self.mats,) + tuple(a[k] if self._used[k] else None for k in ("u8", "i8", "f32", "u16", "h16"))
 
     def matmul(self, i: int, x: np.ndarray) -> np.ndarray:
         """x float32 (T, n_cols) -> float32 (T, n_rows) = x @ W_i.T (activations quantized here)."""
@@ -195,7 +216,7 @@ class WeightArena:
         return out
 
 
-_DT = dict(u8=np.uint8, i8=np.int8, f32=np.float32, u16=np.uint16, u32=np.uint32)
+_DT = dict(u8=np.uint8, i8=np.int8, f32=np.float32, u16=np.uint16, h16=np.uint16)
 
 
 def _aligned_empty(n: int, dtype) -> np.ndarray:

@@ -162,7 +162,7 @@ def decode(qtype: T, raw: np.ndarray, n_cols: int) -> dict:
 
 def planes(qtype: T, n_rows: int, n_cols: int) -> list[tuple[str, str, int]]:
     """The planes a matrix takes: ``(key, arena, element count)`` with key in q/qh/sc/mn/d/dm/w
-    (see :func:`pack_rows`) and arena in u8/i8/f32/u16."""
+    (see :func:`pack_rows`) and arena in u8/i8/f32/u16 (fp16 scale fields)/h16 (F16, BF16 rows)."""
     qtype = T(qtype)
     fam = FAMILY_OF[qtype]
     ng = -(-n_rows // G)
@@ -170,7 +170,7 @@ def planes(qtype: T, n_rows: int, n_cols: int) -> list[tuple[str, str, int]]:
     if fam == FAM_F32:
         return [("w", "f32", n_rows * n_cols)]
     if fam in (FAM_F16, FAM_BF16):
-        return [("w", "u16", n_rows * n_cols)]
+        return [("w", "h16", n_rows * n_cols)]
     kind, gs, has_mn, _ = LAYOUT[qtype]
     k = 32 // gs
     if fam == FAM_I8:
