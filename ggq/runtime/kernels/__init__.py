@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 from numba import njit
 
 from .act import quantize_act, quantize_act_par
+from .fastpack import pack_rows_fast
 from .floats import bf16_to_f32, f16_to_f32, mm_f32, mm_half
 from .int8 import mm_i8
 from .nib import mm_nib
@@ -174,6 +175,9 @@ class WeightArena:
         self.arenas = {k: _aligned_empty(max(v, 16), _DT[k]) for k, v in sizes.items()}
         self.nbytes = sum(a.nbytes for a in self.arenas.values())
 
+    #: repack with the compiled loops of :mod:`.fastpack` (False: numpy's :func:`.repack.pack_rows`)
+    compiled_pack = True
+
     def fill(self, i: int, raw: np.ndarray, chunk: int = 64 * G):
         """Repack GGUF block bytes ``raw`` (uint8 (n_rows, row_bytes)) into matrix ``i``."""
         qtype, n_rows, n_cols = self.specs[i]
@@ -189,7 +193,9 @@ class WeightArena:
                 else:
                     per_row = count // n_pad
                     dst[key] = self.arenas[arena][off + r0 * per_row:off + (-(-r1 // G) * G) * per_row]
-            pack_rows(qtype, np.asarray(raw[r0:r1]), n_cols, dst)
+            chunk_raw = np.asarray(raw[r0:r1])
+            if not (self.compiled_pack and pack_rows_fast(T(qtype), FAMILY_OF[T(qtype)], chunk_raw, n_cols, dst)):
+                pack_rows(qtype, chunk_raw, n_cols, dst)
 
     @property
     def args(self):
@@ -220,9 +226,10 @@ _DT = dict(u8=np.uint8, i8=np.int8, f32=np.float32, u16=np.uint16, h16=np.uint16
 
 
 def _aligned_empty(n: int, dtype) -> np.ndarray:
-    """np.empty of ``n`` elements whose data starts on a 64-byte boundary."""
+    """Zeros (pages the OS maps on first write) of ``n`` elements whose data starts on a 64-byte
+    boundary; the padding rows of a last, partial 64-row group stay zero."""
     dt = np.dtype(dtype)
-    raw = np.empty(n * dt.itemsize + 64, np.uint8)
+    raw = np.zeros(n * dt.itemsize + 64, np.uint8)
     off = (-raw.ctypes.data) % 64
     return raw[off:off + n * dt.itemsize].view(dt)
 
