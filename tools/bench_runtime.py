@@ -74,6 +74,46 @@ def child_stats(path, n_ctx, threads, n_prompt, n_gen, cache_dir=None, kv_type="
     return d
 
 
+_TTFT_CHILD = r"""
+import os, sys
+from ggq.runtime.model import Model
+m = Model.load(sys.argv[1], n_ctx=64, n_threads=int(sys.argv[2]), kv_type=sys.argv[3])
+m.eval(list(range(1, 17)))
+sys.stdout.flush()
+os._exit(0)
+"""
+
+#: about 16 tokens for llama.cpp's side of the time-to-first-token measurement
+_TTFT_PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets slowly behind"
+
+
+def _wall_and_rss(cmd, env=None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one child process run to completion."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, status, ru = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t0
+    if status != 0:
+        raise RuntimeError(f"{cmd[0]} failed (status {status})")
+    return dt, ru.ru_maxrss / 1024
+
+
+def ttft(path: Path, threads: int, kv_type: str, completion: Path | None, reps: int = 3) -> dict:
+    """Time to first token, process start to the first token's logits (a 16-token prompt, 64-token
+    context), warm file cache and warm Numba cache, best of ``reps``: ggq (interpreter, imports,
+    load, prompt) and, with ``completion`` (llama.cpp's llama-completion), llama.cpp generating one
+    token (load, prompt, one sample, exit). Also each one's peak RSS."""
+    out = {}
+    runs = [("g", [sys.executable, "-c", _TTFT_CHILD, str(path), str(threads), kv_type])]
+    if completion is not None:
+        runs.append(("l", [str(completion), "-m", str(path), "-p", _TTFT_PROMPT, "-n", "1", "-t", str(threads),
+                           "-c", "64", "-ctk", kv_type, "-ctv", kv_type, "--temp", "0", "-no-cnv"]))
+    for key, cmd in runs:
+        best = min(_wall_and_rss(cmd) for _ in range(reps))
+        out[key + "_ttft"], out[key + "_rss"] = best
+    return out
+
+
 def bench_file(path: Path, n_prompt: int, n_gen: int, threads: int, reps: int, kv_type: str = "f16") -> dict:
     import llama_cpp
 
@@ -212,7 +252,9 @@ def main(argv=None):
             r = bench_file_llama_bench(f, binary, a.p, a.n, a.t, a.r, a.cache_type, a.depth)
         else:
             r = bench_file(f, a.p, a.n, a.t, a.r, a.cache_type)
-        s = child_stats(f, a.p + a.n + 8, a.t, a.p, a.n, kv_type=a.cache_type)
+        s = child_stats(f, a.depth + a.p + a.n + 8, a.t, a.p, a.n, kv_type=a.cache_type)
+        comp = binary.parent / "llama-completion" if binary is not None else None
+        s.update(ttft(f, a.t, a.cache_type, comp if comp is not None and comp.exists() else None))
         if a.cold:
             with tempfile.TemporaryDirectory() as tmp:
                 c = child_stats(f, 64, a.t, 1, 1, cache_dir=tmp, kv_type=a.cache_type)
@@ -228,14 +270,16 @@ def main(argv=None):
     print(f"threads {a.t}, pp{a.p}, tg{a.n}{depth}, KV cache {a.cache_type}, median of {a.r} interleaved runs, llama.cpp = "
           f"{against}; ggq kernels: {ISA} (NUMBA_CPU_NAME={os.environ.get('NUMBA_CPU_NAME', 'host')}); "
           f"CPU flags: {cpu_flags()}")
-    print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB "
-          "(file + KV) | TTFT warm s | cold s |")
+    print("| file | types | pp ggq | pp llama.cpp | pp ratio | tg ggq | tg llama.cpp | tg ratio | peak RSS MiB ggq "
+          "(file + KV) | TTFT s ggq / llama.cpp (RSS MiB) | cold s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for f, r, s in rows:
         cold = f"{r['cold_s']:.1f}" if "cold_s" in r else "-"
+        lt = f" / {s['l_ttft']:.2f}" if "l_ttft" in s else ""
+        lr = f" ({s['g_rss']:.0f} / {s['l_rss']:.0f})" if "l_rss" in s else f" ({s['g_rss']:.0f})"
         print(f"| {f.name} | {','.join(r['types'])} | {r['g_pp']:.1f} | {r['l_pp']:.1f} | {r['g_pp'] / r['l_pp']:.2f} | "
               f"{r['g_tg']:.1f} | {r['l_tg']:.1f} | {r['g_tg'] / r['l_tg']:.2f} | {s['peak_rss_mb']:.0f} "
-              f"({s['file_mb']:.0f} + {s['kv_mb']:.0f}) | {s['ttft_s']:.2f} | {cold} |")
+              f"({s['file_mb']:.0f} + {s['kv_mb']:.0f}) | {s['g_ttft']:.2f}{lt}{lr} | {cold} |")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """llama.cpp's own ``llama-bench`` (C++, no Python in its loop): built once, run on GGUF files.
 
 :func:`build` downloads the llama-cpp-python 0.3.36 source package with pip (PyPI only), extracts
-its vendored llama.cpp and builds the ``llama-bench`` target with cmake into
+its vendored llama.cpp and builds the ``llama-bench`` and ``llama-completion`` (the one-shot
+command line, for the time to first token) targets with cmake into
 ``.cache/llama-bench/<flavour>`` (``native``: ``-DGGML_NATIVE=ON``; ``avx2``: ``-DGGML_NATIVE=OFF
 -DGGML_AVX2=ON -DGGML_AVX512=OFF``, for the AVX2-only comparison). About 10 minutes on 2 cores the
 first time; later calls return the cached binary. :func:`run` runs it on one file and returns
@@ -49,12 +50,13 @@ def build(flavour: str = "native", cache: Path = CACHE) -> Path:
     src = _source(Path(cache))
     out = src / f"build-{flavour}"
     binary = out / "bin" / "llama-bench"
-    if binary.exists():
+    if binary.exists() and (out / "bin" / "llama-completion").exists():
         return binary
     subprocess.run(["cmake", "-B", str(out), "-S", str(src), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
                     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                     *FLAVOURS[flavour]], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "-j2"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "llama-completion", "-j2"], check=True,
+                   capture_output=True)
     return binary
 
 

@@ -150,7 +150,9 @@ def open_gguf(path, check_arch: bool = True) -> GGUFFile:
     if magic != b"GGUF":
         raise GGQError(f"{name}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
     data = np.memmap(path, dtype=np.uint8, mode="r")
-    hp = _HeaderParser(data)
+    # parse through a memoryview: slicing it is ~10x cheaper than slicing the memmap (a 49k-token
+    # vocabulary is ~100k string slices)
+    hp = _HeaderParser(memoryview(data._mmap) if getattr(data, "_mmap", None) is not None else data)
     metadata: dict = {}
     tensors: dict[str, TensorInfo] = {}
     try:
