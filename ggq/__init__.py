@@ -15,7 +15,7 @@ def _numba_cache_dir() -> str:
     folder by every ggq source file makes any change start from a clean cache.
     """
     root = Path(__file__).parent
-    h = hashlib.sha1(__version__.encode())
+    h = hashlib.sha1(__version__.encode() + os.environ.get("GGQ_SIMD", "").encode())
     for p in sorted(root.rglob("*.py")):
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())

@@ -88,14 +88,22 @@ _TTFT_PROMPT = "The quick brown fox jumps over the lazy dog while the sun sets s
 
 
 def _wall_and_rss(cmd, env=None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one child process run to completion."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _, status, ru = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t0
-    if status != 0:
-        raise RuntimeError(f"{cmd[0]} failed (status {status})")
-    return dt, ru.ru_maxrss / 1024
+    """Wall seconds and peak RSS (MiB) of one child process run to completion. The RSS comes from
+    GNU time (``/usr/bin/time -f %M``): a forked child's own ``ru_maxrss`` starts at its parent's,
+    this benchmark's (NaN without GNU time)."""
+    gnu_time = Path("/usr/bin/time")
+    with tempfile.NamedTemporaryFile("r", suffix=".rss") as f:
+        full = [str(gnu_time), "-f", "%M", "-o", f.name, *cmd] if gnu_time.exists() else list(cmd)
+        t0 = time.perf_counter()
+        r = subprocess.run(full, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        dt = time.perf_counter() - t0
+        if r.returncode != 0:
+            raise RuntimeError(f"{cmd[0]} failed (exit {r.returncode})")
+        try:
+            rss = int(f.read().split()[-1]) / 1024
+        except (ValueError, IndexError):
+            rss = float("nan")
+    return dt, rss
 
 
 def ttft(path: Path, threads: int, kv_type: str, completion: Path | None, reps: int = 3) -> dict:

@@ -250,7 +250,9 @@ class Warmup:
                 self.err.flush()
             if tty:
                 self.err.write("\r\033[K")
-                self.err.flush()
+            else:
+                self.err.write(f"ggq: compiled in {time.monotonic() - self.t0:.0f} s\n")
+            self.err.flush()
         if self.error is not None:
             raise self.error
 
@@ -498,7 +500,13 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
             err.flush()
             continue
         if warmup is not None:
-            warmup.wait()
+            try:
+                warmup.wait()
+            except KeyboardInterrupt:  # Ctrl-C while compiling drops this question, not the session
+                err.write("\n")
+                out.write("[stopped]\n")
+                out.flush()
+                continue
         try:
             with _SigintFlag() as flag:
                 st = session.turn(text, stop_flag=flag)

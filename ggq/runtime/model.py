@@ -167,9 +167,15 @@ class Model:
             raise GGQError(f"{name}: {e}") from None
         mm = getattr(gf.data, "_mmap", None)
         for j, t in enumerate(b.mats):
-            arena.fill(j, t.raw)
-            for part in getattr(t, "parts", (t,)):
-                _release(mm, part.offset, part.nbytes)
+            row0 = 0
+            for part in getattr(t, "parts", (t,)):  # stacked Q|K|V, gate|up: part by part, no copy
+                row_bytes = part.nbytes // part.n_rows
+
+                def release(r0, r1, part=part, row_bytes=row_bytes):
+                    _release(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+
+                arena.fill(j, part.raw, row0=row0, release=release)
+                row0 += part.n_rows
         self.arena = arena
         self._vecs = b.vec_values()
         self._lay = lay
@@ -208,10 +214,14 @@ class Model:
 
     def warmup(self) -> None:
         """Compile the forward pass for this file's types (or load it from Numba's on-disk cache):
-        one decode step at position 0, then the cache is cleared. The compiled code covers every
-        batch size. Safe to run in a background thread while nothing else uses the model."""
+        one decode step at position 0, then the cache is cleared; the compiled code covers every
+        batch size. Then the compiled load-time repackers of its types, for the next load. Safe to
+        run in a background thread while nothing else uses the model."""
         self.eval([0])
         self.reset()
+        from ggq.runtime.kernels.fastpack import precompile
+
+        precompile(sorted({q for q, _, _ in self.arena.specs}))  # the next load repacks compiled
 
     @property
     def compiled_types(self) -> list[str]:
@@ -274,10 +284,6 @@ class _Fused:
         self.qtype = parts[0].qtype
         self.n_cols = parts[0].n_cols
         self.n_rows = sum(p.n_rows for p in parts)
-
-    @property
-    def raw(self):
-        return np.concatenate([np.asarray(p.raw) for p in self.parts])
 
 
 def _fusable(*ts) -> bool:

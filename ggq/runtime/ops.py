@@ -402,10 +402,11 @@ def _kv_store_t(cache, pos0, x):
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _softmax(s, scale, cap):
-    """s <- softmax(cap * tanh(scale * s / cap)) in place (float32, max subtracted); without
-    soft-capping (``cap`` 0) softmax(scale * s). ``s``: the visible keys' scores, a view starting at
-    its first element (loops from 0 vectorize)."""
+def _exp_scores(s, scale, cap):
+    """s <- exp(t - max t) in place for t = cap * tanh(scale * s / cap) (float32; without
+    soft-capping, ``cap`` 0, t = scale * s); returns (max t, sum of the exps): an unnormalized
+    softmax, which flash-decoding's partial results keep. ``s``: a view starting at its first
+    element (loops from 0 vectorize)."""
     m = s.shape[0]
     mx = np.float32(-np.inf)
     if cap > 0:
@@ -422,8 +423,15 @@ def _softmax(s, scale, cap):
         e = expf(s[p] - mx)
         s[p] = e
         tot += e
+    return mx, tot
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _softmax(s, scale, cap):
+    """s <- softmax(cap * tanh(scale * s / cap)) in place (:func:`_exp_scores`, normalized)."""
+    _, tot = _exp_scores(s, scale, cap)
     inv = np.float32(1.0) / tot
-    for p in range(m):
+    for p in range(s.shape[0]):
         s[p] *= inv
 
 
@@ -485,24 +493,7 @@ def _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
             for i in range(i0, i1):
                 sc[g, o0 + i] = st[i]
     for g in range(grp):
-        sg = sc[g]
-        mx = np.float32(-np.inf)
-        if cap > 0:
-            inv = np.float32(1.0) / cap
-            for p in range(ln):
-                sg[p] = cap * tanhf(sg[p] * scale * inv)
-                mx = max(mx, sg[p])
-        else:
-            for p in range(ln):
-                sg[p] *= scale
-                mx = max(mx, sg[p])
-        tot = np.float32(0.0)
-        for p in range(ln):
-            e = expf(sg[p] - mx)
-            sg[p] = e
-            tot += e
-        pm[it, g] = mx
-        pl[it, g] = tot
+        pm[it, g], pl[it, g] = _exp_scores(sc[g], scale, cap)
     for g in range(grp):
         og = po[it, g]
         sg = sc[g]

@@ -20,6 +20,7 @@ from numba import njit
 
 from .act import quantize_act, quantize_act_par
 from .fastpack import pack_rows_fast
+from .fastpack import ready as fastpack_ready
 from .floats import bf16_to_f32, f16_to_f32, mm_f32, mm_half
 from .int8 import mm_i8
 from .nib import mm_nib
@@ -175,15 +176,21 @@ class WeightArena:
         self.arenas = {k: _aligned_empty(max(v, 16), _DT[k]) for k, v in sizes.items()}
         self.nbytes = sum(a.nbytes for a in self.arenas.values())
 
-    #: repack with the compiled loops of :mod:`.fastpack` (False: numpy's :func:`.repack.pack_rows`)
-    compiled_pack = True
+    #: repack with the compiled loops of :mod:`.fastpack`: None when they are compiled already
+    #: (:func:`.fastpack.ready`), True always, False never (numpy's :func:`.repack.pack_rows`)
+    compiled_pack = None
 
-    def fill(self, i: int, raw: np.ndarray, chunk: int = 64 * G):
-        """Repack GGUF block bytes ``raw`` (uint8 (n_rows, row_bytes)) into matrix ``i``."""
+    def fill(self, i: int, raw: np.ndarray, chunk: int = 64 * G, row0: int = 0, release=None):
+        """Repack GGUF block bytes ``raw`` (uint8 (n, row_bytes), rows ``row0 .. row0 + n`` of matrix
+        ``i``; ``row0`` a multiple of G, so one stacked matrix can be filled part by part) into
+        matrix ``i``, ``chunk`` rows at a time; ``release(r0, r1)`` is called after rows
+        ``r0 .. r1`` of ``raw`` are repacked (the loader drops their file pages)."""
         qtype, n_rows, n_cols = self.specs[i]
         n_pad = -(-n_rows // G) * G
-        for r0 in range(0, n_rows, chunk):
-            r1 = min(n_rows, r0 + chunk)
+        n = raw.shape[0]
+        for c0 in range(0, n, chunk):
+            c1 = min(n, c0 + chunk)
+            r0, r1 = row0 + c0, row0 + c1
             dst = {}
             for key, arena, count in planes(qtype, n_rows, n_cols):
                 off = int(self.mats[i, PLANE_COL[key]])
@@ -193,9 +200,12 @@ class WeightArena:
                 else:
                     per_row = count // n_pad
                     dst[key] = self.arenas[arena][off + r0 * per_row:off + (-(-r1 // G) * G) * per_row]
-            chunk_raw = np.asarray(raw[r0:r1])
-            if not (self.compiled_pack and pack_rows_fast(T(qtype), FAMILY_OF[T(qtype)], chunk_raw, n_cols, dst)):
+            chunk_raw = np.asarray(raw[c0:c1])
+            fast = self.compiled_pack if self.compiled_pack is not None else fastpack_ready(T(qtype))
+            if not (fast and pack_rows_fast(T(qtype), FAMILY_OF[T(qtype)], chunk_raw, n_cols, dst)):
                 pack_rows(qtype, chunk_raw, n_cols, dst)
+            if release is not None:
+                release(c0, c1)
 
     @property
     def args(self):

@@ -11,7 +11,10 @@ byte). Block layouts: ggml-common.h; decoding order: ``gguf.quants``' dequantize
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 from numba import njit, prange
 
@@ -61,8 +64,9 @@ def _h(raw, r, o):
 @njit(cache=True, parallel=True)
 def pack_legacy(kind, fam, raw, n_cols, q, qi, qh, sc, mn):
     """Rows of 32-weight blocks (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL by ``kind``) -> planes. ``raw``
-    uint8 (n, row_bytes), n rows starting at a group boundary; ``q``/``qh`` uint8, ``qi`` int8
-    (Q8_0, IQ4_NL codes), ``sc``/``mn`` uint16 fp16 patterns: views for exactly these rows' groups."""
+    uint8 (n, row_bytes), n rows starting at a group boundary; ``q``/``qh`` uint8, ``qi`` the int8
+    code plane of Q8_0/IQ4_NL viewed as uint8, ``sc``/``mn`` uint16 fp16 patterns: views for
+    exactly these rows' groups."""
     n = raw.shape[0]
     nb = n_cols // 32
     bs = raw.shape[1] // nb
@@ -77,14 +81,16 @@ def pack_legacy(kind, fam, raw, n_cols, q, qi, qh, sc, mn):
                 base = g * nb + b
                 si = base * G + rr
                 sc[si] = _h(raw, r, o)
-                if kind == 4 or kind == 5:
+                if kind == 4:  # Q8_0: the 32 code bytes, 4 at a time, straight into the quads
+                    for j in range(8):
+                        dq = ((base * 8 + j) * G + rr) * 4
+                        for i in range(4):
+                            qi[dq + i] = raw[r, o + 2 + 4 * j + i]
+                    continue
+                if kind == 5:  # IQ4_NL: nibbles through the non-linear table
                     for k in range(32):
-                        if kind == 4:
-                            c = _b(raw, r, o + 2 + k)
-                        else:
-                            v = _b(raw, r, o + 2 + k % 16)
-                            c = np.int64(lut[(v >> 4) if k >= 16 else (v & 15)])
-                        qi[((base * 8 + k // 4) * G + rr) * 4 + k % 4] = c if c < 128 else c - 256
+                        v = _b(raw, r, o + 2 + k % 16)
+                        qi[((base * 8 + k // 4) * G + rr) * 4 + k % 4] = lut[(v >> 4) if k >= 16 else (v & 15)]
                     continue
                 p = o + 2
                 if kind == 1 or kind == 3:
@@ -201,7 +207,7 @@ def pack_rows_fast(qtype: T, fam: int, raw: np.ndarray, n_cols: int, dst: dict[s
     if qt in _LEGACY:
         kind = _LEGACY[qt]
         i8 = kind >= 4
-        pack_legacy(kind, fam, raw, n_cols, e8 if i8 else dst["q"], dst["q"] if i8 else np.empty(0, np.int8),
+        pack_legacy(kind, fam, raw, n_cols, e8 if i8 else dst["q"], dst["q"].view(np.uint8) if i8 else e8,
                     dst.get("qh", e8), dst["sc"], dst.get("mn", e16))
         return True
     if qt in _KQ:
@@ -209,3 +215,39 @@ def pack_rows_fast(qtype: T, fam: int, raw: np.ndarray, n_cols: int, dst: dict[s
                dst.get("dm", e16))
         return True
     return False
+
+
+def _packer(qtype):
+    qt = int(qtype)
+    return pack_legacy if qt in _LEGACY else pack_k if qt in _KQ else None
+
+
+def ready(qtype: T) -> bool:
+    """Whether the compiled packer of ``qtype`` costs no compile now: already compiled in this
+    process or in Numba's on-disk cache. On a fresh install the loader repacks with numpy instead
+    (a compile takes ~7 s, longer than numpy needs for a small file), and :func:`precompile` builds
+    the packers in the background for the next load."""
+    fn = _packer(qtype)
+    if fn is None:
+        return False
+    if fn.signatures:
+        return True
+    try:
+        return os.path.exists(fn._cache._cache_file._index_path)
+    except AttributeError:  # a Numba without this cache layout: compile on use
+        return True
+
+
+def precompile(qtypes) -> None:
+    """Compile (or load) the packers of ``qtypes`` by repacking one zero block of each."""
+    from . import WeightArena
+
+    for qt in qtypes:
+        if _packer(qt) is None:
+            continue
+        a = WeightArena([(qt, G, 256)])
+        a.compiled_pack = True
+        bs, ts = GGML_QUANT_SIZES[T(qt)]
+        row_bytes = 256 // bs * ts
+        a.fill(0, np.zeros((G, row_bytes), np.uint8))
+

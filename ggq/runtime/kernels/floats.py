@@ -217,6 +217,15 @@ def rows_times_x(buf, nr, r0, x, out):
             out[t, r0 + i] = acc
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _dot_n(a, b, n):
+    """sum(a[:n] * b[:n]) in float32."""
+    acc = np.float32(0.0)
+    for k in range(n):
+        acc += a[k] * b[k]
+    return acc
+
+
 @njit(cache=True, fastmath=True)
 def causal_rows_times_x(buf, x, out, base, shorten):
     """Causal variants of :func:`rows_times_x` (``r0`` = 0) for attention, where token ``t`` sees
@@ -240,24 +249,14 @@ def causal_rows_times_x(buf, x, out, base, shorten):
                 for b in range(4):
                     out[t + b, i + a] = s[4 * a + b]
         for tt in range(t, t + 4):
-            xt = x[tt]
             for i in range(i4, ni):
-                wi = buf[i]
-                acc = np.float32(0.0)
-                for k in range(nk):
-                    acc += wi[k] * xt[k]
-                out[tt, i] = acc
+                out[tt, i] = _dot_n(buf[i], x[tt], nk)
     for t in range(t4, T):
         lim = min(base + t + 1, n if shorten else nr)
         ni = nr if shorten else lim
         nk = lim if shorten else n
-        xt = x[t]
         for i in range(ni):
-            wi = buf[i]
-            acc = np.float32(0.0)
-            for k in range(nk):
-                acc += wi[k] * xt[k]
-            out[t, i] = acc
+            out[t, i] = _dot_n(buf[i], x[t], nk)
 
 
 @njit(cache=True, parallel=True, fastmath=True)

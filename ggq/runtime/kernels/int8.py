@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from .nib import TB
+from .nib import TB, store_tile
 from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import C_COLS, C_OQ, C_OSC, C_ROWS, G
 from .simd import W, bcast4, dp4s, fma_s, iadd, izero, load_bytes, load_f, load_hf, mul_v, store_f, to_f
@@ -60,7 +60,4 @@ def mm_i8(i8, u16, o, xq, xd, out):
                         ao = t * G + v
                         i = iadd(iadd(ia, ib), iadd(ic, id_))
                         store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(i), s), xd[t0 + t, b]))
-            r1 = min(G, n_rows - g * G)
-            for t in range(tn):
-                for r in range(r1):
-                    out[t0 + t, g * G + r] = acc[t, r]
+            store_tile(acc, out, t0, tn, g, n_rows)

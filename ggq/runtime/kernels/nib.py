@@ -36,6 +36,16 @@ _M1 = 0x01010101
 _M2 = 0x03030303
 
 
+@njit(cache=True, inline="always")
+def store_tile(acc, out, t0, tn, g, n_rows):
+    """out[t0 + t, rows of group g] = acc[t, :] for the ``tn`` tokens of a tile (the group's real
+    rows only: a last, partial group has padding rows)."""
+    r1 = min(G, n_rows - g * G)
+    for t in range(tn):
+        for r in range(r1):
+            out[t0 + t, g * G + r] = acc[t, r]
+
+
 @njit(cache=True, parallel=True, fastmath=True)
 def mm_nib(u8, u16, o, xq, xd, xs16, xs32, out):
     """out[t, r] = sum_k W[r, k] * x[t, k] for the nibble-family matrix described by ``o`` (its
@@ -126,7 +136,4 @@ def mm_nib(u8, u16, o, xq, xd, xs16, xs32, out):
                             a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(iadd(ia, ib), iadd(ic, id_))), s0), xdt)
                             a = fma_s(a, m0, xs32[t0 + t, b])
                         store_f(acc, ao, a)
-            r1 = min(G, n_rows - g * G)
-            for t in range(tn):
-                for r in range(r1):
-                    out[t0 + t, g * G + r] = acc[t, r]
+            store_tile(acc, out, t0, tn, g, n_rows)

@@ -22,6 +22,7 @@ cache key includes the target features.
 
 from __future__ import annotations
 
+import os
 import platform
 
 from llvmlite import ir
@@ -47,15 +48,19 @@ def _target_features() -> set[str]:
 
 
 def _isa() -> str:
-    """'vnni' (AVX-512 VNNI on 256-bit registers, or AVX-VNNI), 'avx2', or 'generic'."""
+    """'vnni' (AVX-512 VNNI on 256-bit registers, or AVX-VNNI), 'avx2', or 'generic'; the
+    environment variable ``GGQ_SIMD`` picks a lower one (for measurements; part of the compile
+    cache's key)."""
     if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
         return "generic"
     f = _target_features()
-    if ("avx512vnni" in f and "avx512vl" in f) or "avxvnni" in f:
-        return "vnni"
+    levels = ["generic"]
     if "avx2" in f:
-        return "avx2"
-    return "generic"
+        levels.append("avx2")
+        if ("avx512vnni" in f and "avx512vl" in f) or "avxvnni" in f:
+            levels.append("vnni")
+    want = os.environ.get("GGQ_SIMD", "")
+    return want if want in levels else levels[-1]
 
 
 #: the dot-product code path compiled for this process's target
