@@ -423,9 +423,12 @@ def test_warmup_compiles_in_the_background_with_a_status_line():
             self.release = threading.Event()
             self.warmed = False
 
-        def warmup(self):
+        def warmup(self, repackers=True):
             self.release.wait(5)
             self.warmed = True
+
+        def compile_repackers(self):
+            pass
 
     m = SlowModel()
     err = io.StringIO()
@@ -435,6 +438,7 @@ def test_warmup_compiles_in_the_background_with_a_status_line():
     threading.Timer(0.3, m.release.set).start()
     w.wait(announce_after=0.05)
     assert m.warmed
+    w.finish()
     assert "compiling the runtime for Q4_K, Q6_K (first run only" in err.getvalue()
 
 
@@ -444,8 +448,11 @@ def test_warmup_reraises_the_compile_error():
     class Broken:
         compiled_types = []
 
-        def warmup(self):
+        def warmup(self, repackers=True):
             raise GGQError("boom")
+
+        def compile_repackers(self):
+            pass
 
     with pytest.raises(GGQError, match="boom"):
         Warmup(Broken(), err=io.StringIO()).wait()

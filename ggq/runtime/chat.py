@@ -223,15 +223,30 @@ class Warmup:
         self.t0 = time.monotonic()
         self.error: BaseException | None = None
         self.done = threading.Event()
+        self.finished = threading.Event()
         threading.Thread(target=self._run, name="ggq-warmup", daemon=True).start()
 
     def _run(self):
         try:
-            self.model.warmup()
+            self.model.warmup(repackers=False)
         except BaseException as e:  # re-raised by wait() in the caller's thread
             self.error = e
         finally:
             self.done.set()
+        try:  # then, off the first reply's path, the repackers for the next load
+            self.model.compile_repackers()
+        except Exception:  # an optimisation only: the next load falls back to numpy
+            pass
+        finally:
+            self.finished.set()
+
+    def finish(self) -> None:
+        """Before the process exits: wait for the background compile of the repackers (first run
+        only; they make the next load of a large file several times faster)."""
+        if not self.finished.wait(0.2):
+            self.err.write("ggq: finishing the one-time compile of the weight repackers...\n")
+            self.err.flush()
+            self.finished.wait()
 
     def status(self) -> str:
         types = ", ".join(self.model.compiled_types)
@@ -561,6 +576,7 @@ def run_chat(model_path: str, params: SamplerParams, system: str | None = None, 
     name = model.metadata.get("general.name") or Path(model_path).name
     warmup = Warmup(model)  # compiles while the user types the first question
     chat_loop(session, name=str(name), verbose=verbose, warmup=warmup)
+    warmup.finish()
 
 
 def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
@@ -570,7 +586,8 @@ def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict:
     """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
     model, tok = load(model_path, n_ctx, n_threads, kv_type)
     out = sys.stdout
-    Warmup(model).wait(announce_after=1.0)  # a status line while Numba compiles (first run)
+    warmup = Warmup(model)
+    warmup.wait(announce_after=1.0)  # a status line while Numba compiles (first run)
     with _SigintFlag() as flag:
         if chat:
             st = _chat_setup(model, tok, params, system, n_predict, no_think, hide_think, out).turn(prompt, flag)
@@ -588,3 +605,4 @@ def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict:
     out.flush()
     if verbose:
         sys.stderr.write(st.summary() + "\n")
+    warmup.finish()

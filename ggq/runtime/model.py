@@ -212,16 +212,22 @@ class Model:
             raise GGQError(f"cannot truncate the KV cache to {n_past} tokens (it holds {self.n_past})")
         self.n_past = int(n_past)
 
-    def warmup(self) -> None:
+    def warmup(self, repackers: bool = True) -> None:
         """Compile the forward pass for this file's types (or load it from Numba's on-disk cache):
         one decode step at position 0, then the cache is cleared; the compiled code covers every
         batch size. Then the compiled load-time repackers of its types, for the next load. Safe to
         run in a background thread while nothing else uses the model."""
         self.eval([0])
         self.reset()
+        if repackers:
+            self.compile_repackers()
+
+    def compile_repackers(self) -> None:
+        """Compile (or load) the load-time repackers of this file's types, so that the next load
+        repacks with them (a fresh install repacks with numpy meanwhile)."""
         from ggq.runtime.kernels.fastpack import precompile
 
-        precompile(sorted({q for q, _, _ in self.arena.specs}))  # the next load repacks compiled
+        precompile(sorted({q for q, _, _ in self.arena.specs}))
 
     @property
     def compiled_types(self) -> list[str]:

@@ -249,5 +249,7 @@ def precompile(qtypes) -> None:
         a.compiled_pack = True
         bs, ts = GGML_QUANT_SIZES[T(qt)]
         row_bytes = 256 // bs * ts
-        a.fill(0, np.zeros((G, row_bytes), np.uint8))
+        raw = np.zeros((G, row_bytes), np.uint8)
+        raw.flags.writeable = False  # the loader's rows are read-only views of the map: same signature
+        a.fill(0, raw)
 
