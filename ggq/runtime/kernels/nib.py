@@ -5,7 +5,7 @@ A block of ``G`` rows is stored as 4 quads ``[j][G rows][4 bytes]``: byte ``i`` 
 quad ``j`` holds weights ``4j + i`` (lo nibble) and ``4j + i + 16`` (hi nibble) (see
 :mod:`.repack`). One 32-byte load is 4 weights of each of 8 rows; the high bits, where the type has
 them, are ORed in above the nibble (``vpsrld``/``vpand``/``vpor``), and the codes (at most 63) go
-into the int8 dot-product instruction (:func:`.simd.dp4`: ``vpdpbusd``, or ``vpmaddubsw`` +
+into the int8 dot-product instructions (:func:`.simd.dp8x` and kin: ``vpdpbusd``, or ``vpmaddubsw`` +
 ``vpmaddwd``) with the 4 matching activation bytes broadcast to every lane; the layout of
 llama.cpp's repacked GEMV kernels (block_q4_0x8 in ggml-cpu/repack.cpp), a 32-weight block per step.
 
@@ -26,7 +26,7 @@ from numba import njit, prange
 from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_ROWS, FAM_N5,
                      FAM_N6, G, SK_F16, SK_K)
-from .simd import (W, bcast4, dp4, field, fma_s, fneg, iadd, ior, izero, load_bytes, load_f, load_hf, load_s8f,
+from .simd import (W, bcast4, dp2x, dp4x, dp8x, field, fma_s, fneg, iadd, ior, izero, load_bytes, load_f, load_hf, load_s8f,
                    load_u8f, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f)
 
 #: tokens whose accumulators are kept while a group's weights are streamed once
@@ -117,23 +117,29 @@ def mm_nib(u8, u16, o, xq, xd, xs16, xs32, out):
                         l3, h3 = ior(l3, field(hb, 4, _M2, 4)), ior(h3, field(hb, 6, _M2, 4))
                     for t in range(tn):
                         xo = (t0 + t) * K + b * 32
-                        ia = dp4(izero(), l0, bcast4(xq, xo))
-                        ib = dp4(izero(), h0, bcast4(xq, xo + 16))
-                        ic = dp4(izero(), l1, bcast4(xq, xo + 4))
-                        id_ = dp4(izero(), h1, bcast4(xq, xo + 20))
-                        ia = dp4(ia, l2, bcast4(xq, xo + 8))
-                        ib = dp4(ib, h2, bcast4(xq, xo + 24))
-                        ic = dp4(ic, l3, bcast4(xq, xo + 12))
-                        id_ = dp4(id_, h3, bcast4(xq, xo + 28))
+                        x0, x1, x2, x3 = bcast4(xq, xo), bcast4(xq, xo + 4), bcast4(xq, xo + 8), bcast4(xq, xo + 12)
+                        x4, x5 = bcast4(xq, xo + 16), bcast4(xq, xo + 20)
+                        x6, x7 = bcast4(xq, xo + 24), bcast4(xq, xo + 28)
+                        # lo nibbles are weights 0..15 of the block, hi 16..31; grouped as the
+                        # codes' width allows AVX2's int16 partial sums (:func:`.simd.dp8x`)
+                        if fam == FAM_N6:
+                            ilo = iadd(dp2x(l0, x0, l1, x1), dp2x(l2, x2, l3, x3))
+                            ihi = iadd(dp2x(h0, x4, h1, x5), dp2x(h2, x6, h3, x7))
+                        elif per16 or fam == FAM_N5:
+                            ilo = dp4x(l0, x0, l1, x1, l2, x2, l3, x3)
+                            ihi = dp4x(h0, x4, h1, x5, h2, x6, h3, x7)
+                        else:
+                            ilo = dp8x(l0, x0, l1, x1, l2, x2, l3, x3, h0, x4, h1, x5, h2, x6, h3, x7)
+                            ihi = izero()
                         ao = t * G + v
                         xdt = xd[t0 + t, b]
                         if per16:  # lo nibbles: the block's first 16 weights, hi: the second 16
-                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(ia, ic)), s0), xdt)
-                            a = fma_s(a, mul_v(to_f(iadd(ib, id_)), s1), xdt)
+                            a = fma_s(load_f(acc, ao), mul_v(to_f(ilo), s0), xdt)
+                            a = fma_s(a, mul_v(to_f(ihi), s1), xdt)
                             a = fma_s(a, m0, xs16[t0 + t, 2 * b])
                             a = fma_s(a, m1, xs16[t0 + t, 2 * b + 1])
                         else:
-                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(iadd(ia, ib), iadd(ic, id_))), s0), xdt)
+                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(ilo, ihi)), s0), xdt)
                             a = fma_s(a, m0, xs32[t0 + t, b])
                         store_f(acc, ao, a)
             store_tile(acc, out, t0, tn, g, n_rows)

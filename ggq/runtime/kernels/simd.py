@@ -246,6 +246,62 @@ def dp4(typingctx, acc, w, x):
     return i32x8(acc, w, x), codegen
 
 
+def _dp_sum_ir(builder, pairs):
+    """IR for the per-lane sum of ``dp4(0, w, x)`` over ``pairs`` [(w, x), ...].
+
+    AVX2: the ``vpmaddubsw`` int16 pair sums of all pairs are added as int16 and widened once
+    (``vpmaddwd`` by ones), which the caller makes exact by keeping ``2 * len(pairs) * max(w) *
+    127 < 2**15``: one widening per 2, 4 or 8 products instead of one each. VNNI: ``vpdpbusd``
+    in up to four independent chains; generic: plain IR."""
+    if ISA == "avx2":
+        m = builder.module
+        f1 = cgutils.get_or_insert_function(m, ir.FunctionType(_VW, [_VB, _VB]), "llvm.x86.avx2.pmadd.ub.sw")
+        f2 = cgutils.get_or_insert_function(m, ir.FunctionType(_VI, [_VW, _VW]), "llvm.x86.avx2.pmadd.wd")
+        ps = [builder.call(f1, [builder.bitcast(w, _VB), builder.bitcast(x, _VB)]) for w, x in pairs]
+        while len(ps) > 1:  # a tree of vpaddw
+            ps = [builder.add(ps[i], ps[i + 1]) if i + 1 < len(ps) else ps[i] for i in range(0, len(ps), 2)]
+        return builder.call(f2, [ps[0], ir.Constant(_VW, [1] * (2 * W))])
+    zero = ir.Constant(_VI, [0] * W)
+    nch = max(1, min(4, len(pairs) // 2))  # independent chains of two (a vpdpbusd chain is latency bound)
+    chains = [zero] * nch
+    for i, (w, x) in enumerate(pairs):
+        chains[i % nch] = _dp_ir(builder, chains[i % nch], w, x)
+    while len(chains) > 1:
+        chains = [builder.add(chains[i], chains[i + 1]) if i + 1 < len(chains) else chains[i]
+                  for i in range(0, len(chains), 2)]
+    return chains[0]
+
+
+def _dp_sum(n, limit):
+    """An intrinsic of 2n i32x8 arguments ``w0, x0, w1, x1, ...`` (Numba's intrinsics take no
+    ``*args``, so the signature is written out)."""
+    names = [f"{c}{i}" for i in range(n) for c in "wx"]
+    src = (f"def dp{n}x(typingctx, {', '.join(names)}):\n"
+           f"    return _dp_sum_typer(({', '.join(names)},))\n")
+    ns = {"_dp_sum_typer": _dp_sum_typer}
+    exec(src, ns)
+    fn = ns[f"dp{n}x"]
+    fn.__doc__ = (f"Per 32-bit lane, the sum over {n} pairs ``(w, x)`` of ``dp4(0, w, x)`` (u8 ``w`` bytes "
+                  f"<= {limit}, s8 ``x`` bytes in -127..127, so that AVX2's int16 partial sums are exact).")
+    return intrinsic(fn)
+
+
+def _dp_sum_typer(args):
+    if any(a != i32x8 for a in args):
+        return None
+
+    def codegen(context, builder, sig, vals):
+        return _dp_sum_ir(builder, [(vals[i], vals[i + 1]) for i in range(0, len(vals), 2)])
+
+    return i32x8(*args), codegen
+
+
+#: sums of 2, 4 and 8 dot products of 4 bytes: code bounds 63 (6 bits), 31 (5 bits), 15 (4 bits)
+dp2x = _dp_sum(2, 63)
+dp4x = _dp_sum(4, 31)
+dp8x = _dp_sum(8, 15)
+
+
 @intrinsic
 def dp4s(typingctx, acc, w, x):
     """``acc`` + per 32-bit lane the sum of 4 products ``s8(w byte) * s8(x byte)`` (``x`` in
