@@ -13,6 +13,7 @@ kernels); a single token is the decode path.
 from __future__ import annotations
 
 import mmap
+import re
 import time
 
 import numba
@@ -20,7 +21,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggq import models
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.models.base import Metadata
 from ggq.runtime import ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
@@ -137,9 +138,13 @@ class Model:
         fam = models.for_gguf(gf.arch, name)
         self.family = fam
         rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
+        rp.check(name)
         self.params = rp
         n_layer, n_embd = rp.n_layer, rp.n_embd
+        _check_layers(gf, n_layer, name)
         self.n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
+        if not 1 <= self.n_ctx < 2**31:
+            raise GGQError(f"context size {self.n_ctx} must be between 1 and 2**31 - 1")
         self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = (
             n_layer, n_embd, rp.n_head, rp.n_kv, rp.head_dim, rp.n_ff)
 
@@ -148,6 +153,7 @@ class Model:
         if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
             raise GGQError(f"{name}: missing or malformed token_embd.weight")
         self.n_vocab = int(emb.ne[1])
+        _check_vocab(gf.metadata, gf.arch, self.n_vocab, name)
         lay = np.full((n_layer, ops.N_L), -1, np.int64)
         for i in range(n_layer):
             fam.load_layer(b, i, rp, lay[i])
@@ -159,7 +165,13 @@ class Model:
         self.tied_output = i_out < 0
         if self.tied_output:
             i_out = i_emb
-        self._inv_freq, self._rope_mscale = fam.rope(rp, b, self.n_ctx)
+        try:
+            self._inv_freq, self._rope_mscale = fam.rope(rp, b, self.n_ctx)
+        except (ValueError, ZeroDivisionError, OverflowError) as e:
+            raise GGQError(f"{name}: invalid rope parameters ({e})") from None
+        if not (np.all(np.isfinite(self._inv_freq)) and np.all(np.isfinite(self._rope_mscale))):
+            raise GGQError(f"{name}: the rope parameters give non-finite frequencies (rope.freq_base, "
+                           f"rope.scaling.*, or rope factor tensors)")
 
         try:
             arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in b.mats])
@@ -185,8 +197,13 @@ class Model:
         self.kv_type = kv_type
         # K in tiles of KT positions [kv head][tile][dim][position], V [kv head][position][dim]
         n_kvh, hd = self.n_kv, self.head_dim
-        self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
-        self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
+        try:
+            self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
+            self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
+        except (MemoryError, ValueError):
+            gib = 2 * n_layer * n_kvh * self.n_ctx * hd * np.dtype(KV_TYPES[kv_type]).itemsize / 2**30
+            raise GGQError(f"{name}: cannot allocate a KV cache of {gib:.1f} GiB for a context of {self.n_ctx} "
+                           f"tokens (use a smaller --ctx-size)") from None
         self.n_past = 0
         if n_threads:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
@@ -247,7 +264,8 @@ class Model:
         """Append ``tokens`` at positions n_past...; return float32 logits of the last token
         (n_vocab,), or of every token (len(tokens), n_vocab) with ``all_logits``.
 
-        GGQError if a token id is out of range or the context would overflow n_ctx."""
+        GGQError if a token id is out of range, the context would overflow n_ctx, or the logits
+        are not finite (NaN or infinity: the model's values overflow; the sampler cannot use them)."""
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
@@ -265,6 +283,10 @@ class Model:
             else:
                 lg = np.empty((chunk.shape[0] if all_logits else 1, self.n_vocab), np.float32)
             self._forward(chunk, lg, all_logits)
+            if not np.isfinite(lg).all():  # overflowing weights or activations: NaN/inf logits
+                raise GGQError(f"{self.path.name}: the model produced non-finite logits (NaN or infinity) at "
+                               f"positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}; its weights or "
+                               f"hyper-parameters overflow float32")
             self.n_past += chunk.shape[0]
             if all_logits:
                 outs.append(lg)
@@ -278,6 +300,54 @@ class Model:
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
+
+
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_layers(gf, n_layer: int, where: str) -> None:
+    """GGQError unless the file's ``blk.N.*`` tensors are exactly the layers 0 .. n_layer - 1
+    (``{arch}.block_count``): llama.cpp fails on a missing layer tensor; a block count smaller
+    than the file's layers would silently run fewer."""
+    layers = set()
+    for t in gf.tensors:
+        m = _BLK.match(t)
+        if m:
+            layers.add(int(m.group(1)))
+    if layers != set(range(n_layer)):
+        have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "no blk.N tensors"
+        raise GGQError(f"{where}: {gf.arch}.block_count is {n_layer} but the file has {have}")
+
+
+#: tokenizer.ggml.* keys holding a token id
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "separator_token_id", "padding_token_id",
+                  "eot_token_id", "eom_token_id", "mask_token_id", "cls_token_id", "fim_pre_token_id",
+                  "fim_suf_token_id", "fim_mid_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
+
+
+def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
+    """GGQError unless the vocabulary agrees with ``token_embd.weight``'s ``n_vocab`` rows: the
+    ``tokenizer.ggml.tokens`` / ``scores`` / ``token_type`` arrays (when present) have ``n_vocab``
+    entries (llama.cpp sizes token_embd by the token count), ``{arch}.vocab_size`` (when present)
+    equals it, and every special token id is an integer in range (the sampler and decoder index
+    the token arrays with them)."""
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = md.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, list):
+            raise GGQError(f"{where}: {key} is not an array")
+        if len(v) != n_vocab:
+            raise GGQError(f"{where}: {key} has {len(v)} entries but token_embd.weight has {n_vocab} rows")
+    vs = md.get(f"{arch}.vocab_size")
+    if vs is not None and vs != n_vocab:
+        raise GGQError(f"{where}: {arch}.vocab_size is {show(vs)} but token_embd.weight has {n_vocab} rows")
+    for k in _TOKEN_ID_KEYS:
+        v = md.get(f"tokenizer.ggml.{k}")
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_vocab:
+            raise GGQError(f"{where}: tokenizer.ggml.{k} = {show(v)} is not a token id (0 .. {n_vocab - 1})")
 
 
 class _Fused:

@@ -525,7 +525,7 @@ def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, p
         _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # 1 / tot: NaN/inf scores give NaN, not ZeroDivisionError
 def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """One decoded token (q (1, n_head*hd)): work items of (KV head, span of ``_DEC_SPAN``
     positions), in parallel once the context pays for a parallel region, then each head's partial
@@ -568,7 +568,7 @@ def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
 _ATT_CHUNK = 64
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
 def _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """Work item ``it`` of :func:`_attention_batch`: one head and one chunk of prompt tokens."""
     T = q.shape[0]
