@@ -23,7 +23,8 @@ class GGQError(Exception):
     """A user-facing error: ``str(err)`` is one line naming the file and the problem."""
 
 
-def _escape(s: str) -> str:
+def escape(s: str) -> str:
+    """``s`` with non-printable characters escaped (``\\x00``, ``\\n``, ``\\u2028``)."""
     out = []
     for c in s:
         if c.isprintable() and c not in "\u2028\u2029":
@@ -42,12 +43,12 @@ def show(value, limit: int = SHOW_LIMIT) -> str:
         value = bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, str):
         cut = value[:limit]
-        return "'" + _escape(cut).replace("'", "\\'") + "'" + ("..." if len(value) > limit else "")
+        return "'" + escape(cut).replace("'", "\\'") + "'" + ("..." if len(value) > limit else "")
     r = repr(value)
-    return _escape(r[:limit]) + ("..." if len(r) > limit else "")
+    return escape(r[:limit]) + ("..." if len(r) > limit else "")
 
 
 def one_line(message: str, limit: int = LINE_LIMIT) -> str:
     """``message`` as one printable line of at most ``limit`` characters (for the CLI's last word)."""
-    s = _escape(str(message))
+    s = escape(str(message))
     return s if len(s) <= limit else s[:limit] + "..."

@@ -295,7 +295,7 @@ def parse_gguf(buf, size: int, where) -> GGUFHeader:
         magic = bytes(buf[:4])
         raise GGQError(f"{where}: not a GGUF file (magic {show(magic)}, expected 'GGUF')")
     if size < 24:
-        raise GGQError(f"{where}: truncated GGUF header (only {size} bytes)")
+        raise GGQError(f"{where}: malformed GGUF file: truncated header (only {size} bytes)")
     try:
         h = _parse(buf, size)
     except _Bad as e:

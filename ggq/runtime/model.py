@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmap
 import re
 import time
+from dataclasses import dataclass
 
 import numba
 import numpy as np
@@ -22,7 +23,7 @@ from gguf import GGMLQuantizationType as T
 
 from ggq import models
 from ggq.errors import GGQError, show
-from ggq.models.base import Metadata
+from ggq.models.base import Metadata, RunParams
 from ggq.runtime import ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
@@ -48,9 +49,10 @@ class LayerBuilder:
     optional tensor. Shapes are in ggml ``ne`` order (``ne[0]`` = row length). GGQError naming the
     file for a missing required tensor, a wrong shape or a type ggq cannot run."""
 
-    def __init__(self, tensors: dict, where: str):
+    def __init__(self, tensors: dict, where: str, check_types: bool = True):
         self.tensors = tensors
         self.where = where
+        self.check_types = check_types
         self.mats: list = []  # TensorInfo or _Fused, in arena order
         self.vecs: list[np.ndarray] = []
         self._vec_size = 0
@@ -70,7 +72,7 @@ class LayerBuilder:
         return t
 
     def _add_mat(self, t) -> int:
-        if t.qtype not in SUPPORTED_TYPES:
+        if self.check_types and t.qtype not in SUPPORTED_TYPES:
             raise GGQError(f"{self.where}: tensor {t.name} has type {t.qtype.name}, which ggq cannot run")
         self.mats.append(t)
         return len(self.mats) - 1
@@ -93,7 +95,13 @@ class LayerBuilder:
     def vec_array(self, name: str, n: int, optional: bool = False) -> np.ndarray | None:
         """The float32 values of the 1-D tensor ``name`` (``n`` elements), None if absent and ``optional``."""
         t = self.tensor(name, (n,), optional)
-        return None if t is None else _dequant_vec(t)
+        if t is None:
+            return None
+        try:
+            v = _dequant_vec(t)
+        except (NotImplementedError, ValueError) as e:
+            raise GGQError(f"{self.where}: cannot read tensor {name} of type {t.qtype.name} ({e})") from None
+        return v
 
     def vec(self, name: str, n: int, optional: bool = False) -> int:
         """Offset of the 1-D tensor ``name`` in the runtime's vector array (-1 if absent and ``optional``)."""
@@ -108,6 +116,72 @@ class LayerBuilder:
 
     def vec_values(self) -> np.ndarray:
         return np.concatenate(self.vecs).astype(np.float32) if self.vecs else np.zeros(16, np.float32)
+
+
+@dataclass
+class ModelPlan:
+    """A validated model before any weight is repacked: its family and hyper-parameters, the layer
+    builder (matrices and vectors named), the layer table ``lay``, the context size, the
+    vocabulary size, the arena indices of token_embd / output and the vector offset of
+    output_norm, and the rope kinds (``inv_freq``, ``mscale``)."""
+
+    family: object
+    params: RunParams
+    builder: LayerBuilder
+    lay: np.ndarray
+    n_ctx: int
+    n_vocab: int
+    i_emb: int
+    i_onorm: int
+    i_out: int
+    tied_output: bool
+    inv_freq: np.ndarray
+    mscale: np.ndarray
+
+
+def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelPlan:
+    """Validate the model in the opened GGUF file ``gf`` (:func:`ggq.runtime.loader.open_gguf`)
+    against its family before anything is allocated from its values or compiled code runs:
+    hyper-parameters in range (:meth:`RunParams.check`), ``block_count`` equal to the file's
+    ``blk.N`` groups, every tensor the forward pass reads present with the shape the
+    hyper-parameters give (:class:`LayerBuilder`), the vocabulary consistent with
+    ``token_embd.weight`` (:func:`_check_vocab`), finite rope frequencies. ``check_types``: also
+    refuse matrix types the runtime cannot run (``ggq quantize`` checks with False). Reads only the
+    small norm and bias vectors. GGQError naming the file for any violation."""
+    name = gf.path.name
+    fam = models.for_gguf(gf.arch, name)
+    rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
+    rp.check(name)
+    n_layer, n_embd = rp.n_layer, rp.n_embd
+    _check_layers(gf, n_layer, name)
+    n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
+    if not 1 <= n_ctx < 2**31:
+        raise GGQError(f"context size {n_ctx} must be between 1 and 2**31 - 1")
+    b = LayerBuilder(gf.tensors, name, check_types=check_types)
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
+        raise GGQError(f"{name}: missing or malformed token_embd.weight (expected {n_embd} columns)")
+    n_vocab = int(emb.ne[1])
+    _check_vocab(gf.metadata, gf.arch, n_vocab, name)
+    lay = np.full((n_layer, ops.N_L), -1, np.int64)
+    for i in range(n_layer):
+        fam.load_layer(b, i, rp, lay[i])
+        lay[i, ops.L_SWA] = int(bool(rp.swa_layers[i])) if rp.swa_layers else 0
+        lay[i, ops.L_ROPE] = rp.rope_kinds[i] if rp.rope_kinds else 0
+    i_emb = b.mat("token_embd.weight", emb.ne)
+    i_onorm = b.vec("output_norm.weight", n_embd)
+    i_out = b.mat("output.weight", (n_embd, n_vocab), optional=True)
+    tied = i_out < 0
+    if tied:
+        i_out = i_emb
+    try:
+        inv_freq, mscale = fam.rope(rp, b, n_ctx)
+    except (ValueError, ZeroDivisionError, OverflowError) as e:
+        raise GGQError(f"{name}: invalid rope parameters ({e})") from None
+    if not (np.all(np.isfinite(inv_freq)) and np.all(np.isfinite(mscale))):
+        raise GGQError(f"{name}: the rope parameters give non-finite frequencies (rope.freq_base, "
+                       f"rope.scaling.*, or rope factor tensors)")
+    return ModelPlan(fam, rp, b, lay, n_ctx, n_vocab, i_emb, i_onorm, i_out, tied, inv_freq, mscale)
 
 
 class Model:
@@ -135,43 +209,15 @@ class Model:
         self.metadata = gf.metadata
         self.arch = gf.arch
         name = gf.path.name
-        fam = models.for_gguf(gf.arch, name)
-        self.family = fam
-        rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
-        rp.check(name)
-        self.params = rp
+        plan = plan_model(gf, n_ctx)
+        fam, rp, b, lay = plan.family, plan.params, plan.builder, plan.lay
+        self.family, self.params, self.n_ctx, self.n_vocab = fam, rp, plan.n_ctx, plan.n_vocab
         n_layer, n_embd = rp.n_layer, rp.n_embd
-        _check_layers(gf, n_layer, name)
-        self.n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
-        if not 1 <= self.n_ctx < 2**31:
-            raise GGQError(f"context size {self.n_ctx} must be between 1 and 2**31 - 1")
         self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = (
             n_layer, n_embd, rp.n_head, rp.n_kv, rp.head_dim, rp.n_ff)
-
-        b = LayerBuilder(gf.tensors, name)
-        emb = gf.tensors.get("token_embd.weight")
-        if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
-            raise GGQError(f"{name}: missing or malformed token_embd.weight")
-        self.n_vocab = int(emb.ne[1])
-        _check_vocab(gf.metadata, gf.arch, self.n_vocab, name)
-        lay = np.full((n_layer, ops.N_L), -1, np.int64)
-        for i in range(n_layer):
-            fam.load_layer(b, i, rp, lay[i])
-            lay[i, ops.L_SWA] = int(bool(rp.swa_layers[i])) if rp.swa_layers else 0
-            lay[i, ops.L_ROPE] = rp.rope_kinds[i] if rp.rope_kinds else 0
-        i_emb = b.mat("token_embd.weight", emb.ne)
-        i_onorm = b.vec("output_norm.weight", n_embd)
-        i_out = b.mat("output.weight", (n_embd, self.n_vocab), optional=True)
-        self.tied_output = i_out < 0
-        if self.tied_output:
-            i_out = i_emb
-        try:
-            self._inv_freq, self._rope_mscale = fam.rope(rp, b, self.n_ctx)
-        except (ValueError, ZeroDivisionError, OverflowError) as e:
-            raise GGQError(f"{name}: invalid rope parameters ({e})") from None
-        if not (np.all(np.isfinite(self._inv_freq)) and np.all(np.isfinite(self._rope_mscale))):
-            raise GGQError(f"{name}: the rope parameters give non-finite frequencies (rope.freq_base, "
-                           f"rope.scaling.*, or rope factor tensors)")
+        i_emb, i_onorm, i_out = plan.i_emb, plan.i_onorm, plan.i_out
+        self.tied_output = plan.tied_output
+        self._inv_freq, self._rope_mscale = plan.inv_freq, plan.mscale
 
         try:
             arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in b.mats])
