@@ -8,6 +8,7 @@ file that is renamed into place at the end. Peak memory stays near the largest t
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 
 from ggq import models, quants
 from ggq.convert import arch as archmod
+from ggq.convert import validate
 from ggq.convert.checkpoint import Checkpoint, TensorSource, open_checkpoint, resolve_source
 from ggq.errors import GGQError
 from ggq.format.output import atomic_output, check_output
@@ -243,7 +245,13 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     out_p = Path(out) if out else default_output(model_dir, type_name)
     check_output(out_p, force)
 
+    where = str(model_dir / "config.json")
+    validate.check_sizes(hp, {n: t.shape for n, t in ck.tensors.items()}, where)
     planned = plan_checkpoint(ck, fam, hp)
+    validate.check_plan(planned, fam, hp, where)
+    emb = next(p for p in planned if p.name == "token_embd.weight")
+    if emb.source is not None and emb.source.shape[0] != hp.vocab_size:
+        raise GGQError(f"{where}: vocab_size is {hp.vocab_size} but {emb.source.name} has {emb.source.shape[0]} rows")
     src_float = {"F16": T.F16, "BF16": T.BF16}.get(ck.float_type, T.F32)
     ftype = _plan_types(planned, type_name, fam, hp, overrides, src_float, has_imatrix=imatrix is not None)
     if qinfo is not None:
@@ -281,7 +289,10 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     try:
         with atomic_output(out_p, force) as tmp:
             w.write_header_to_file(tmp)
-            w.write_kv_data_to_file()
+            try:
+                w.write_kv_data_to_file()
+            except (struct.error, OverflowError, ValueError, TypeError) as e:  # e.g. rope_theta=1e308 as float32
+                raise GGQError(f"{where}: a value does not fit its GGUF key ({e})") from None
             w.write_ti_data_to_file()
             for i, p in enumerate(planned):
                 if bar is not None:
