@@ -252,7 +252,7 @@ def output(W, ip, fp, vecs, x, all_logits, logits):
 # element-wise ops
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # NaN rows: NaN out, not ZeroDivisionError
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (ggml_rms_norm then mul; the sum in float64 as
     ggml's ggml_float)."""
@@ -266,7 +266,7 @@ def rmsnorm(x, w, eps, out):
             out[t, k] = x[t, k] * scale * w[k]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # NaN rows: NaN out, not ZeroDivisionError
 def head_rmsnorm(v, n_heads, hd, w, eps):
     """RMSNorm of each head of ``v`` (T, n_heads*hd) in place with the per-head weight ``w`` (hd,):
     Qwen 3's and Gemma 3's attn_q_norm / attn_k_norm."""
