@@ -23,32 +23,46 @@ class GGQError(Exception):
     """A user-facing error: ``str(err)`` is one line naming the file and the problem."""
 
 
-def escape(s: str) -> str:
-    """``s`` with non-printable characters escaped (``\\x00``, ``\\n``, ``\\u2028``)."""
-    out = []
+def _pieces(s: str):
     for c in s:
         if c.isprintable() and c not in "\u2028\u2029":
-            out.append(c)
+            yield c
         else:
             o = ord(c)
-            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
-    return "".join(out)
+            yield f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}"
+
+
+def _cut(s: str, limit: int) -> tuple[str, bool]:
+    out, n = [], 0
+    for p in _pieces(s):
+        if n + len(p) > limit:
+            return "".join(out), True
+        out.append(p)
+        n += len(p)
+    return "".join(out), False
+
+
+def escape(s: str, limit: int | None = None) -> str:
+    """``s`` with non-printable characters escaped (``\\x00``, ``\\n``, ``\\u2028``); with
+    ``limit``, cut after that many output characters (never inside an escape) and ``...`` added."""
+    if limit is None:
+        return "".join(_pieces(s))
+    text, cut = _cut(s, limit)
+    return text + "..." if cut else text
 
 
 def show(value, limit: int = SHOW_LIMIT) -> str:
     """``value`` for an error message: strings (bytes decoded with escapes) quoted, non-printable
-    characters escaped (``\\x00``, ``\\n``), cut to ``limit`` characters with ``...``; other values
-    by their ``repr``, cut the same way."""
+    characters escaped (``\\x00``, ``\\n``), cut to ``limit`` printed characters with ``...``; other
+    values by their ``repr``, cut the same way."""
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode("utf-8", "backslashreplace")
     if isinstance(value, str):
-        cut = value[:limit]
-        return "'" + escape(cut).replace("'", "\\'") + "'" + ("..." if len(value) > limit else "")
-    r = repr(value)
-    return escape(r[:limit]) + ("..." if len(r) > limit else "")
+        text, cut = _cut(value.replace("'", "\\'"), limit)
+        return f"'{text}'" + ("..." if cut else "")
+    return escape(repr(value), limit)
 
 
 def one_line(message: str, limit: int = LINE_LIMIT) -> str:
     """``message`` as one printable line of at most ``limit`` characters (for the CLI's last word)."""
-    s = escape(str(message))
-    return s if len(s) <= limit else s[:limit] + "..."
+    return escape(str(message), limit)

@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 
 # Hugging Face tensors that hold no weights llama.cpp needs
@@ -232,7 +232,7 @@ class NameMap:
             return None
         name = self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GGQError(f"cannot map tensor {hf_name!r} of a {self.label} checkpoint to a GGUF name")
+            raise GGQError(f"cannot map tensor {show(hf_name)} of a {self.label} checkpoint to a GGUF name")
         return name
 
 

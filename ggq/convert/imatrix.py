@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 
 def _is_gguf(path: Path) -> bool:
@@ -93,7 +93,6 @@ def read_imatrix_raw(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], di
     if not _is_gguf(path):
         ents, info = _read_dat(path)
         return {k: (v.reshape(1, -1), np.array([c], np.float32)) for k, (v, c) in ents.items()}, info
-    from ggq.errors import show
     from ggq.format.gguf_reader import read_gguf
 
     h = read_gguf(path)
@@ -233,7 +232,7 @@ def _gguf_arch_for(config: dict, where: str):
     for a, n in gguf.MODEL_ARCH_NAMES.items():
         if n == mt:
             return a
-    raise GGQError(f"{where}: cannot map model_type {mt!r} to a GGUF architecture")
+    raise GGQError(f"{where}: cannot map model_type {show(mt)} to a GGUF architecture")
 
 
 def _load_model(model: str):
@@ -247,7 +246,6 @@ def _load_model(model: str):
     if p.is_file() and p.suffix == ".gguf":
         import gguf
 
-        from ggq.errors import show
         from ggq.format.gguf_reader import read_gguf
 
         md = read_gguf(p).metadata

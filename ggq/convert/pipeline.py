@@ -20,7 +20,7 @@ from ggq import models, quants
 from ggq.convert import arch as archmod
 from ggq.convert import validate
 from ggq.convert.checkpoint import Checkpoint, TensorSource, open_checkpoint, resolve_source
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.format.output import atomic_output, check_output
 from ggq.models.base import Family, TensorRule
 
@@ -131,10 +131,10 @@ def plan_checkpoint(ck: Checkpoint, fam: Family, hp: archmod.HParams) -> list[Pl
             dropped.append(hf_name)
             continue
         if rule.name in seen:
-            raise GGQError(f"{ck.path}: tensors {seen[rule.name]!r} and {hf_name!r} both map to {rule.name}")
+            raise GGQError(f"{ck.path}: tensors {show(seen[rule.name])} and {show(hf_name)} both map to {rule.name}")
         seen[rule.name] = hf_name
         if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
-            raise GGQError(f"{src.origin or ck.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
+            raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} has non-float dtype {show(src.dtype)}")
         shape = tuple(src.shape)
         if rule.rows is not None and shape:
             shape = (min(rule.rows, shape[0]), *shape[1:])
@@ -169,7 +169,7 @@ def _values(p: PlannedTensor) -> np.ndarray:
         arr = arr + arr.dtype.type(p.rule.add)
     arr = _rows(p, arr)
     if tuple(arr.shape) != p.shape:
-        raise GGQError(f"{src.origin}: tensor {src.name!r} has shape {arr.shape}, expected {p.shape}")
+        raise GGQError(f"{src.origin}: tensor {show(src.name)} has shape {arr.shape}, expected {p.shape}")
     return arr
 
 

@@ -114,7 +114,7 @@ def check_plan(planned, fam, hp, where: str) -> None:
 
     ne_of = {p.name: tuple(p.ne) for p in planned}
     layers = {int(m.group(1)) for n in ne_of if (m := _BLK.match(n))}
-    if layers != set(range(hp.n_layer)):
+    if len(layers) != hp.n_layer or (layers and (min(layers) != 0 or max(layers) != hp.n_layer - 1)):
         have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "none"
         raise GGQError(f"{where}: num_hidden_layers is {hp.n_layer} but the checkpoint's layers map to {have}")
     b = _PlanBuilder(ne_of, where)

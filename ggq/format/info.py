@@ -6,21 +6,25 @@ from pathlib import Path
 
 import gguf
 
-from ggq.errors import escape
+from ggq.errors import escape, show
 from ggq.format.gguf_reader import read_gguf
 
 
 def _short(v, full: bool) -> str:
-    """A metadata value as ``ggq info`` prints it: ``repr`` (which escapes control characters),
-    long arrays and strings cut unless ``full``."""
-    if isinstance(v, list):
-        if not full and len(v) > 8:
-            head = ", ".join(repr(x) for x in v[:4])
-            return escape(f"[{head}, ...] ({len(v)} items)")
+    """A metadata value as ``ggq info`` prints it: its ``repr`` with control characters escaped;
+    unless ``full``, arrays longer than 8 items show their first 4 and strings are cut to 120
+    printed characters."""
+    if full:
         return escape(repr(v))
-    if isinstance(v, str) and not full and len(v) > 120:
-        return escape(repr(v[:100])) + f"... ({len(v)} chars)"
-    return escape(repr(v))
+    if isinstance(v, list):
+        if len(v) > 8:
+            head = ", ".join(show(x, 60) for x in v[:4])
+            return f"[{head}, ...] ({len(v)} items)"
+        return "[" + ", ".join(show(x, 60) for x in v) + "]"
+    if isinstance(v, str):
+        text = show(v, 120)
+        return text + (f" ({len(v)} chars)" if text.endswith("'...") else "")
+    return show(v)
 
 
 def format_info(path: str | Path, full_arrays: bool = False) -> str:

@@ -40,7 +40,7 @@ import gguf
 import numpy as np
 
 from ggq.convert.arch import HParams, NameMap
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.runtime import ops
 from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
@@ -216,7 +216,7 @@ class Metadata:
                 raise ValueError
             return kind(v)
         except (TypeError, ValueError, OverflowError):
-            raise GGQError(f"{self.where}: metadata {full} has an invalid value {v!r}") from None
+            raise GGQError(f"{self.where}: metadata {full} has an invalid value {show(v)}") from None
 
 
 class Family:
@@ -320,7 +320,7 @@ class Family:
         factor = md.get(K.Rope.SCALING_FACTOR, 0.0, float) or md.get("{arch}.rope.scale_linear", 0.0, float)
         if stype not in SCALING_TYPES:
             if factor not in (0.0, 1.0):
-                raise GGQError(f"{md.where}: rope scaling {stype!r} is not supported")
+                raise GGQError(f"{md.where}: rope scaling {show(stype)} is not supported")
             stype = "none"
         ext = md.raw(K.Rope.SCALING_YARN_EXT_FACTOR)
         rp = RunParams(

@@ -360,7 +360,7 @@ def _check_layers(gf, n_layer: int, where: str) -> None:
         m = _BLK.match(t)
         if m:
             layers.add(int(m.group(1)))
-    if layers != set(range(n_layer)):
+    if len(layers) != n_layer or (layers and (min(layers) != 0 or max(layers) != n_layer - 1)):
         have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "no blk.N tensors"
         raise GGQError(f"{where}: {gf.arch}.block_count is {n_layer} but the file has {have}")
 
@@ -377,7 +377,10 @@ def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
     entries (llama.cpp sizes token_embd by the token count), ``{arch}.vocab_size`` (when present)
     equals it, and every special token id is an integer in range (the sampler and decoder index
     the token arrays with them)."""
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+    from ggq.runtime.tokenizer import check_vocab_array
+
+    for key, kind in (("tokenizer.ggml.tokens", str), ("tokenizer.ggml.scores", (int, float)),
+                      ("tokenizer.ggml.token_type", int)):
         v = md.get(key)
         if v is None:
             continue
@@ -385,6 +388,8 @@ def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
             raise GGQError(f"{where}: {key} is not an array")
         if len(v) != n_vocab:
             raise GGQError(f"{where}: {key} has {len(v)} entries but token_embd.weight has {n_vocab} rows")
+        check_vocab_array(md, key, kind, n_vocab, where)
+    check_vocab_array(md, "tokenizer.ggml.merges", str, None, where)
     vs = md.get(f"{arch}.vocab_size")
     if vs is not None and vs != n_vocab:
         raise GGQError(f"{where}: {arch}.vocab_size is {show(vs)} but token_embd.weight has {n_vocab} rows")

@@ -31,7 +31,7 @@ import heapq
 from functools import lru_cache
 from pathlib import Path
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -116,7 +116,7 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
-def _check_array(md: dict, key: str, kind, n: int | None, source: str) -> None:
+def check_vocab_array(md: dict, key: str, kind, n: int | None, source: str) -> None:
     """GGQError unless ``md[key]`` (when present) is a list of ``kind`` values (bools are not
     numbers here) with ``n`` entries (None: any number)."""
     v = md.get(key)
@@ -143,7 +143,7 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:
             raise GGQError(f"{source}: no tokenizer metadata (tokenizer.ggml.model / tokens missing)")
-        _check_array(md, "tokenizer.ggml.tokens", str, None, source)
+        check_vocab_array(md, "tokenizer.ggml.tokens", str, None, source)
         if not isinstance(model, str):
             raise GGQError(f"{source}: tokenizer.ggml.model is not a string")
         self.kind = model
@@ -151,9 +151,9 @@ class Tokenizer:
         n = len(self.tokens)
         if n == 0:
             raise GGQError(f"{source}: tokenizer.ggml.tokens is empty")
-        _check_array(md, "tokenizer.ggml.token_type", int, n, source)
-        _check_array(md, "tokenizer.ggml.scores", (int, float), n, source)
-        _check_array(md, "tokenizer.ggml.merges", str, None, source)
+        check_vocab_array(md, "tokenizer.ggml.token_type", int, n, source)
+        check_vocab_array(md, "tokenizer.ggml.scores", (int, float), n, source)
+        check_vocab_array(md, "tokenizer.ggml.merges", str, None, source)
         types = md.get("tokenizer.ggml.token_type")
         self.token_type: list[int] = list(types) if types is not None else [TT_NORMAL] * n
         self.token_to_id: dict[str, int] = {}
@@ -172,7 +172,7 @@ class Tokenizer:
             bos, eos, unk = 11, 11, None
             self.add_space_prefix = False
             if self.pre not in PRE_TOKENIZERS:
-                raise GGQError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre = {self.pre!r}")
+                raise GGQError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre = {show(self.pre)}")
             regexes, ignore_merges, add_bos_default = PRE_TOKENIZERS[self.pre]
             merges = md.get("tokenizer.ggml.merges")
             if merges is None:
@@ -180,7 +180,7 @@ class Tokenizer:
             self._hf = _build_bpe(self.tokens, merges, regexes, ignore_merges)
             self._bdec = _byte_decoder()
         else:
-            raise GGQError(f"{source}: unsupported tokenizer model tokenizer.ggml.model = {self.kind!r}")
+            raise GGQError(f"{source}: unsupported tokenizer model tokenizer.ggml.model = {show(self.kind)}")
 
         def _id(key, default):
             v = md.get(f"tokenizer.ggml.{key}")
