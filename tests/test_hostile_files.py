@@ -477,3 +477,32 @@ def test_api_errors_name_the_file(tmp_path):
                   + struct.pack("<IQ", 9, 1))
     with pytest.raises(GGQError, match="x.gguf.*array of arrays"):
         read_gguf(p)
+
+
+# ---------------------------------------------------------------- kernels under Numba's bounds checking
+
+
+@pytest.mark.slow
+def test_kernels_stay_in_bounds(tmp_path):
+    """The compiled forward pass with NUMBA_BOUNDSCHECK=1 (every array index checked; a fresh
+    Numba cache so nothing unchecked is reused) on files the reader and validator accept at the
+    edges: full and minimal (2 dims) rotary width, a prompt batch and decoding across a K-cache
+    tile boundary, F32 and Q8_0 matrices. An out-of-bounds index would be an IndexError (an
+    internal error, exit 70) instead of silent memory corruption."""
+    import os
+    import subprocess
+    import sys
+
+    files = [write_gguf(tmp_path / "full.gguf"),
+             write_gguf(tmp_path / "rot2.gguf", llama__rope__dimension_count=(2, VT.UINT32, None))]
+    q8 = tmp_path / "q8.gguf"
+    assert run("quantize", "-q", files[0], q8, "Q8_0").exit_code == 0
+    files.append(q8)
+    env = dict(os.environ, NUMBA_BOUNDSCHECK="1", NUMBA_CACHE_DIR=str(tmp_path / "numba"),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    prompt = "the cat sat on the mat and it is up to a cat in the sun " * 2
+    for f in files:
+        p = subprocess.run([sys.executable, "-m", "ggq", "generate", str(f), "-p", prompt, "-n", "60", "--temp", "0",
+                            "-c", "128"], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, (f.name, p.stderr[-2000:])
+        assert "Traceback" not in p.stderr

@@ -177,7 +177,10 @@ class Tokenizer:
             merges = md.get("tokenizer.ggml.merges")
             if merges is None:
                 raise GGQError(f"{source}: BPE vocabulary without tokenizer.ggml.merges")
-            self._hf = _build_bpe(self.tokens, merges, regexes, ignore_merges)
+            try:
+                self._hf = _build_bpe(self.tokens, merges, regexes, ignore_merges)
+            except GGQError as e:
+                raise GGQError(f"{source}: {e}") from None
             self._bdec = _byte_decoder()
         else:
             raise GGQError(f"{source}: unsupported tokenizer model tokenizer.ggml.model = {show(self.kind)}")
@@ -475,7 +478,10 @@ def _build_bpe(tokens, merges, regexes, ignore_merges):
         j = m.find(" ", 1)
         if j > 0:
             pairs.append((m[:j], m[j + 1:]))
-    bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False)
+    try:  # tokenizers raises its own exception type for merges of unknown tokens
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False)
+    except Exception as e:
+        raise GGQError(f"tokenizer.ggml.merges cannot build a BPE vocabulary ({show(str(e))})") from None
     tk = HFTokenizer(bpe)
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
