@@ -6,24 +6,56 @@ Each subcommand only parses options and calls into the module that does the work
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
 
 from ggq import __version__
-from ggq.errors import GGQError
+from ggq.errors import GGQError, one_line
+
+
+#: exit status of an internal error (a bug in ggq; BSD's EX_SOFTWARE), distinct from bad input (1)
+EXIT_INTERNAL = 70
 
 
 class _Group(click.Group):
+    """The top-level handler: no traceback reaches the user. Bad input (:class:`GGQError`) and
+    operating-system errors (missing file, disk full, read-only folder) are ``ggq: error: ...``,
+    exit status 1; Ctrl-C is ``ggq: interrupted``, 130; anything else is a bug in ggq, reported as
+    one ``ggq: internal error: ...`` line, exit status 70. Every message is one printable line
+    (:func:`ggq.errors.one_line`)."""
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except GGQError as e:
-            click.echo(f"ggq: error: {e}", err=True)
-            sys.exit(1)
+            _die(f"ggq: error: {one_line(str(e))}", 1)
         except KeyboardInterrupt:
-            click.echo("ggq: interrupted", err=True)
-            sys.exit(130)
+            _die("ggq: interrupted", 130)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except BrokenPipeError:  # the reader of our output went away (ggq info | head)
+            try:
+                sys.stdout = open(os.devnull, "w")
+            except OSError:
+                pass
+            sys.exit(1)
+        except MemoryError:
+            _die("ggq: error: out of memory", 1)
+        except OSError as e:
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            _die(f"ggq: error: {one_line(where + (e.strerror or str(e)))}", 1)
+        except Exception as e:  # a bug: one line, never a traceback
+            _die(f"ggq: internal error: {one_line(f'{type(e).__name__}: {e}', 300)} (please report this)",
+                 EXIT_INTERNAL)
+
+
+def _die(message: str, status: int) -> None:
+    try:
+        click.echo(message, err=True)
+    finally:
+        sys.exit(status)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 #: a base log-probability below this does not enter the KL sum (llama.cpp's threshold)
 KL_LOGP_FLOOR = -16.0
@@ -183,13 +183,15 @@ class LogitsFile:
         try:
             hlen = int(np.frombuffer(head[8:12], dtype="<u4")[0])
             header = json.loads(head[12: 12 + hlen].decode("utf-8"))
+            if not isinstance(header, dict):
+                raise ValueError("not a JSON object")
             n_vocab, n_ctx, n_chunk = int(header["n_vocab"]), int(header["n_ctx"]), int(header["n_chunk"])
             n_scored = int(header["n_scored"])
-        except (ValueError, KeyError, UnicodeDecodeError) as e:
-            raise GGQError(f"{path}: corrupt logits file header ({e})") from e
+        except (ValueError, KeyError, TypeError, OverflowError, UnicodeDecodeError, RecursionError) as e:
+            raise GGQError(f"{path}: corrupt logits file header ({show(str(e))})") from None
         if header.get("version") != FORMAT_VERSION:
             raise GGQError(f"{path}: unsupported logits file version {header.get('version')}")
-        if n_scored != n_ctx - 1 - n_ctx // 2 or n_vocab <= 0 or n_chunk <= 0:
+        if n_scored != n_ctx - 1 - n_ctx // 2 or n_vocab <= 0 or n_chunk <= 0 or n_ctx < 2:
             raise GGQError(f"{path}: inconsistent logits file header (n_ctx {n_ctx}, n_scored {n_scored})")
         want = _data_offset(n_chunk, n_ctx) + n_chunk * _chunk_bytes(n_scored, n_vocab)
         if size != want:
@@ -228,27 +230,37 @@ class LogitsWriter:
         except OSError as e:
             raise GGQError(f"{path}: cannot write logits file: {e.strerror}") from e
         head = MAGIC + np.uint32(len(blob)).tobytes() + blob
-        self.fh.write(head + b"\0" * (HEADER_SIZE - len(head)))
-        self.fh.write(np.ascontiguousarray(chunks, dtype="<i4").tobytes())
         pad = _data_offset(n_chunk, n_ctx) - HEADER_SIZE - 4 * n_chunk * n_ctx
-        self.fh.write(b"\0" * pad)
         self.n_written = 0
+        self._write(head + b"\0" * (HEADER_SIZE - len(head)),
+                    np.ascontiguousarray(chunks, dtype="<i4").tobytes(), b"\0" * pad)
+
+    def _write(self, *parts: bytes) -> None:
+        try:
+            for b in parts:
+                self.fh.write(b)
+        except OSError as e:  # disk full: no partial file left, one clear line
+            self.close(ok=False)
+            raise GGQError(f"{self.path}: write failed ({e.strerror or e})") from None
 
     def write_chunk(self, logits: np.ndarray) -> None:
         """Append one chunk: float32 logits ``(n_scored, n_vocab)`` of the scored positions."""
         scale, min_logp, q = quantize_logprobs(logits)
-        self.fh.write(scale.astype("<f4").tobytes())
-        self.fh.write(min_logp.astype("<f4").tobytes())
-        self.fh.write(q.astype("<u2").tobytes())
+        self._write(scale.astype("<f4").tobytes(), min_logp.astype("<f4").tobytes(), q.astype("<u2").tobytes())
         self.n_written += 1
 
     def close(self, ok: bool = True) -> None:
         """Finish: rename the ``.part`` file into place if ``ok`` and every chunk was written, else delete it."""
-        self.fh.close()
-        if ok and self.n_written == self.header["n_chunk"]:
-            os.replace(self.tmp, self.path)
-        else:
+        try:
+            if not self.fh.closed:
+                self.fh.close()
+            if ok and self.n_written == self.header["n_chunk"]:
+                os.replace(self.tmp, self.path)
+                return
+        except OSError as e:
             self.tmp.unlink(missing_ok=True)
+            raise GGQError(f"{self.path}: write failed ({e.strerror or e})") from None
+        self.tmp.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- statistics
@@ -504,7 +516,7 @@ def model_context_length(md: dict) -> int | None:
     """The training context ``<arch>.context_length`` from GGUF metadata, or None."""
     arch = md.get("general.architecture")
     v = md.get(f"{arch}.context_length")
-    return int(v) if v is not None else None
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
 
 
 def run(model_path, text_path=None, n_ctx: int | None = None, n_chunks: int | None = None,

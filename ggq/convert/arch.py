@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 
 # Hugging Face tensors that hold no weights llama.cpp needs
@@ -90,8 +90,22 @@ class HParams:
 
     @classmethod
     def from_config(cls, cfg: dict, where: str, model_dir: Path | None = None) -> "HParams":
-        n_embd = int(_get(cfg, ("hidden_size", "n_embd", "dim"), where))
-        n_head = int(_get(cfg, ("num_attention_heads", "n_head", "n_heads"), where))
+        """The hyper-parameters of config ``cfg`` (``where`` names it in errors); GGQError for a
+        missing or invalid value (wrong JSON type, not a number, infinite, no heads)."""
+        try:
+            return cls._from_config(cfg, where, model_dir)
+        except (TypeError, ValueError, AttributeError, OverflowError, KeyError) as e:
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def _from_config(cls, cfg: dict, where: str, model_dir: Path | None = None) -> "HParams":
+        try:
+            n_embd = int(_get(cfg, ("hidden_size", "n_embd", "dim"), where))
+            n_head = int(_get(cfg, ("num_attention_heads", "n_head", "n_heads"), where))
+        except (TypeError, ValueError, OverflowError) as e:
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None
+        if n_head <= 0:
+            raise GGQError(f"{where}: config.json has {n_head} attention heads")
         rope = rope_parameters(cfg)
         theta = rope.get("full_attention", rope).get("rope_theta", 10000.0)
         head_dim = cfg.get("head_dim")
@@ -113,7 +127,7 @@ class HParams:
                 cfg=cfg,
                 model_dir=None if model_dir is None else Path(model_dir),
             )
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None
         if hp.n_head <= 0 or hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:
             raise GGQError(f"{where}: config.json has {hp.n_head} attention heads and {hp.n_head_kv} key-value heads")
@@ -218,7 +232,7 @@ class NameMap:
             return None
         name = self.tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise GGQError(f"cannot map tensor {hf_name!r} of a {self.label} checkpoint to a GGUF name")
+            raise GGQError(f"cannot map tensor {show(hf_name)} of a {self.label} checkpoint to a GGUF name")
         return name
 
 

@@ -9,8 +9,10 @@ and writes one tensor at a time keeps its peak memory near the largest tensor.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 # safetensors dtype name -> (numpy dtype of the stored bytes, itemsize)
 _ST_DTYPES = {
@@ -86,28 +88,42 @@ class _SafetensorsFile:
                 raw = f.read(n)
         except OSError as e:
             raise GGQError(f"{path}: cannot read ({e.strerror})") from None
+        depth = _json_depth(raw)
+        if depth > 4:  # {name: {"shape": [...]}} is 3 deep; __metadata__ is a flat string map
+            raise GGQError(f"{path}: corrupt safetensors header (JSON nested {depth} levels deep)")
         try:
             header = json.loads(raw)
             if not isinstance(header, dict):
                 raise ValueError("header is not an object")
-        except (ValueError, UnicodeDecodeError) as e:
-            raise GGQError(f"{path}: corrupt safetensors header ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise GGQError(f"{path}: corrupt safetensors header ({show(str(e))})") from None
+        meta = header.pop("__metadata__", None) or {}
+        self.metadata = meta if isinstance(meta, dict) else {}
         self.base = 8 + n
         self.entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             try:
-                dtype, shape, (start, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
+                dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+                if not (isinstance(dtype, str) and isinstance(shape, list) and len(shape) <= 8
+                        and all(type(x) is int and x >= 0 for x in [*shape, start, end])):
+                    raise TypeError
+                shape = tuple(shape)
             except (KeyError, TypeError, ValueError):
-                raise GGQError(f"{path}: corrupt safetensors header entry for {name!r}") from None
+                raise GGQError(f"{path}: corrupt safetensors header entry for {show(name)}") from None
             if dtype not in _ST_DTYPES:
-                raise GGQError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(_ST_DTYPES[dtype]).itemsize
-            if end - start != nbytes or start < 0:
-                raise GGQError(f"{path}: corrupt safetensors header: {name!r} spans {end - start} bytes, its shape needs {nbytes}")
+                raise GGQError(f"{path}: tensor {show(name)} has unsupported dtype {show(dtype)}")
+            nbytes = math.prod(shape) * np.dtype(_ST_DTYPES[dtype]).itemsize
+            if end - start != nbytes:
+                raise GGQError(f"{path}: corrupt safetensors header: {show(name)} spans {end - start} bytes, "
+                               f"its shape {list(shape)} needs {nbytes}")
             if self.base + end > size:
-                raise GGQError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte {self.base + end}, the file has {size}")
+                raise GGQError(f"{path}: truncated safetensors file: tensor {show(name)} ends at byte {self.base + end}, "
+                               f"the file has {size}")
             self.entries[name] = (dtype, shape, start, end)
+        spans = sorted((start, end, name) for name, (_, _, start, end) in self.entries.items() if end > start)
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise GGQError(f"{path}: corrupt safetensors header: tensors {show(an)} and {show(bn)} overlap")
         self._mm: mmap.mmap | None = None
 
     def _map(self) -> mmap.mmap:
@@ -135,6 +151,23 @@ class _SafetensorsFile:
                 self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
             except (OSError, ValueError):
                 pass
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+
+
+def _json_depth(raw: bytes) -> int:
+    """The deepest nesting of ``[``/``{`` in JSON text ``raw`` (strings skipped), found without
+    parsing, so a hostile header cannot exhaust the parser's recursion."""
+    depth = best = 0
+    for c in _JSON_STRING.sub(b'""', raw).translate(None, _NOT_BRACKETS):
+        if c in (0x5B, 0x7B):
+            depth += 1
+            best = max(best, depth)
+        else:
+            depth -= 1
+    return best
 
 
 def _torch_file_sources(path: Path) -> dict[str, TensorSource]:
@@ -188,8 +221,10 @@ def read_config(model_dir: Path) -> dict:
         raise GGQError(f"{model_dir}: no config.json (not a Hugging Face checkpoint folder)")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise GGQError(f"{p}: invalid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise GGQError(f"{p}: invalid JSON ({show(str(e))})") from None
+    except OSError as e:
+        raise GGQError(f"{p}: cannot read ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
         raise GGQError(f"{p}: invalid config (not a JSON object)")
     # Like llama.cpp's converter, read the config through transformers when it knows the model type:
@@ -242,8 +277,13 @@ def open_checkpoint(model_dir: Path) -> Checkpoint:
     if index.is_file():
         try:
             wm = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise GGQError(f"{index}: invalid index ({e})") from None
+            if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
+                raise TypeError("weight_map is not a map of file names")
+        except (ValueError, KeyError, TypeError, RecursionError, OSError, UnicodeDecodeError) as e:
+            raise GGQError(f"{index}: invalid index ({show(str(e))})") from None
+        for s in wm.values():
+            if Path(s).name != s or s in (".", ".."):
+                raise GGQError(f"{index}: shard name {show(s)} is not a file name in the checkpoint folder")
         wanted = sorted(set(wm.values()))
         missing = [s for s in wanted if not (model_dir / s).is_file()]
         if missing:

@@ -29,23 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ggq.errors import GGQError
-
-GGUF_MAGIC = 0x46554747
+from ggq.errors import GGQError, show
 
 
 def _is_gguf(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(4) == b"GGUF"
-
-
-def _read_gguf(path: Path):
-    import gguf
-
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises assorted errors on truncated files
-        raise GGQError(f"{path}: malformed imatrix GGUF file ({type(e).__name__}: {e})") from None
 
 
 def _read_dat(path: Path) -> tuple[dict[str, tuple[np.ndarray, int]], dict]:
@@ -104,36 +93,48 @@ def read_imatrix_raw(path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], di
     if not _is_gguf(path):
         ents, info = _read_dat(path)
         return {k: (v.reshape(1, -1), np.array([c], np.float32)) for k, (v, c) in ents.items()}, info
-    r = _read_gguf(path)
+    from ggq.format.gguf_reader import read_gguf
 
-    def val(key, default):
-        f = r.fields.get(key)
-        return f.contents() if f is not None else default
+    h = read_gguf(path)
+    md = h.metadata
 
-    info = {"datasets": list(val("imatrix.datasets", []) or []), "chunk_count": int(val("imatrix.chunk_count", 0)),
-            "chunk_size": int(val("imatrix.chunk_size", 0)), "legacy": False,
-            "has_metadata": all(k in r.fields for k in ("imatrix.datasets", "imatrix.chunk_count",
-                                                         "imatrix.chunk_size"))}
+    def val(key, default, kind):
+        v = md.get(key, default)
+        if kind is list:
+            ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+        else:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok:
+            raise GGQError(f"{path}: imatrix metadata {key} = {show(v)} has the wrong type")
+        return v
+
+    info = {"datasets": list(val("imatrix.datasets", [], list)), "chunk_count": val("imatrix.chunk_count", 0, int),
+            "chunk_size": val("imatrix.chunk_size", 0, int), "legacy": False,
+            "has_metadata": all(k in md for k in ("imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"))}
     sums, counts = {}, {}
-    for t in r.tensors:
+    for t in h.tensors.values():
         if t.name.endswith(".in_sum2"):
             sums[t.name[:-8]] = t
         elif t.name.endswith(".counts"):
             counts[t.name[:-7]] = t
     if not sums and not counts:
         raise GGQError(f"{path}: no imatrix entries (.in_sum2/.counts tensors)")
+
+    def data(t) -> np.ndarray:
+        return np.fromfile(path, dtype="<f4", count=t.nbytes // 4, offset=t.offset)
+
     out = {}
     for name in sorted(set(sums) | set(counts)):
         s, c = sums.get(name), counts.get(name)
         if s is None or c is None:
-            raise GGQError(f"{path}: mismatched sums and counts for {name}")
-        if int(s.tensor_type) != 0 or int(c.tensor_type) != 0:
-            raise GGQError(f"{path}: sums and counts for {name} must be F32")
-        cv = np.asarray(c.data, dtype=np.float32).reshape(-1)
-        sv = np.asarray(s.data, dtype=np.float32).reshape(-1)
+            raise GGQError(f"{path}: mismatched sums and counts for {show(name)}")
+        if int(s.qtype) != 0 or int(c.qtype) != 0:
+            raise GGQError(f"{path}: sums and counts for {show(name)} must be F32")
+        cv = data(c)
+        sv = data(s)
         if sv.size % cv.size:
-            raise GGQError(f"{path}: {name}: {sv.size} sums do not split into {cv.size} matrices")
-        out[name] = (sv.reshape(cv.size, -1).copy(), cv.copy())
+            raise GGQError(f"{path}: {show(name)}: {sv.size} sums do not split into {cv.size} matrices")
+        out[name] = (sv.reshape(cv.size, -1).astype(np.float32), cv.astype(np.float32))
     return out, info
 
 
@@ -180,18 +181,16 @@ def save_imatrix(path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray
     per chunk. Written through a temporary file. Raises GGQError for an existing ``path`` without
     ``force`` or inconsistent shapes.
     """
-    import gguf
+    from gguf import GGUFValueType
 
+    from ggq.format.gguf_writer import GGUFWriter
     from ggq.format.output import atomic_output
 
-    def pstr(s: str) -> bytes:
-        b = s.encode()
-        return struct.pack("<Q", len(b)) + b
-
-    kv = [pstr("general.type") + struct.pack("<I", 8) + pstr("imatrix"),
-          pstr("imatrix.datasets") + struct.pack("<IIQ", 9, 8, len(datasets)) + b"".join(pstr(str(d)) for d in datasets),
-          pstr("imatrix.chunk_count") + struct.pack("<II", 4, int(chunk_count)),
-          pstr("imatrix.chunk_size") + struct.pack("<II", 4, int(chunk_size))]
+    w = GGUFWriter(None, "")  # no general.architecture, as llama-imatrix writes
+    w.add_type("imatrix")
+    w.add_key_value("imatrix.datasets", [str(d) for d in datasets], GGUFValueType.ARRAY, sub_type=GGUFValueType.STRING)
+    w.add_uint32("imatrix.chunk_count", int(chunk_count))
+    w.add_uint32("imatrix.chunk_size", int(chunk_size))
     tensors = []
     for name in sorted(sums):
         s = np.asarray(sums[name], dtype=np.float32)
@@ -199,23 +198,21 @@ def save_imatrix(path, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray
         c = np.asarray(counts[name], dtype=np.float32).reshape(-1)
         if c.size != s.shape[0]:
             raise GGQError(f"imatrix entry {name}: {s.shape[0]} matrices but {c.size} counts")
-        tensors.append((f"{name}.in_sum2", s))
+        tensors.append((f"{name}.in_sum2", np.ascontiguousarray(s)))
         tensors.append((f"{name}.counts", c.reshape(-1, 1)))
-    align = gguf.GGUF_DEFAULT_ALIGNMENT
-    infos, off = [], 0
     for name, a in tensors:
-        ne = tuple(reversed(a.shape))
-        infos.append(pstr(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, 0, off))
-        off += -(-a.nbytes // align) * align
+        w.add_tensor_info(name, a.shape, a.dtype, a.nbytes)
     path = Path(path)
-    with atomic_output(path, force) as tmp, open(tmp, "wb") as f:
-        f.write(struct.pack("<IIQQ", GGUF_MAGIC, 3, len(tensors), len(kv)))
-        for b in kv + infos:
-            f.write(b)
-        for _, a in tensors:
-            f.write(b"\0" * (-f.tell() % align))
-            f.write(np.ascontiguousarray(a).tobytes())
-        f.write(b"\0" * (-f.tell() % align))
+    try:
+        with atomic_output(path, force) as tmp:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for _, a in tensors:
+                w.write_tensor_stream([a], a.nbytes)
+            w.close()
+    finally:
+        w.close_files()
     return path
 
 
@@ -235,7 +232,7 @@ def _gguf_arch_for(config: dict, where: str):
     for a, n in gguf.MODEL_ARCH_NAMES.items():
         if n == mt:
             return a
-    raise GGQError(f"{where}: cannot map model_type {mt!r} to a GGUF architecture")
+    raise GGQError(f"{where}: cannot map model_type {show(mt)} to a GGUF architecture")
 
 
 def _load_model(model: str):
@@ -249,11 +246,16 @@ def _load_model(model: str):
     if p.is_file() and p.suffix == ".gguf":
         import gguf
 
-        r = gguf.GGUFReader(p)
-        arch_name = r.fields["general.architecture"].contents()
-        arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-        n_layer = int(r.fields[f"{arch_name}.block_count"].contents())
-        del r
+        from ggq.format.gguf_reader import read_gguf
+
+        md = read_gguf(p).metadata
+        arch_name = md.get("general.architecture")
+        arch = next((a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name), None)
+        if arch is None:
+            raise GGQError(f"{p}: unknown general.architecture {show(arch_name)}")
+        n_layer = md.get(f"{arch_name}.block_count")
+        if isinstance(n_layer, bool) or not isinstance(n_layer, int) or not 0 < n_layer < 2**16:
+            raise GGQError(f"{p}: invalid {arch_name}.block_count {show(n_layer)}")
         try:
             m = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)

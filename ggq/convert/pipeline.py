@@ -8,6 +8,7 @@ file that is renamed into place at the end. Peak memory stays near the largest t
 from __future__ import annotations
 
 import logging
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ import numpy as np
 
 from ggq import models, quants
 from ggq.convert import arch as archmod
+from ggq.convert import validate
 from ggq.convert.checkpoint import Checkpoint, TensorSource, open_checkpoint, resolve_source
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.format.output import atomic_output, check_output
 from ggq.models.base import Family, TensorRule
 
@@ -129,10 +131,10 @@ def plan_checkpoint(ck: Checkpoint, fam: Family, hp: archmod.HParams) -> list[Pl
             dropped.append(hf_name)
             continue
         if rule.name in seen:
-            raise GGQError(f"{ck.path}: tensors {seen[rule.name]!r} and {hf_name!r} both map to {rule.name}")
+            raise GGQError(f"{ck.path}: tensors {show(seen[rule.name])} and {show(hf_name)} both map to {rule.name}")
         seen[rule.name] = hf_name
         if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
-            raise GGQError(f"{src.origin or ck.path}: tensor {hf_name!r} has non-float dtype {src.dtype}")
+            raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} has non-float dtype {show(src.dtype)}")
         shape = tuple(src.shape)
         if rule.rows is not None and shape:
             shape = (min(rule.rows, shape[0]), *shape[1:])
@@ -167,7 +169,7 @@ def _values(p: PlannedTensor) -> np.ndarray:
         arr = arr + arr.dtype.type(p.rule.add)
     arr = _rows(p, arr)
     if tuple(arr.shape) != p.shape:
-        raise GGQError(f"{src.origin}: tensor {src.name!r} has shape {arr.shape}, expected {p.shape}")
+        raise GGQError(f"{src.origin}: tensor {show(src.name)} has shape {arr.shape}, expected {p.shape}")
     return arr
 
 
@@ -243,7 +245,13 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     out_p = Path(out) if out else default_output(model_dir, type_name)
     check_output(out_p, force)
 
+    where = str(model_dir / "config.json")
+    validate.check_sizes(hp, {n: t.shape for n, t in ck.tensors.items()}, where)
     planned = plan_checkpoint(ck, fam, hp)
+    validate.check_plan(planned, fam, hp, where)
+    emb = next(p for p in planned if p.name == "token_embd.weight")
+    if emb.source is not None and emb.source.shape[0] != hp.vocab_size:
+        raise GGQError(f"{where}: vocab_size is {hp.vocab_size} but {emb.source.name} has {emb.source.shape[0]} rows")
     src_float = {"F16": T.F16, "BF16": T.BF16}.get(ck.float_type, T.F32)
     ftype = _plan_types(planned, type_name, fam, hp, overrides, src_float, has_imatrix=imatrix is not None)
     if qinfo is not None:
@@ -281,7 +289,10 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     try:
         with atomic_output(out_p, force) as tmp:
             w.write_header_to_file(tmp)
-            w.write_kv_data_to_file()
+            try:
+                w.write_kv_data_to_file()
+            except (struct.error, OverflowError, ValueError, TypeError) as e:  # e.g. rope_theta=1e308 as float32
+                raise GGQError(f"{where}: a value does not fit its GGUF key ({e})") from None
             w.write_ti_data_to_file()
             for i, p in enumerate(planned):
                 if bar is not None:

@@ -3,7 +3,9 @@
 What llama-quantize (``llama_model_quantize_impl`` in llama.cpp's ``src/llama-quant.cpp``) does,
 re-implemented on ggq's kernels:
 
-* every metadata key is copied byte for byte (split keys dropped), then
+* the input is read and validated by :func:`ggq.format.gguf_reader.read_gguf` (and, for an
+  architecture ggq runs, by the runtime's model validation) before anything is written;
+* every metadata key is copied with its value and element types (split keys dropped), then
   ``general.quantization_version`` (2) and ``general.file_type`` are set, plus the
   ``quantize.imatrix.*`` keys when an importance matrix is used;
 * tensors are written in llama.cpp's loader order (non-layer tensors, then by layer number, then
@@ -11,23 +13,24 @@ re-implemented on ggq's kernels:
 * a tensor whose type does not change is copied; the others are dequantized (F16/BF16/quantized
   -> float32) and quantized slab by slab (at most ~64 MiB of float32 rows at a time), so peak memory
   stays near one slab plus the mapped input;
-* the output goes to a temporary file renamed into place at the end.
+* the output is written by :class:`ggq.format.gguf_writer.GGUFWriter` (gguf-py's writer) to a
+  temporary file renamed into place at the end.
 """
 
 from __future__ import annotations
 
-import os
-import struct
 import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 
 from ggq import quants
 from ggq.convert import mixes
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
+from ggq.format.gguf_reader import read_gguf
+from ggq.format.gguf_writer import GGUFWriter
 from ggq.format.output import atomic_output, check_output
 
 T = GGMLQuantizationType
@@ -37,130 +40,23 @@ _DROP_KEYS = {"split.no", "split.count", "split.tensors.count",
               "general.quantization_version", "general.file_type"}
 
 
-def _pack_str(s: str) -> bytes:
-    b = s.encode()
-    return struct.pack("<Q", len(b)) + b
-
-
-def _kv_u32(key: str, v: int) -> bytes:
-    return _pack_str(key) + struct.pack("<II", GGUFValueType.UINT32, int(v))
-
-
-def _kv_str(key: str, v: str) -> bytes:
-    return _pack_str(key) + struct.pack("<I", GGUFValueType.STRING) + _pack_str(v)
-
-
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-class _Header:
-    """A GGUF file's header parsed without loading any tensor data.
-
-    ``kv``: ``[(key, value, raw bytes of the whole key/value record)]`` -- strings and scalars as
-    Python values, numeric arrays of up to 4096 items as lists, other arrays None;
-    ``tensors``: ``[(name, ne, type, absolute data offset)]``. (gguf.GGUFReader builds a numpy view
-    per vocabulary string, which takes seconds on a 49k-token vocabulary; this does not.)
-    """
-
-    def __init__(self, path: Path):
-        import mmap
-
-        self.path = path
-        try:
-            with open(path, "rb") as f:
-                self.size = os.fstat(f.fileno()).st_size
-                magic = f.read(4)
-                if magic != b"GGUF":
-                    raise GGQError(f"{path}: not a GGUF file (magic {magic!r})")
-                if self.size < 24:
-                    raise GGQError(f"{path}: malformed GGUF header (only {self.size} bytes)")
-                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except OSError as e:
-            raise GGQError(f"{path}: cannot read ({e.strerror or e})") from None
-        try:
-            self._parse(buf)
-        except (struct.error, UnicodeDecodeError, KeyError, ValueError, IndexError) as e:
-            raise GGQError(f"{path}: malformed GGUF header ({type(e).__name__}: {e})") from None
-        finally:
-            buf.close()
-
-    def _parse(self, buf) -> None:
-        if buf[:4] != b"GGUF":
-            raise GGQError(f"{self.path}: not a GGUF file (magic {bytes(buf[:4])!r})")
-        version, n_t, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise GGQError(f"{self.path}: unsupported GGUF version {version}")
-        pos = 24
-
-        def string(pos):
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            if pos + 8 + n > len(buf):
-                raise ValueError("string past the end of the file")
-            return bytes(buf[pos + 8:pos + 8 + n]).decode(), pos + 8 + n
-
-        def value(vt, pos):
-            if vt == 8:
-                return string(pos)
-            if vt == 9:
-                at, n = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if at == 8:
-                    for _ in range(n):
-                        (ln,) = struct.unpack_from("<Q", buf, pos)
-                        pos += 8 + ln
-                    return None, pos
-                fmt = "<" + _SCALAR[at]
-                size = struct.calcsize(fmt)
-                v = list(struct.unpack_from(f"<{n}{_SCALAR[at]}", buf, pos)) if n <= 4096 else None
-                return v, pos + n * size
-            fmt = "<" + _SCALAR[vt]
-            return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-
-        self.kv = []
-        for _ in range(n_kv):
-            start = pos
-            key, pos = string(pos)
-            (vt,) = struct.unpack_from("<I", buf, pos)
-            v, pos = value(vt, pos + 4)
-            self.kv.append((key, v, bytes(buf[start:pos])))
-        kvd = {k: v for k, v, _ in self.kv}
-        align = int(kvd.get("general.alignment") or gguf.GGUF_DEFAULT_ALIGNMENT)
-        infos = []
-        for _ in range(n_t):
-            name, pos = string(pos)
-            (nd,) = struct.unpack_from("<I", buf, pos)
-            ne = struct.unpack_from(f"<{nd}Q", buf, pos + 4)
-            typ, off = struct.unpack_from("<IQ", buf, pos + 4 + 8 * nd)
-            pos += 16 + 8 * nd
-            infos.append((name, tuple(int(x) for x in ne), GGMLQuantizationType(typ), off))
-        data_start = -(-pos // align) * align
-        self.alignment = align
-        self.values = kvd
-        self.tensors = []
-        for name, ne, typ, off in infos:
-            n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
-            nbytes = n_rows * quants.row_bytes(typ, ne[0]) if typ in GGML_QUANT_SIZES else 0
-            if data_start + off + nbytes > self.size:
-                raise GGQError(f"{self.path}: tensor {name} extends past the end of the file (truncated?)")
-            self.tensors.append((name, ne, typ, data_start + off))
-
-
-def _imatrix_arg(imatrix) -> tuple[dict | None, list[bytes]]:
-    """(per-tensor weights, extra metadata) for an imatrix given as a path or a dict."""
+def _imatrix_arg(imatrix) -> tuple[dict | None, list[tuple[str, object, GGUFValueType]]]:
+    """(per-tensor weights, extra metadata ``(key, value, type)``) for an imatrix given as a path or a dict."""
     if imatrix is None:
         return None, []
+    U32, STR = GGUFValueType.UINT32, GGUFValueType.STRING
     if isinstance(imatrix, dict):
-        return imatrix, [_kv_u32("quantize.imatrix.entries_count", len(imatrix))]
+        return imatrix, [("quantize.imatrix.entries_count", len(imatrix), U32)]
     from ggq.convert.imatrix import load_imatrix, read_imatrix_info
 
     data = load_imatrix(imatrix)
     info = read_imatrix_info(imatrix)
-    kv = [_kv_str("quantize.imatrix.file", str(imatrix)[:127])]
+    kv = [("quantize.imatrix.file", str(imatrix)[:127], STR)]
     if info.get("datasets"):
-        kv.append(_kv_str("quantize.imatrix.dataset", str(info["datasets"][0])[:127]))
-    kv.append(_kv_u32("quantize.imatrix.entries_count", len(data)))
+        kv.append(("quantize.imatrix.dataset", str(info["datasets"][0])[:127], STR))
+    kv.append(("quantize.imatrix.entries_count", len(data), U32))
     if info.get("chunk_count", 0) > 0:
-        kv.append(_kv_u32("quantize.imatrix.chunks_count", info["chunk_count"]))
+        kv.append(("quantize.imatrix.chunks_count", info["chunk_count"], U32))
     return data, kv
 
 
@@ -184,17 +80,24 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
         raise GGQError(f"{src_gguf}: no such file")
     if out.exists() and out.resolve() == src_gguf.resolve():
         raise GGQError(f"{out}: output is the input file")
-    hdr = _Header(src_gguf)
-    if int(hdr.values.get("split.count") or 1) > 1:
+    hdr = read_gguf(src_gguf)
+    md = hdr.metadata
+    split = md.get("split.count")
+    if split is not None and (not isinstance(split, int) or split > 1):
         raise GGQError(f"{src_gguf}: split GGUF files are not supported; merge them first (llama-gguf-split --merge)")
-    if not hdr.values.get("general.architecture"):
-        kind = hdr.values.get("general.type")
+    arch = md.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        kind = md.get("general.type")
         raise GGQError(f"{src_gguf}: not a model file (no general.architecture"
-                       + (f"; general.type is {kind!r})" if kind else ")"))
-    arch, hparams = mixes.hparams_from_gguf(hdr.values)
+                       + (f"; general.type is {show(kind)})" if kind else ")"))
+    _check_model(src_gguf, arch)
+    arch, hparams = mixes.hparams_from_gguf(md)
+    for k, v in hparams.items():
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
+            raise GGQError(f"{src_gguf}: hyper-parameter {k} = {show(v)} is not a count")
     imat, imat_kv = _imatrix_arg(imatrix)
 
-    src = {name: (off, ne, ty) for name, ne, ty, off in hdr.tensors}
+    src = {t.name: (t.offset, t.ne, t.qtype) for t in hdr.tensors.values()}
     try:
         plan = mixes.plan_types_from([(n, ne, ty) for n, (_, ne, ty) in src.items()], ft, arch, hparams,
                                      overrides, has_imatrix=imat is not None)
@@ -221,20 +124,20 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
             if size != ne[0] * n_mat and name not in ("token_embd.weight", "per_layer_token_embd.weight"):
                 raise GGQError(f"imatrix entry for {name} has {size} values, the tensor needs {ne[0] * n_mat}")
 
-    align = hdr.alignment
-    kv = [raw for k, _, raw in hdr.kv if k not in _DROP_KEYS]
-    kv.append(_kv_u32("general.quantization_version", gguf.GGML_QUANT_VERSION))
-    kv.append(_kv_u32("general.file_type", int(ft)))
-    kv += imat_kv
-
-    infos, sizes, offset = [], [], 0
+    w = GGUFWriter(None, "")  # "": the copied keys bring general.architecture, in their order
+    w.data_alignment = hdr.alignment
+    w.copy_metadata(hdr, skip=_DROP_KEYS)
+    w.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    w.add_uint32("general.file_type", int(ft))
+    for key, val, vt in imat_kv:
+        w.add_key_value(key, val, vt)
+    sizes = []
     for name, new in plan.items():
         _, ne, _ = src[name]
         n_rows = int(np.prod(ne[1:], dtype=np.int64))
         nbytes = n_rows * quants.row_bytes(new, ne[0])
-        infos.append(_pack_str(name) + struct.pack(f"<I{len(ne)}QIQ", len(ne), *ne, int(new), offset))
+        w.add_tensor_info(name, tuple(reversed(ne)), np.dtype(np.float32), nbytes, raw_dtype=new)
         sizes.append(nbytes)
-        offset += -(-nbytes // align) * align
 
     bar = None
     if progress:
@@ -243,34 +146,39 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
         bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, unit_divisor=1024, desc=out.name,
                    file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        with atomic_output(out, force) as tmp, open(tmp, "wb") as f, open(src_gguf, "rb") as fin:
-            f.write(struct.pack("<IIQQ", gguf.GGUF_MAGIC, gguf.GGUF_VERSION, len(plan), len(kv)))
-            for b in kv:
-                f.write(b)
-            for b in infos:
-                f.write(b)
-            _pad(f, align)
+        with atomic_output(out, force) as tmp, open(src_gguf, "rb") as fin:
+            w.write_header_to_file(tmp)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
             for (name, new), nbytes in zip(plan.items(), sizes):
                 off, ne, cur = src[name]
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {cur.name}->{new.name}", refresh=False)
-                w = imat.get(name) if imat is not None and new not in FLOATS else None
-                written = _write_tensor(f, fin, off, ne, cur, new, w)
-                if written != nbytes:
-                    raise GGQError(f"internal error: {name} encoded to {written} bytes, planned {nbytes}")
-                _pad(f, align)
+                wts = imat.get(name) if imat is not None and new not in FLOATS else None
+                w.write_tensor_stream(_tensor_parts(fin, off, ne, cur, new, wts), nbytes)
                 if bar is not None:
                     bar.update(nbytes)
+            w.close()
     finally:
+        w.close_files()
         if bar is not None:
             bar.close()
     return out
 
 
-def _pad(f, align: int) -> None:
-    n = -f.tell() % align
-    if n:
-        f.write(b"\0" * n)
+def _check_model(path: Path, arch: str) -> None:
+    """For an architecture ggq runs, the runtime's model validation
+    (:func:`ggq.runtime.model.plan_model`: hyper-parameters, layers, tensor shapes, vocabulary),
+    so that ``quantize`` does not write a file ``generate`` then refuses; other architectures get
+    the reader's structural checks only (llama-quantize quantizes them too)."""
+    from ggq import models
+
+    if models.find(gguf_arch=arch) is None:
+        return
+    from ggq.runtime.loader import open_gguf
+    from ggq.runtime.model import plan_model
+
+    plan_model(open_gguf(path), check_types=False)
 
 
 def _read_rows(fin, offset: int, row_bytes: int, i: int, j: int) -> np.ndarray:
@@ -282,8 +190,8 @@ def _read_rows(fin, offset: int, row_bytes: int, i: int, j: int) -> np.ndarray:
     return buf
 
 
-def _write_tensor(f, fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights) -> int:
-    """Write one tensor's data converted from ``cur`` to ``new``; returns the bytes written.
+def _tensor_parts(fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights):
+    """One tensor's data converted from ``cur`` to ``new``, as uint8 arrays to write in order.
 
     Reads and converts slabs of at most :data:`SLAB_BYTES` (float32) rows, one matrix (expert)
     at a time, so memory stays near one slab whatever the tensor size."""
@@ -293,8 +201,8 @@ def _write_tensor(f, fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weig
     if cur == new:
         step = max(1, SLAB_BYTES // max(src_rb, 1))
         for i in range(0, n_rows, step):
-            _read_rows(fin, offset, src_rb, i, min(i + step, n_rows)).tofile(f)
-        return n_rows * src_rb
+            yield _read_rows(fin, offset, src_rb, i, min(i + step, n_rows))
+        return
     rows_per_mat = ne[1] if len(ne) > 1 else 1
     n_mat = n_rows // rows_per_mat
     if weights is not None:
@@ -302,7 +210,6 @@ def _write_tensor(f, fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weig
         if weights.size != n0 * (ne[2] if len(ne) > 2 else 1):
             weights = None  # token_embd with a mismatched entry: ignored, as llama-quantize does
     step = max(1, SLAB_BYTES // (4 * n0))
-    written = 0
     for m in range(n_mat):
         w = None
         if weights is not None:
@@ -311,10 +218,7 @@ def _write_tensor(f, fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weig
             j = min(i + step, (m + 1) * rows_per_mat)
             x = _to_f32(_read_rows(fin, offset, src_rb, i, j), cur, n0)
             q = quants.quantize(x, new, imatrix=w)
-            q = np.ascontiguousarray(q).view(np.uint8)
-            q.tofile(f)
-            written += q.nbytes
-    return written
+            yield np.ascontiguousarray(q).view(np.uint8)
 
 
 def _to_f32(block_rows: np.ndarray, cur: T, n0: int) -> np.ndarray:

@@ -610,6 +610,8 @@ def read_json(path: pathlib.Path, missing_ok: bool = False) -> Any:
         return json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise GGQError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise GGQError(f"{path}: invalid JSON (nested too deeply)") from None
 
 
 def _read_text(path: pathlib.Path) -> str:

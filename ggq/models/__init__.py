@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.models.base import Family
 
 _FAMILIES: list[Family] | None = None
@@ -59,7 +59,7 @@ def for_checkpoint(config: dict, where: str) -> Family:
         raise GGQError(f"{where}: config.json has no 'architectures' entry (supported: {supported})")
     fam = find(hf_arch=names[0]) if isinstance(names[0], str) else None
     if fam is None:
-        raise GGQError(f"{where}: unsupported architecture {names[0]} (supported: {supported})")
+        raise GGQError(f"{where}: unsupported architecture {show(names[0])} (supported: {supported})")
     return fam
 
 
@@ -67,7 +67,7 @@ def for_gguf(arch: str, where: str) -> Family:
     """The family running GGUF architecture ``arch``; GGQError naming the ones ggq runs."""
     fam = find(gguf_arch=arch) if isinstance(arch, str) else None
     if fam is None:
-        raise GGQError(f"{where}: architecture {arch!r} is not supported (ggq runs {', '.join(gguf_architectures())})")
+        raise GGQError(f"{where}: architecture {show(arch)} is not supported (ggq runs {', '.join(gguf_architectures())})")
     return fam
 
 

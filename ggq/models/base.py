@@ -40,7 +40,7 @@ import gguf
 import numpy as np
 
 from ggq.convert.arch import HParams, NameMap
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.runtime import ops
 from ggq.runtime.rope import SCALING_TYPES, rope_frequencies
 
@@ -121,6 +121,49 @@ class RunParams:
     def n_kv_dim(self) -> int:
         return self.n_kv * self.head_dim
 
+    def check(self, where: str) -> None:
+        """GGQError naming ``where`` unless the hyper-parameters are in range and consistent, before
+        anything is allocated from them or compiled code runs on them: counts and lengths positive
+        and below 2**31; ``n_head`` a multiple of ``n_kv``; ``n_rot`` even and at most
+        ``head_dim`` (the rope kernel rotates dims ``< n_rot`` of each head: a larger value would
+        write into the next head or past the buffer); ``eps`` finite and > 0 (RMSNorm divides by
+        sqrt(mean + eps)); rope base, factors and the yarn parameters finite (base, attention factor
+        and original context > 0, scaling factor >= 0); scales and soft-caps finite and >= 0;
+        sliding window >= 0. (llama.cpp's llama_model::load_hparams checks a subset of these; the
+        rest are what ggq's kernels rely on.)"""
+        def bad(msg: str):
+            raise GGQError(f"{where}: {msg}")
+
+        for name in ("n_layer", "n_embd", "n_ff", "n_head", "n_kv", "head_dim", "ctx_train"):
+            v = getattr(self, name)
+            if not 1 <= v < 2**31:
+                bad(f"{_KEY_OF[name]} is {v}; it must be between 1 and 2**31 - 1")
+        if self.n_head % self.n_kv:
+            bad(f"attention.head_count {self.n_head} is not a multiple of attention.head_count_kv {self.n_kv}")
+        if self.n_rot < 2 or self.n_rot % 2 or self.n_rot > self.head_dim:
+            bad(f"rope.dimension_count {self.n_rot} must be even, at least 2 and at most the head size {self.head_dim}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            bad(f"attention.layer_norm_rms_epsilon {self.eps!r} must be finite and > 0")
+        for name, lo, strict in (("rope_base", 0.0, True), ("rope_attn_factor", 0.0, True), ("rope_factor", 0.0, False),
+                                 ("attn_scale", 0.0, False), ("attn_softcap", 0.0, False),
+                                 ("final_softcap", 0.0, False), ("embd_scale", 0.0, False),
+                                 ("yarn_beta_fast", None, False), ("yarn_beta_slow", None, False),
+                                 ("yarn_log_mul", None, False), ("yarn_ext_factor", None, False)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            if not math.isfinite(v) or (lo is not None and (v <= lo if strict else v < lo)):
+                bad(f"{_KEY_OF[name]} {v!r} must be finite" + ("" if lo is None else " and > 0" if strict else " and >= 0"))
+        if self.rope_base_swa and not (math.isfinite(self.rope_base_swa) and self.rope_base_swa > 0):
+            bad(f"rope.freq_base_swa {self.rope_base_swa!r} must be finite and > 0")
+        if self.rope_scaling == "yarn" and self.rope_orig_ctx < 1:
+            bad(f"rope.scaling.original_context_length {self.rope_orig_ctx} must be > 0 for yarn scaling")
+        if not 0 <= self.swa_window < 2**31:
+            bad(f"attention.sliding_window {self.swa_window} must be between 0 and 2**31 - 1")
+        if (self.swa_layers and len(self.swa_layers) != self.n_layer) or (
+                self.rope_kinds and len(self.rope_kinds) != self.n_layer):
+            bad("the sliding-window pattern does not cover every layer")
+
     def int_params(self, n_vocab: int, tok_emb: int, out_norm: int, out: int) -> np.ndarray:
         """The ``ip`` array of :mod:`ggq.runtime.ops` (I_* order)."""
         return np.array([self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_rot, int(self.neox), self.n_ff,
@@ -130,6 +173,17 @@ class RunParams:
         """The ``fp`` array of :mod:`ggq.runtime.ops` (F_* order)."""
         scale = self.attn_scale or 1.0 / math.sqrt(self.head_dim)
         return np.array([self.eps, scale, self.attn_softcap, self.final_softcap, self.embd_scale], np.float64)
+
+
+#: RunParams field -> the GGUF key (without ``{arch}.``) it comes from, for messages
+_KEY_OF = {"n_layer": "block_count", "n_embd": "embedding_length", "n_ff": "feed_forward_length",
+           "n_head": "attention.head_count", "n_kv": "attention.head_count_kv", "head_dim": "attention.key_length",
+           "ctx_train": "context_length", "rope_base": "rope.freq_base", "rope_attn_factor": "rope.scaling.attn_factor",
+           "rope_factor": "rope.scaling.factor", "attn_scale": "the attention scale",
+           "attn_softcap": "attn_logit_softcapping", "final_softcap": "final_logit_softcapping",
+           "embd_scale": "the embedding scale", "yarn_beta_fast": "rope.scaling.yarn_beta_fast",
+           "yarn_beta_slow": "rope.scaling.yarn_beta_slow", "yarn_log_mul": "rope.scaling.yarn_log_multiplier",
+           "yarn_ext_factor": "rope.scaling.yarn_ext_factor"}
 
 
 class Metadata:
@@ -162,7 +216,7 @@ class Metadata:
                 raise ValueError
             return kind(v)
         except (TypeError, ValueError, OverflowError):
-            raise GGQError(f"{self.where}: metadata {full} has an invalid value {v!r}") from None
+            raise GGQError(f"{self.where}: metadata {full} has an invalid value {show(v)}") from None
 
 
 class Family:
@@ -266,10 +320,10 @@ class Family:
         factor = md.get(K.Rope.SCALING_FACTOR, 0.0, float) or md.get("{arch}.rope.scale_linear", 0.0, float)
         if stype not in SCALING_TYPES:
             if factor not in (0.0, 1.0):
-                raise GGQError(f"{md.where}: rope scaling {stype!r} is not supported")
+                raise GGQError(f"{md.where}: rope scaling {show(stype)} is not supported")
             stype = "none"
         ext = md.raw(K.Rope.SCALING_YARN_EXT_FACTOR)
-        return RunParams(
+        rp = RunParams(
             n_layer=md.get(K.LLM.BLOCK_COUNT), n_embd=n_embd, n_ff=md.get(K.LLM.FEED_FORWARD_LENGTH),
             n_head=n_head, n_kv=n_kv, head_dim=hd, n_rot=md.get(K.Rope.DIMENSION_COUNT, hd),
             eps=md.get(K.Attention.LAYERNORM_RMS_EPS, 1e-5, float), ctx_train=ctx_train,
@@ -280,6 +334,8 @@ class Family:
             yarn_beta_slow=md.get(K.Rope.SCALING_YARN_BETA_SLOW, 1.0, float),
             yarn_ext_factor=None if ext is None else md.get(K.Rope.SCALING_YARN_EXT_FACTOR, 0.0, float),
             yarn_log_mul=md.get(K.Rope.SCALING_YARN_LOG_MUL, 0.0, float))
+        rp.check(md.where)  # before a family derives anything from these values
+        return rp
 
     def rope(self, rp: RunParams, b, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
         """The rope kinds: inverse frequencies float64 ``(n_kinds, n_rot/2)`` and cos/sin scales

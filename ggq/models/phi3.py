@@ -28,7 +28,7 @@ import numpy as np
 
 from ggq.convert import vocab
 from ggq.convert.arch import find_hparam
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 from ggq.models.base import MT, Family, tn
 from ggq.models.llama import forward
 from ggq.runtime.rope import rope_frequencies
@@ -53,7 +53,7 @@ def _long_rope(hp) -> tuple[float, list, list] | None:
     elif kind == "yarn":
         attn = 0.1 * math.log(scale) + 1.0 if scale > 1.0 else 1.0
     else:
-        raise GGQError(f"{where}: rope scaling type {kind or 'None'!r} with long/short factors is not supported")
+        raise GGQError(f"{where}: rope scaling type {show(kind or 'None')} with long/short factors is not supported")
     half = _rope_dims(hp) / 2
     if not short or len(long) != len(short) or len(long) != half:
         raise GGQError(f"{where}: rope long/short factors must have {half:g} entries each "

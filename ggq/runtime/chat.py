@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Callable
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, one_line
 from ggq.runtime.sampler import Sampler, SamplerParams
 from ggq.runtime.tokenizer import StreamDecoder, Tokenizer
 
@@ -62,7 +62,9 @@ def _compile(template: str):
     try:
         return env.from_string(template)
     except jinja2.exceptions.TemplateSyntaxError as e:
-        raise GGQError(f"chat template: syntax error: {e}") from e
+        raise GGQError(f"chat template: syntax error: {one_line(str(e), 200)}") from None
+    except Exception as e:  # e.g. RecursionError on a deeply nested template from a hostile file
+        raise GGQError(f"chat template: cannot compile ({type(e).__name__})") from None
 
 
 class ChatTemplate:
@@ -112,7 +114,9 @@ class ChatTemplate:
                     return self._render(merged, add_generation_prompt)
                 except jinja2.exceptions.TemplateError:
                     pass
-            raise GGQError(f"chat template: {e}") from e
+            raise GGQError(f"chat template: {one_line(str(e), 200)}") from None
+        except Exception as e:  # the template comes from the file: any failure in it is the file's
+            raise GGQError(f"chat template: {type(e).__name__}: {one_line(str(e), 200)}") from None
 
 
 def _system_into_user(messages: list[dict]) -> list[dict] | None:

@@ -13,15 +13,17 @@ kernels); a single token is the decode path.
 from __future__ import annotations
 
 import mmap
+import re
 import time
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 from gguf import GGMLQuantizationType as T
 
 from ggq import models
-from ggq.errors import GGQError
-from ggq.models.base import Metadata
+from ggq.errors import GGQError, show
+from ggq.models.base import Metadata, RunParams
 from ggq.runtime import ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
@@ -47,9 +49,10 @@ class LayerBuilder:
     optional tensor. Shapes are in ggml ``ne`` order (``ne[0]`` = row length). GGQError naming the
     file for a missing required tensor, a wrong shape or a type ggq cannot run."""
 
-    def __init__(self, tensors: dict, where: str):
+    def __init__(self, tensors: dict, where: str, check_types: bool = True):
         self.tensors = tensors
         self.where = where
+        self.check_types = check_types
         self.mats: list = []  # TensorInfo or _Fused, in arena order
         self.vecs: list[np.ndarray] = []
         self._vec_size = 0
@@ -69,7 +72,7 @@ class LayerBuilder:
         return t
 
     def _add_mat(self, t) -> int:
-        if t.qtype not in SUPPORTED_TYPES:
+        if self.check_types and t.qtype not in SUPPORTED_TYPES:
             raise GGQError(f"{self.where}: tensor {t.name} has type {t.qtype.name}, which ggq cannot run")
         self.mats.append(t)
         return len(self.mats) - 1
@@ -92,7 +95,13 @@ class LayerBuilder:
     def vec_array(self, name: str, n: int, optional: bool = False) -> np.ndarray | None:
         """The float32 values of the 1-D tensor ``name`` (``n`` elements), None if absent and ``optional``."""
         t = self.tensor(name, (n,), optional)
-        return None if t is None else _dequant_vec(t)
+        if t is None:
+            return None
+        try:
+            v = _dequant_vec(t)
+        except (NotImplementedError, ValueError) as e:
+            raise GGQError(f"{self.where}: cannot read tensor {name} of type {t.qtype.name} ({e})") from None
+        return v
 
     def vec(self, name: str, n: int, optional: bool = False) -> int:
         """Offset of the 1-D tensor ``name`` in the runtime's vector array (-1 if absent and ``optional``)."""
@@ -107,6 +116,72 @@ class LayerBuilder:
 
     def vec_values(self) -> np.ndarray:
         return np.concatenate(self.vecs).astype(np.float32) if self.vecs else np.zeros(16, np.float32)
+
+
+@dataclass
+class ModelPlan:
+    """A validated model before any weight is repacked: its family and hyper-parameters, the layer
+    builder (matrices and vectors named), the layer table ``lay``, the context size, the
+    vocabulary size, the arena indices of token_embd / output and the vector offset of
+    output_norm, and the rope kinds (``inv_freq``, ``mscale``)."""
+
+    family: object
+    params: RunParams
+    builder: LayerBuilder
+    lay: np.ndarray
+    n_ctx: int
+    n_vocab: int
+    i_emb: int
+    i_onorm: int
+    i_out: int
+    tied_output: bool
+    inv_freq: np.ndarray
+    mscale: np.ndarray
+
+
+def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelPlan:
+    """Validate the model in the opened GGUF file ``gf`` (:func:`ggq.runtime.loader.open_gguf`)
+    against its family before anything is allocated from its values or compiled code runs:
+    hyper-parameters in range (:meth:`RunParams.check`), ``block_count`` equal to the file's
+    ``blk.N`` groups, every tensor the forward pass reads present with the shape the
+    hyper-parameters give (:class:`LayerBuilder`), the vocabulary consistent with
+    ``token_embd.weight`` (:func:`_check_vocab`), finite rope frequencies. ``check_types``: also
+    refuse matrix types the runtime cannot run (``ggq quantize`` checks with False). Reads only the
+    small norm and bias vectors. GGQError naming the file for any violation."""
+    name = gf.path.name
+    fam = models.for_gguf(gf.arch, name)
+    rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
+    rp.check(name)
+    n_layer, n_embd = rp.n_layer, rp.n_embd
+    _check_layers(gf, n_layer, name)
+    n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
+    if not 1 <= n_ctx < 2**31:
+        raise GGQError(f"context size {n_ctx} must be between 1 and 2**31 - 1")
+    b = LayerBuilder(gf.tensors, name, check_types=check_types)
+    emb = gf.tensors.get("token_embd.weight")
+    if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
+        raise GGQError(f"{name}: missing or malformed token_embd.weight (expected {n_embd} columns)")
+    n_vocab = int(emb.ne[1])
+    _check_vocab(gf.metadata, gf.arch, n_vocab, name)
+    lay = np.full((n_layer, ops.N_L), -1, np.int64)
+    for i in range(n_layer):
+        fam.load_layer(b, i, rp, lay[i])
+        lay[i, ops.L_SWA] = int(bool(rp.swa_layers[i])) if rp.swa_layers else 0
+        lay[i, ops.L_ROPE] = rp.rope_kinds[i] if rp.rope_kinds else 0
+    i_emb = b.mat("token_embd.weight", emb.ne)
+    i_onorm = b.vec("output_norm.weight", n_embd)
+    i_out = b.mat("output.weight", (n_embd, n_vocab), optional=True)
+    tied = i_out < 0
+    if tied:
+        i_out = i_emb
+    try:
+        inv_freq, mscale = fam.rope(rp, b, n_ctx)
+    except (ValueError, ZeroDivisionError, OverflowError) as e:
+        raise GGQError(f"{name}: invalid rope parameters ({e})") from None
+    if not (np.all(np.isfinite(inv_freq)) and np.all(np.isfinite(mscale))):
+        raise GGQError(f"{name}: the rope parameters give non-finite frequencies (rope.freq_base, "
+                       f"rope.scaling.*, or rope factor tensors)")
+    return ModelPlan(fam, rp, b, lay, n_ctx, n_vocab, i_emb, i_onorm, i_out, tied, inv_freq, mscale)
 
 
 class Model:
@@ -134,32 +209,15 @@ class Model:
         self.metadata = gf.metadata
         self.arch = gf.arch
         name = gf.path.name
-        fam = models.for_gguf(gf.arch, name)
-        self.family = fam
-        rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
-        self.params = rp
+        plan = plan_model(gf, n_ctx)
+        fam, rp, b, lay = plan.family, plan.params, plan.builder, plan.lay
+        self.family, self.params, self.n_ctx, self.n_vocab = fam, rp, plan.n_ctx, plan.n_vocab
         n_layer, n_embd = rp.n_layer, rp.n_embd
-        self.n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
         self.n_layer, self.n_embd, self.n_head, self.n_kv, self.head_dim, self.n_ff = (
             n_layer, n_embd, rp.n_head, rp.n_kv, rp.head_dim, rp.n_ff)
-
-        b = LayerBuilder(gf.tensors, name)
-        emb = gf.tensors.get("token_embd.weight")
-        if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
-            raise GGQError(f"{name}: missing or malformed token_embd.weight")
-        self.n_vocab = int(emb.ne[1])
-        lay = np.full((n_layer, ops.N_L), -1, np.int64)
-        for i in range(n_layer):
-            fam.load_layer(b, i, rp, lay[i])
-            lay[i, ops.L_SWA] = int(bool(rp.swa_layers[i])) if rp.swa_layers else 0
-            lay[i, ops.L_ROPE] = rp.rope_kinds[i] if rp.rope_kinds else 0
-        i_emb = b.mat("token_embd.weight", emb.ne)
-        i_onorm = b.vec("output_norm.weight", n_embd)
-        i_out = b.mat("output.weight", (n_embd, self.n_vocab), optional=True)
-        self.tied_output = i_out < 0
-        if self.tied_output:
-            i_out = i_emb
-        self._inv_freq, self._rope_mscale = fam.rope(rp, b, self.n_ctx)
+        i_emb, i_onorm, i_out = plan.i_emb, plan.i_onorm, plan.i_out
+        self.tied_output = plan.tied_output
+        self._inv_freq, self._rope_mscale = plan.inv_freq, plan.mscale
 
         try:
             arena = WeightArena([(t.qtype, t.n_rows, t.n_cols) for t in b.mats])
@@ -185,8 +243,13 @@ class Model:
         self.kv_type = kv_type
         # K in tiles of KT positions [kv head][tile][dim][position], V [kv head][position][dim]
         n_kvh, hd = self.n_kv, self.head_dim
-        self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
-        self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
+        try:
+            self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
+            self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
+        except (MemoryError, ValueError):
+            gib = 2 * n_layer * n_kvh * self.n_ctx * hd * np.dtype(KV_TYPES[kv_type]).itemsize / 2**30
+            raise GGQError(f"{name}: cannot allocate a KV cache of {gib:.1f} GiB for a context of {self.n_ctx} "
+                           f"tokens (use a smaller --ctx-size)") from None
         self.n_past = 0
         if n_threads:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
@@ -247,7 +310,8 @@ class Model:
         """Append ``tokens`` at positions n_past...; return float32 logits of the last token
         (n_vocab,), or of every token (len(tokens), n_vocab) with ``all_logits``.
 
-        GGQError if a token id is out of range or the context would overflow n_ctx."""
+        GGQError if a token id is out of range, the context would overflow n_ctx, or the logits
+        are not finite (NaN or infinity: the model's values overflow; the sampler cannot use them)."""
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
@@ -265,6 +329,10 @@ class Model:
             else:
                 lg = np.empty((chunk.shape[0] if all_logits else 1, self.n_vocab), np.float32)
             self._forward(chunk, lg, all_logits)
+            if not np.isfinite(lg).all():  # overflowing weights or activations: NaN/inf logits
+                raise GGQError(f"{self.path.name}: the model produced non-finite logits (NaN or infinity) at "
+                               f"positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}; its weights or "
+                               f"hyper-parameters overflow float32")
             self.n_past += chunk.shape[0]
             if all_logits:
                 outs.append(lg)
@@ -278,6 +346,59 @@ class Model:
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
+
+
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def _check_layers(gf, n_layer: int, where: str) -> None:
+    """GGQError unless the file's ``blk.N.*`` tensors are exactly the layers 0 .. n_layer - 1
+    (``{arch}.block_count``): llama.cpp fails on a missing layer tensor; a block count smaller
+    than the file's layers would silently run fewer."""
+    layers = set()
+    for t in gf.tensors:
+        m = _BLK.match(t)
+        if m:
+            layers.add(int(m.group(1)))
+    if len(layers) != n_layer or (layers and (min(layers) != 0 or max(layers) != n_layer - 1)):
+        have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "no blk.N tensors"
+        raise GGQError(f"{where}: {gf.arch}.block_count is {n_layer} but the file has {have}")
+
+
+#: tokenizer.ggml.* keys holding a token id
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "separator_token_id", "padding_token_id",
+                  "eot_token_id", "eom_token_id", "mask_token_id", "cls_token_id", "fim_pre_token_id",
+                  "fim_suf_token_id", "fim_mid_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
+
+
+def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
+    """GGQError unless the vocabulary agrees with ``token_embd.weight``'s ``n_vocab`` rows: the
+    ``tokenizer.ggml.tokens`` / ``scores`` / ``token_type`` arrays (when present) have ``n_vocab``
+    entries (llama.cpp sizes token_embd by the token count), ``{arch}.vocab_size`` (when present)
+    equals it, and every special token id is an integer in range (the sampler and decoder index
+    the token arrays with them)."""
+    from ggq.runtime.tokenizer import check_vocab_array
+
+    for key, kind in (("tokenizer.ggml.tokens", str), ("tokenizer.ggml.scores", (int, float)),
+                      ("tokenizer.ggml.token_type", int)):
+        v = md.get(key)
+        if v is None:
+            continue
+        if not isinstance(v, list):
+            raise GGQError(f"{where}: {key} is not an array")
+        if len(v) != n_vocab:
+            raise GGQError(f"{where}: {key} has {len(v)} entries but token_embd.weight has {n_vocab} rows")
+        check_vocab_array(md, key, kind, n_vocab, where)
+    check_vocab_array(md, "tokenizer.ggml.merges", str, None, where)
+    vs = md.get(f"{arch}.vocab_size")
+    if vs is not None and vs != n_vocab:
+        raise GGQError(f"{where}: {arch}.vocab_size is {show(vs)} but token_embd.weight has {n_vocab} rows")
+    for k in _TOKEN_ID_KEYS:
+        v = md.get(f"tokenizer.ggml.{k}")
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_vocab:
+            raise GGQError(f"{where}: tokenizer.ggml.{k} = {show(v)} is not a token id (0 .. {n_vocab - 1})")
 
 
 class _Fused:

@@ -252,7 +252,7 @@ def output(W, ip, fp, vecs, x, all_logits, logits):
 # element-wise ops
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # NaN rows: NaN out, not ZeroDivisionError
 def rmsnorm(x, w, eps, out):
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (ggml_rms_norm then mul; the sum in float64 as
     ggml's ggml_float)."""
@@ -266,7 +266,7 @@ def rmsnorm(x, w, eps, out):
             out[t, k] = x[t, k] * scale * w[k]
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # NaN rows: NaN out, not ZeroDivisionError
 def head_rmsnorm(v, n_heads, hd, w, eps):
     """RMSNorm of each head of ``v`` (T, n_heads*hd) in place with the per-head weight ``w`` (hd,):
     Qwen 3's and Gemma 3's attn_q_norm / attn_k_norm."""
@@ -525,7 +525,7 @@ def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, p
         _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # 1 / tot: NaN/inf scores give NaN, not ZeroDivisionError
 def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """One decoded token (q (1, n_head*hd)): work items of (KV head, span of ``_DEC_SPAN``
     positions), in parallel once the context pays for a parallel region, then each head's partial
@@ -568,7 +568,7 @@ def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
 _ATT_CHUNK = 64
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
 def _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """Work item ``it`` of :func:`_attention_batch`: one head and one chunk of prompt tokens."""
     T = q.shape[0]

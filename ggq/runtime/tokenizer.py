@@ -28,11 +28,10 @@ adds BOS). End-of-generation ids follow llama.cpp's list (EOS, EOT, and tokens s
 from __future__ import annotations
 
 import heapq
-import struct
 from functools import lru_cache
 from pathlib import Path
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 # llama.cpp token types (tokenizer.ggml.token_type)
 TT_NORMAL, TT_UNKNOWN, TT_CONTROL, TT_USER_DEFINED, TT_UNUSED, TT_BYTE = 1, 2, 3, 4, 5, 6
@@ -117,6 +116,19 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(bs, cs)}
 
 
+def check_vocab_array(md: dict, key: str, kind, n: int | None, source: str) -> None:
+    """GGQError unless ``md[key]`` (when present) is a list of ``kind`` values (bools are not
+    numbers here) with ``n`` entries (None: any number)."""
+    v = md.get(key)
+    if v is None:
+        return
+    if not isinstance(v, list) or any(isinstance(x, bool) or not isinstance(x, kind) for x in v):
+        what = {str: "strings", int: "integers"}.get(kind, "numbers")
+        raise GGQError(f"{source}: {key} is not an array of {what}")
+    if n is not None and len(v) != n:
+        raise GGQError(f"{source}: {key} has {len(v)} entries for {n} tokens")
+
+
 class Tokenizer:
     """Text <-> token ids for one GGUF vocabulary, with llama.cpp's semantics.
 
@@ -131,13 +143,19 @@ class Tokenizer:
         tokens = md.get("tokenizer.ggml.tokens")
         if model is None or tokens is None:
             raise GGQError(f"{source}: no tokenizer metadata (tokenizer.ggml.model / tokens missing)")
-        self.kind = str(model)
+        check_vocab_array(md, "tokenizer.ggml.tokens", str, None, source)
+        if not isinstance(model, str):
+            raise GGQError(f"{source}: tokenizer.ggml.model is not a string")
+        self.kind = model
         self.tokens: list[str] = list(tokens)
         n = len(self.tokens)
+        if n == 0:
+            raise GGQError(f"{source}: tokenizer.ggml.tokens is empty")
+        check_vocab_array(md, "tokenizer.ggml.token_type", int, n, source)
+        check_vocab_array(md, "tokenizer.ggml.scores", (int, float), n, source)
+        check_vocab_array(md, "tokenizer.ggml.merges", str, None, source)
         types = md.get("tokenizer.ggml.token_type")
         self.token_type: list[int] = list(types) if types is not None else [TT_NORMAL] * n
-        if len(self.token_type) != n:
-            raise GGQError(f"{source}: tokenizer.ggml.token_type has {len(self.token_type)} entries for {n} tokens")
         self.token_to_id: dict[str, int] = {}
         for i, t in enumerate(self.tokens):
             self.token_to_id.setdefault(t, i)
@@ -154,21 +172,25 @@ class Tokenizer:
             bos, eos, unk = 11, 11, None
             self.add_space_prefix = False
             if self.pre not in PRE_TOKENIZERS:
-                raise GGQError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre = {self.pre!r}")
+                raise GGQError(f"{source}: unsupported pre-tokenizer tokenizer.ggml.pre = {show(self.pre)}")
             regexes, ignore_merges, add_bos_default = PRE_TOKENIZERS[self.pre]
             merges = md.get("tokenizer.ggml.merges")
             if merges is None:
                 raise GGQError(f"{source}: BPE vocabulary without tokenizer.ggml.merges")
-            self._hf = _build_bpe(self.tokens, merges, regexes, ignore_merges)
+            try:
+                self._hf = _build_bpe(self.tokens, merges, regexes, ignore_merges)
+            except GGQError as e:
+                raise GGQError(f"{source}: {e}") from None
             self._bdec = _byte_decoder()
         else:
-            raise GGQError(f"{source}: unsupported tokenizer model tokenizer.ggml.model = {self.kind!r}")
+            raise GGQError(f"{source}: unsupported tokenizer model tokenizer.ggml.model = {show(self.kind)}")
 
         def _id(key, default):
             v = md.get(f"tokenizer.ggml.{key}")
             if v is None:
                 return default if default is not None and 0 <= default < n else None
-            v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise GGQError(f"{source}: tokenizer.ggml.{key} is not an integer")
             return v if 0 <= v < n else (default if default is not None and 0 <= default < n else None)
 
         self.bos_id = _id("bos_token_id", bos)
@@ -390,7 +412,10 @@ class Tokenizer:
             if tt == TT_USER_DEFINED:
                 p = text.encode("utf-8")
             elif tt == TT_BYTE and self.kind == "llama":
-                p = bytes([int(text[3:5], 16)])
+                try:
+                    p = bytes([int(text[3:5], 16)])
+                except ValueError:  # a BYTE token that is not <0xXX>: its text
+                    p = text.encode("utf-8")
             elif self.kind == "llama":
                 p = text.replace("\u2581", " ").encode("utf-8")
             else:
@@ -453,7 +478,10 @@ def _build_bpe(tokens, merges, regexes, ignore_merges):
         j = m.find(" ", 1)
         if j > 0:
             pairs.append((m[:j], m[j + 1:]))
-    bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False)
+    try:  # tokenizers raises its own exception type for merges of unknown tokens
+        bpe = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False)
+    except Exception as e:
+        raise GGQError(f"tokenizer.ggml.merges cannot build a BPE vocabulary ({show(str(e))})") from None
     tk = HFTokenizer(bpe)
     tk.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
@@ -462,84 +490,13 @@ def _build_bpe(tokens, merges, regexes, ignore_merges):
     return tk
 
 
-# ---------------------------------------------------------------------- metadata-only GGUF reader
-
-_SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+# ---------------------------------------------------------------------- metadata of a GGUF file
 
 
 def read_metadata(path) -> dict:
-    """Key/value metadata of a GGUF file (v2/v3, little-endian) as python values; tensors are not read.
+    """Key/value metadata of a GGUF file as Python values (strings, numbers, lists), read and
+    validated by ggq's GGUF reader (:func:`ggq.format.gguf_reader.read_gguf`); tensor data are
+    not read. Raises :class:`GGQError` naming the file for a missing or malformed file."""
+    from ggq.format.gguf_reader import read_gguf
 
-    Strings decode as UTF-8, arrays become lists. Raises :class:`GGQError` on a bad magic or a
-    truncated header. Faster than ``gguf.GGUFReader`` for vocabularies (one pass, no tensor map).
-    """
-    path = Path(path)
-    try:
-        data = path.read_bytes() if path.stat().st_size < (64 << 20) else None
-    except OSError as e:
-        raise GGQError(f"{path}: cannot read: {e.strerror}") from e
-    if data is None:
-        import mmap
-
-        with open(path, "rb") as fh:
-            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        return _parse_kv(memoryview(data), path)
-    except (struct.error, IndexError, UnicodeDecodeError, ValueError) as e:
-        raise GGQError(f"{path}: truncated or corrupt GGUF metadata ({e})") from e
-
-
-def _parse_kv(buf, path) -> dict:
-    import numpy as np
-
-    if bytes(buf[:4]) != b"GGUF":
-        raise GGQError(f"{path}: not a GGUF file (bad magic)")
-    version, = struct.unpack_from("<I", buf, 4)
-    if version not in (2, 3):
-        raise GGQError(f"{path}: unsupported GGUF version {version}")
-    n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-    off = 24
-    np_types = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-                6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
-
-    def rstr(o):
-        n, = struct.unpack_from("<Q", buf, o)
-        o += 8
-        if o + n > len(buf):
-            raise ValueError("string past end of file")
-        return bytes(buf[o:o + n]).decode("utf-8", errors="replace"), o + n
-
-    def rval(t, o):
-        if t == 8:
-            return rstr(o)
-        if t == 9:
-            et, n = struct.unpack_from("<IQ", buf, o)
-            o += 12
-            if et == 8:
-                out = []
-                for _ in range(n):
-                    s, o = rstr(o)
-                    out.append(s)
-                return out, o
-            if et in np_types:
-                dt = np.dtype(np_types[et])
-                arr = np.frombuffer(buf, dtype=dt, count=n, offset=o)
-                return arr.tolist(), o + n * dt.itemsize
-            out = []
-            for _ in range(n):
-                v, o = rval(et, o)
-                out.append(v)
-            return out, o
-        fmt = _SCALAR.get(t)
-        if fmt is None:
-            raise ValueError(f"unknown metadata value type {t}")
-        v, = struct.unpack_from("<" + fmt, buf, o)
-        return v, o + struct.calcsize(fmt)
-
-    md = {}
-    for _ in range(n_kv):
-        key, off = rstr(off)
-        t, = struct.unpack_from("<I", buf, off)
-        off += 4
-        md[key], off = rval(t, off)
-    return md
+    return read_gguf(path).metadata

@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 T = GGMLQuantizationType
 
@@ -357,7 +357,7 @@ def prepare(ck) -> QuantizedInfo | None:
     elif method == "compressed-tensors":
         from ggq.convert.quantized.compressed import prepare_compressed as run
     else:
-        raise GGQError(f"{where}: quantization_config.quant_method {qc.get('quant_method')!r} is not supported "
+        raise GGQError(f"{where}: quantization_config.quant_method {show(qc.get('quant_method'))} is not supported "
                        "(ggq imports gptq, awq and compressed-tensors)")
     info = run(ck, qc)
     if info.n_tensors == 0:

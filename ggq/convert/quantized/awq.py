@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggq.convert.quantized import QuantizedInfo, QuantizedWeight, make_source, replace_tensors, unpack_bits
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 #: nibble k of a GEMM word holds column ORDER[k] of its eight
 ORDER = np.array([0, 2, 4, 6, 1, 3, 5, 7])
@@ -52,7 +52,7 @@ def prepare_awq(ck, qc: dict) -> QuantizedInfo:
         raise GGQError(f"{where}: AWQ with {bits} bits is not supported (AWQ packs 4-bit codes)")
     version = str(qc.get("version") or qc.get("format") or "gemm").lower()
     if version not in ("gemm", "gemv"):
-        raise GGQError(f"{where}: AWQ version {version!r} is not supported (ggq reads gemm and gemv)")
+        raise GGQError(f"{where}: AWQ version {show(version)} is not supported (ggq reads gemm and gemv)")
     if group_size <= 0 and group_size != -1:
         raise GGQError(f"{where}: invalid AWQ group_size {group_size}")
     zero_point = bool(qc.get("zero_point", True))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggq.convert.quantized import QuantizedInfo, QuantizedWeight, make_source, replace_tensors, unpack_bits
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 BITS = (2, 4, 8)
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
@@ -37,14 +37,14 @@ def _weights_args(qc: dict, where: str) -> dict:
     schemes = []
     for gname, g in groups.items():
         if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
-            raise GGQError(f"{where}: compressed-tensors group {gname!r} quantizes no weights")
+            raise GGQError(f"{where}: compressed-tensors group {show(gname)} quantizes no weights")
         gfmt = str(g.get("format") or fmt).lower()
         if gfmt != "pack-quantized":
-            raise GGQError(f"{where}: compressed-tensors format {gfmt or 'unknown'!r} is not supported "
+            raise GGQError(f"{where}: compressed-tensors format {show(gfmt or 'unknown')} is not supported "
                            "(ggq imports pack-quantized integer weights)")
         w = g["weights"]
         if str(w.get("type", "int")).lower() != "int":
-            raise GGQError(f"{where}: compressed-tensors weights of type {w.get('type')!r} are not supported (int only)")
+            raise GGQError(f"{where}: compressed-tensors weights of type {show(w.get('type'))} are not supported (int only)")
         key = {k: w.get(k) for k in ("num_bits", "symmetric", "strategy", "group_size", "actorder")}
         if key not in schemes:
             schemes.append(key)
@@ -70,7 +70,7 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
                        f"(ggq imports {', '.join(map(str, BITS))}-bit pack-quantized)")
     strategy = str(w.get("strategy") or "tensor").lower()
     if strategy not in ("group", "channel", "tensor"):
-        raise GGQError(f"{where}: compressed-tensors strategy {strategy!r} is not supported (group, channel, tensor)")
+        raise GGQError(f"{where}: compressed-tensors strategy {show(strategy)} is not supported (group, channel, tensor)")
     group_size = int(w.get("group_size") or -1) if strategy == "group" else -1
     if strategy == "group" and group_size <= 0:
         raise GGQError(f"{where}: compressed-tensors group strategy without a group_size")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ggq.convert.quantized import QuantizedInfo, QuantizedWeight, make_source, replace_tensors, unpack_bits
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 BITS = (2, 3, 4, 8)
 
@@ -46,7 +46,7 @@ def prepare_gptq(ck, qc: dict) -> QuantizedInfo:
         raise GGQError(f"{where}: invalid GPTQ group_size {group_size}")
     fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
     if fmt not in ("gptq", "gptq_v2"):
-        raise GGQError(f"{where}: GPTQ checkpoint_format {fmt!r} is not supported (ggq reads gptq and gptq_v2)")
+        raise GGQError(f"{where}: GPTQ checkpoint_format {show(fmt)} is not supported (ggq reads gptq and gptq_v2)")
     pack_dtype = str(qc.get("pack_dtype", "int32")).replace("torch.", "")
     if pack_dtype != "int32":
         raise GGQError(f"{where}: GPTQ pack_dtype {pack_dtype} is not supported (ggq reads int32 packing)")

@@ -1,0 +1,133 @@
+"""``ggq convert``'s checks of a checkpoint before it writes a byte.
+
+A ``config.json`` and the tensors beside it come from strangers; the converter trusts neither
+until they agree:
+
+* :func:`check_sizes` (before any tensor is planned): every count and length of
+  :class:`~ggq.convert.arch.HParams` is between 1 and 2**31 - 1, the float values fit the float32
+  keys they are written to, ``num_hidden_layers`` is not more than the layers the tensor names
+  number, and no length exceeds the largest dimension of any checkpoint tensor -- so
+  ``num_hidden_layers``, ``vocab_size`` or ``hidden_size`` of 10**9 are refused at once instead of
+  building a 10**9-entry name map, vocabulary or rope table;
+* :func:`check_plan` (after the tensors are named): the planned GGUF tensors are exactly what
+  the family's runtime reads, with the shapes the hyper-parameters give -- the family's own
+  :meth:`~ggq.models.base.Family.load_layer` run over the plan (as :func:`ggq.runtime.model.plan_model`
+  runs it over a GGUF file), ``blk.N`` groups numbered 0 .. ``num_hidden_layers`` - 1,
+  ``token_embd`` of ``(hidden_size, vocab_size)``; so a missing ``o_proj``, a changed shape or a
+  wrong ``hidden_size`` is an error, not a file ``ggq generate`` refuses.
+
+Safetensors headers (offsets inside the file, not overlapping, sizes matching shape and dtype,
+nesting depth) are checked where they are read, in :mod:`ggq.convert.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+from ggq.errors import GGQError
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_NUM = re.compile(r"\.(\d+)\.")
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def check_sizes(hp, tensor_shapes: dict, where: str) -> None:
+    """GGQError naming ``where`` (the config) unless the hyper-parameters ``hp`` are plausible for
+    a checkpoint whose tensors have ``tensor_shapes`` ({name: shape}); see the module docstring."""
+    for name, key in (("n_layer", "num_hidden_layers"), ("n_embd", "hidden_size"), ("n_ff", "intermediate_size"),
+                      ("n_head", "num_attention_heads"), ("n_head_kv", "num_key_value_heads"),
+                      ("head_dim", "head_dim"), ("vocab_size", "vocab_size"), ("n_ctx", "max_position_embeddings")):
+        v = getattr(hp, name)
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+            raise GGQError(f"{where}: {key} is {v!r}; it must be between 1 and 2**31 - 1")
+    for name, key, positive in (("rms_eps", "rms_norm_eps", True), ("rope_theta", "rope_theta", True)):
+        v = getattr(hp, name)
+        if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX) or (positive and v <= 0):
+            raise GGQError(f"{where}: {key} is {v!r}; it must be finite, > 0 and fit a float32")
+    layers = set()
+    biggest = 0
+    for n, shape in tensor_shapes.items():
+        m = _NUM.search(n)
+        if m:
+            layers.add(int(m.group(1)))
+        if shape:
+            biggest = max(biggest, max(int(x) for x in shape))
+    if hp.n_layer > len(layers):
+        raise GGQError(f"{where}: num_hidden_layers is {hp.n_layer} but the checkpoint's tensor names number "
+                       f"{len(layers)} layers")
+    for name, key in (("n_embd", "hidden_size"), ("n_ff", "intermediate_size"), ("vocab_size", "vocab_size")):
+        v = getattr(hp, name)
+        if v > biggest:
+            raise GGQError(f"{where}: {key} is {v} but no checkpoint tensor has a dimension that large "
+                           f"(largest {biggest})")
+    if hp.n_head * hp.head_dim > 4 * biggest or hp.n_head_kv > hp.n_head:
+        raise GGQError(f"{where}: {hp.n_head} attention heads of {hp.head_dim} and {hp.n_head_kv} key-value heads "
+                       f"do not fit the checkpoint's tensors")
+
+
+class _PlanBuilder:
+    """The runtime's :class:`~ggq.runtime.model.LayerBuilder` interface over planned tensors:
+    checks names and shapes, reads nothing."""
+
+    def __init__(self, ne_of: dict, where: str):
+        self.ne_of = ne_of
+        self.where = where
+
+    def has(self, name):
+        return name in self.ne_of
+
+    def tensor(self, name, ne, optional=False):
+        got = self.ne_of.get(name)
+        if got is None:
+            if optional:
+                return None
+            raise GGQError(f"{self.where}: the checkpoint has no tensor for {name}, which the model needs")
+        if tuple(got) != tuple(ne):
+            raise GGQError(f"{self.where}: tensor {name} would have shape {list(got)}, but config.json gives "
+                           f"{list(ne)}")
+        return got
+
+    def mat(self, name, ne, optional=False):
+        return -1 if self.tensor(name, ne, optional) is None else 0
+
+    def stacked(self, *named):
+        for n, ne in named:
+            self.tensor(n, ne)
+        return [0] * len(named)
+
+    def vec(self, name, n, optional=False):
+        return -1 if self.tensor(name, (n,), optional) is None else 0
+
+    def vec_array(self, name, n, optional=False):
+        self.tensor(name, (n,), optional)
+        return None
+
+
+def check_plan(planned, fam, hp, where: str) -> None:
+    """GGQError naming ``where`` unless the planned tensors (``.name``, ``.ne``) are the ones the
+    family's runtime reads, with the shapes ``hp`` gives (see the module docstring)."""
+    from ggq.models.base import RunParams
+    from ggq.runtime import ops
+
+    ne_of = {p.name: tuple(p.ne) for p in planned}
+    layers = {int(m.group(1)) for n in ne_of if (m := _BLK.match(n))}
+    if len(layers) != hp.n_layer or (layers and (min(layers) != 0 or max(layers) != hp.n_layer - 1)):
+        have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "none"
+        raise GGQError(f"{where}: num_hidden_layers is {hp.n_layer} but the checkpoint's layers map to {have}")
+    b = _PlanBuilder(ne_of, where)
+    emb = ne_of.get("token_embd.weight")
+    if emb is None or len(emb) != 2 or emb[0] != hp.n_embd:
+        raise GGQError(f"{where}: the token embedding has shape {list(emb or ())}, expected "
+                       f"{hp.n_embd} columns (hidden_size)")
+    n_vocab = emb[1]
+    b.mat("output.weight", (hp.n_embd, n_vocab), optional=True)
+    b.vec("output_norm.weight", hp.n_embd)
+    rp = RunParams(n_layer=hp.n_layer, n_embd=hp.n_embd, n_ff=hp.n_ff, n_head=hp.n_head, n_kv=hp.n_head_kv,
+                   head_dim=hp.head_dim, n_rot=hp.head_dim, eps=hp.rms_eps, ctx_train=hp.n_ctx,
+                   rope_base=hp.rope_theta)
+    row = np.full(ops.N_L, -1, np.int64)
+    for i in range(hp.n_layer):
+        fam.load_layer(b, i, rp, row)
