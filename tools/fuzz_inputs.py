@@ -1258,7 +1258,7 @@ def mutate_gguf_bytes(rng, buf: bytes) -> tuple[bytes, list]:
         m = rng.choices(muts, weights)[0]
         try:
             descs.append(f"{m.__name__[2:]}: {m(rng, doc)}")
-        except (IndexError, ValueError, AttributeError, TypeError) as e:  # a mutator found nothing to do
+        except Exception as e:  # noqa: BLE001 - a mutator found nothing to do
             descs.append(f"{m.__name__[2:]}: skipped ({type(e).__name__})")
     data, fields = write_gguf(doc)
     if rng.random() < 0.2:
@@ -1284,33 +1284,36 @@ def make_case(campaign_seed: int, i: int, targets: list, seeds: dict, case_dir: 
         descs = []
         for _ in range(rng.choice([1, 1, 2])):
             what = rng.choices(["safetensors", "config", "tokenizer_config", "tokenizer", "raw"], [5, 5, 3, 2, 1])[0]
-            if what == "safetensors":
-                p = dst / "model.safetensors"
-                b, d = mutate_safetensors(rng, p.read_bytes())
-                p.write_bytes(b)
-            elif what == "config":
-                p = dst / "config.json"
-                c, d = mutate_config(rng, json.loads(p.read_text()))
-                p.write_text(json.dumps(c))
-            elif what == "tokenizer_config":
-                p = dst / "tokenizer_config.json"
-                c, d = mutate_tokenizer_config(rng, json.loads(p.read_text()))
-                p.write_text(json.dumps(c))
-            elif what == "tokenizer":
-                p = dst / ("tokenizer.json" if (dst / "tokenizer.json").exists() else "tokenizer.model")
-                if p.suffix == ".json" and rng.random() < 0.7:
-                    c, d = mutate_json_obj(rng, json.loads(p.read_text()), "tokenizer")
+            try:
+                if what == "safetensors":
+                    p = dst / "model.safetensors"
+                    b, d = mutate_safetensors(rng, p.read_bytes())
+                    p.write_bytes(b)
+                elif what == "config":
+                    p = dst / "config.json"
+                    c, d = mutate_config(rng, json.loads(p.read_text()))
                     p.write_text(json.dumps(c))
-                elif rng.random() < 0.15:
-                    p.unlink()
-                    d = f"{p.name} removed"
+                elif what == "tokenizer_config":
+                    p = dst / "tokenizer_config.json"
+                    c, d = mutate_tokenizer_config(rng, json.loads(p.read_text()))
+                    p.write_text(json.dumps(c))
+                elif what == "tokenizer":
+                    p = dst / ("tokenizer.json" if (dst / "tokenizer.json").exists() else "tokenizer.model")
+                    if p.suffix == ".json" and rng.random() < 0.7:
+                        c, d = mutate_json_obj(rng, json.loads(p.read_text()), "tokenizer")
+                        p.write_text(json.dumps(c))
+                    elif rng.random() < 0.15:
+                        p.unlink()
+                        d = f"{p.name} removed"
+                    else:
+                        b, d = mutate_bytes(rng, p.read_bytes(), p.name)
+                        p.write_bytes(b)
                 else:
+                    p = dst / rng.choice(["config.json", "tokenizer_config.json"])
                     b, d = mutate_bytes(rng, p.read_bytes(), p.name)
                     p.write_bytes(b)
-            else:
-                p = dst / rng.choice(["config.json", "tokenizer_config.json"])
-                b, d = mutate_bytes(rng, p.read_bytes(), p.name)
-                p.write_bytes(b)
+            except Exception as e:  # noqa: BLE001 - an earlier mutation broke the file for this one
+                d = f"{what}: skipped ({type(e).__name__})"
             descs.append(d)
         qtype = rng.choice([None, "F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q6_K", "BF16"])
         args = ["convert", "in/model", "-o", "out/model.gguf"] + (["--type", qtype] if qtype else [])
@@ -1709,7 +1712,8 @@ def run_case(case: Case, case_dir: Path, opts) -> dict:
     rec = {"case": case.id, "seed": case.seed, "target": case.target, "mutations": case.mutations,
            "args": case.args, "outcome": outcome, "site": site, "exit": code,
            "signal": signal.Signals(sig).name if sig else None, "seconds": round(dt, 2), "max_rss_mib": rss // 1024,
-           "stderr_head": stderr[:600], **extra}
+           "stderr_head": stderr[:600],
+           "stderr_tail": stderr[-600:] if len(stderr) > 600 else "", **extra}
     return rec
 
 # ===================================================================================== campaign
@@ -1887,7 +1891,7 @@ def summarize(recs: list, targets: list) -> tuple[str, dict]:
     for (outc, site), rs in ranked:
         ex = rs[0]
         tg = ",".join(sorted({r["target"] for r in rs}))
-        first = _first_error_line(ex.get("stderr_head", ""))
+        first = _first_error_line(ex.get("stderr_tail") or ex.get("stderr_head", ""))
         lines.append(f"{len(rs):5d}  {outc:<16} {site[:90]}  e.g. {ex['case']} [{tg}] {'; '.join(ex['mutations'])[:90]}"
                      + (f"\n       -> {first[:150]}" if first else ""))
         site_list.append({"outcome": outc, "site": site, "count": len(rs), "example": ex["case"], "targets": tg,
@@ -1898,7 +1902,7 @@ def summarize(recs: list, targets: list) -> tuple[str, dict]:
 def _first_error_line(stderr: str) -> str:
     lines = [ln for ln in stderr.splitlines() if ln.strip() and not _PROGRESS_RE.search(ln)]
     for ln in reversed(lines):
-        if _EXC_RE.search(ln) or ln.startswith(("ggq:", "Fatal", "free(")):
+        if (_EXC_RE.search(ln) or ln.startswith(("ggq:", "Fatal", "free(", "Timeout"))) and "File \"" not in ln:
             return ln.strip()
     return lines[-1].strip() if lines else ""
 
