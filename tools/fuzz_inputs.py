@@ -27,8 +27,10 @@ redirects stdout/stderr to files and calls ``ggq.cli.main``. The parent kills a 
 at its wall-clock limit. ``--spawn`` runs ``python -m ggq`` in a fresh subprocess per case instead.
 
 *Outcomes* per case: ``ok``, ``clean_error`` (non-zero exit, one short printable stderr line
-without a traceback or an exception repr), ``traceback``, ``crash`` (killed by a signal), ``hang``,
-``memory`` (MemoryError or the address-space limit), ``partial_output`` (a failure that left a
+without a traceback or an exception repr), ``traceback`` (also a top-level handler's "internal
+error" report, exit status 70), ``crash`` (killed by a signal), ``hang``,
+``memory`` (MemoryError, the address-space limit, or an "out of memory" message: an absurd size
+attempted instead of refused), ``partial_output`` (a failure that left a
 file in the output or input folder or in TMPDIR), ``invalid_accepted`` (success on an input, or
 writing an output, that fails the independent checks of :func:`check_gguf`: gguf-py's
 ``GGUFReader`` plus structure and hyperparameter consistency, and ``ggq info`` on the output) and
@@ -1632,8 +1634,12 @@ def classify(code, sig, timed_out, stderr: str) -> tuple[str, str]:
         return "crash", f"{signal.Signals(sig).name} {site} {_last_line(stderr)[:60]}"
     if code == 0:
         return "ok", ""
-    if _MEM_RE.search(stderr) and ("Traceback" in stderr or "ggq: error" not in stderr):
-        return "memory", f"memory {site}"
+    last = _last_line(stderr)
+    if _MEM_RE.search(stderr) and ("Traceback" in stderr or "ggq: error" not in stderr or _MEM_RE.search(last)):
+        return "memory", f"memory {site or _mask(last)[:70]}"
+    if code == 70 or "ggq: internal error" in stderr:  # the top-level handler's report of a bug
+        m = re.search(r"internal error: (\w+)", stderr)
+        return "traceback", f"internal error {m.group(1) if m else '?'}: {_mask(last)[:80]}"
     if "Traceback" in stderr or "Fatal Python error" in stderr:
         return "traceback", f"{excs[-1] if excs else '?'} {site}"
     lines = [ln for ln in re.split(r"[\r\n]+", stderr) if ln.strip() and not _PROGRESS_RE.search(ln)]
