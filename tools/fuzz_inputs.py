@@ -1865,6 +1865,9 @@ def campaign(opts) -> int:
     text, summary = summarize(recs, targets)
     summary["seconds"] = round(elapsed, 1)
     summary["cases_run_now"] = n_done
+    summary["ggq"] = str(Path(sys.modules["ggq"].__file__).parent) if "ggq" in sys.modules else None
+    summary["campaign"] = {"seed": opts.seed, "start": opts.start, "cases": opts.cases, "targets": targets,
+                           "jobs": opts.jobs, "spawn": opts.spawn, "mem_gib": opts.mem_gib}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(text)
     print(f"{n_done} cases in {elapsed:.0f} s ({elapsed / max(n_done, 1):.2f} s/case, {opts.jobs} jobs); "
