@@ -4,6 +4,7 @@ tokenizer files, run through ``ggq info``, ``generate``, ``quantize``, ``convert
     python tools/fuzz_inputs.py --cases 2000 --seed 1 --targets info,generate,quantize,convert,perplexity \\
         --jobs 2 --out .cache/fuzz/run1
     python tools/fuzz_inputs.py --out .cache/fuzz/run1 --replay 000123      # run one kept case again
+    python tools/fuzz_inputs.py --out .cache/fuzz/run1 --summary            # the tables of a (running) log
 
 How it works
 ------------
@@ -1959,11 +1960,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-warm-up", action="store_true")
     ap.add_argument("--resume", action="store_true", help="skip cases already in cases.jsonl")
     ap.add_argument("--replay", metavar="CASE", help="run findings/CASE again")
+    ap.add_argument("--summary", action="store_true", help="print the table and sites of --out's log (no run)")
     ap.add_argument("-v", "--verbose", action="store_true")
     opts = ap.parse_args(argv)
     opts.out, opts.seeds = str(Path(opts.out).resolve()), str(Path(opts.seeds).resolve())
     if opts.replay:
         return replay(opts)
+    if opts.summary:
+        recs = [json.loads(ln) for ln in open(Path(opts.out) / "cases.jsonl")]
+        print(summarize(recs, list(TARGETS))[0])
+        return 0
     return 1 if campaign(opts) else 0
 
 
