@@ -30,11 +30,13 @@ def test_fuzz_campaign_is_clean(stories_dir, cache_dir):
     cases = int(os.environ.get("GGQ_FUZZ_CASES", "150"))
     out = cache_dir / "fuzz-ci"
     seeds = cache_dir / "fuzz-seeds"
+    (out / "summary.json").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz_inputs.py"), "--cases", str(cases), "--seed", "12",
                         "--jobs", "2", "--out", str(out), "--seeds", str(seeds)],
                        env=env, capture_output=True, text=True, timeout=3600)
     print(r.stdout[-6000:])
+    assert (out / "summary.json").exists(), f"the fuzzer failed: {r.stderr[-2000:]}"
     summary = json.loads((out / "summary.json").read_text())
     bad = {k: v for k, v in summary["outcomes"].items() if k not in ("ok", "clean_error")}
     assert sum(summary["outcomes"].values()) == cases
