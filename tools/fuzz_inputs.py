@@ -1642,7 +1642,8 @@ def classify(code, sig, timed_out, stderr: str) -> tuple[str, str]:
         m = re.search(r"internal error: (\w+)", stderr)
         return "traceback", f"internal error {m.group(1) if m else '?'}: {_mask(last)[:80]}"
     if "Traceback" in stderr or "Fatal Python error" in stderr:
-        return "traceback", f"{excs[-1] if excs else '?'} {site}"
+        m = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
+        return "traceback", f"{m.group(1) if m else excs[-1] if excs else '?'} {site}"
     lines = [ln for ln in re.split(r"[\r\n]+", stderr) if ln.strip() and not _PROGRESS_RE.search(ln)]
     if len(lines) > 1:
         return "multi_line_error", f"multi-line: {_mask(lines[-1])[:70]}"
@@ -1893,7 +1894,7 @@ def summarize(recs: list, targets: list) -> tuple[str, dict]:
     sites = defaultdict(list)
     for r in recs:
         if r["outcome"] not in CLEAN:
-            sites[(r["outcome"], r.get("site", ""))].append(r)
+            sites[(r["outcome"], _site_key(r))].append(r)
     ranked = sorted(sites.items(), key=lambda kv: -len(kv[1]))
     lines.append("")
     lines.append(f"{len(ranked)} distinct failure sites (count, outcome, site, example case, targets):")
@@ -1907,6 +1908,18 @@ def summarize(recs: list, targets: list) -> tuple[str, dict]:
         site_list.append({"outcome": outc, "site": site, "count": len(rs), "example": ex["case"], "targets": tg,
                           "mutations": ex["mutations"], "message": first})
     return "\n".join(lines), {"table": {t: dict(table[t]) for t in table}, "outcomes": dict(tot), "sites": site_list}
+
+
+def _site_key(rec: dict) -> str:
+    """A record's failure site for grouping: lists and quoted values collapsed; a traceback's
+    exception type taken from its last line."""
+    site = rec.get("site", "")
+    if rec["outcome"] == "traceback" and site.startswith("? "):
+        last = _last_line(rec.get("stderr_tail") or rec.get("stderr_head", ""))
+        m = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
+        site = (m.group(1) if m else "?") + site[1:]
+    site = re.sub(r"\[[^\]]*\](\.\.N)?", "[..]", site)
+    return re.sub(r"b<q>", "<q>", site)
 
 
 def _first_error_line(stderr: str) -> str:
