@@ -1918,6 +1918,8 @@ def _site_key(rec: dict) -> str:
         last = _last_line(rec.get("stderr_tail") or rec.get("stderr_head", ""))
         m = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
         site = (m.group(1) if m else "?") + site[1:]
+    if rec["outcome"] == "crash":  # signal and innermost ggq frame
+        site = " ".join(site.split()[:2])
     site = re.sub(r"\[[^\]]*\](\.\.N)?", "[..]", site)
     return re.sub(r"b<q>", "<q>", site)
 
