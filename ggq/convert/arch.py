@@ -18,7 +18,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from ggq.errors import GGQError, show
+from ggq.errors import GGQError, one_line, show
 
 
 # Hugging Face tensors that hold no weights llama.cpp needs
@@ -94,8 +94,10 @@ class HParams:
         missing or invalid value (wrong JSON type, not a number, infinite, no heads)."""
         try:
             return cls._from_config(cfg, where, model_dir)
-        except (TypeError, ValueError, AttributeError, OverflowError, KeyError) as e:
-            raise GGQError(f"{where}: invalid hyperparameter in config.json ({type(e).__name__}: {e})") from None
+        except (TypeError, AttributeError, KeyError):
+            raise GGQError(f"{where}: invalid hyperparameter in config.json (a value of the wrong JSON type)") from None
+        except (ValueError, OverflowError) as e:
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e))})") from None
 
     @classmethod
     def _from_config(cls, cfg: dict, where: str, model_dir: Path | None = None) -> "HParams":

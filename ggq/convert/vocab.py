@@ -172,11 +172,18 @@ def sentencepiece_vocab(model_dir: pathlib.Path, config: dict, added_special_onl
 
     tc_path = model_dir / "tokenizer_config.json"
     tok_config = read_json(tc_path, missing_ok=True) or {}
-    added = [(tc_path, int(key), data) for key, data in (tok_config.get("added_tokens_decoder") or {}).items()]
-    if added_from_tokenizer_json:
-        tj_path = model_dir / "tokenizer.json"
-        tj = read_json(tj_path, missing_ok=True) or {}
-        added += [(tj_path, int(data["id"]), data) for data in (tj.get("added_tokens") or [])]
+    try:
+        added = [(tc_path, int(key), data) for key, data in (tok_config.get("added_tokens_decoder") or {}).items()]
+        if added_from_tokenizer_json:
+            tj_path = model_dir / "tokenizer.json"
+            tj = read_json(tj_path, missing_ok=True) or {}
+            added += [(tj_path, int(data["id"]), data) for data in (tj.get("added_tokens") or [])]
+        for path, _, data in added:
+            if not isinstance(data, dict) or not isinstance(data.get("content"), str):
+                raise TypeError
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+        raise GGQError(f"{model_dir}: malformed added tokens (tokenizer_config.json's added_tokens_decoder "
+                       "or tokenizer.json's added_tokens)") from None
     for path, tid, data in added:
         if not _id_in_range(path, tid, vocab_size):
             continue
