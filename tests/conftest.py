@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def stories_dir() -> Path:
     if not (STORIES / "config.json").exists():
         pytest.skip(f"{STORIES} not found")
     return STORIES
+
+
+@pytest.fixture
+def ckpt(stories_dir, tmp_path):
+    """A writable copy of stories260K."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(stories_dir, d)
+    for p in d.iterdir():
+        p.chmod(0o644)
+    return d
 
 
 @pytest.fixture(scope="session")

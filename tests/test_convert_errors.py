@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -29,16 +27,6 @@ def assert_clean_error(r, *needles, out_dir: Path | None = None):
         assert n in text, (n, text)
     if out_dir is not None:
         assert not [p for p in out_dir.iterdir() if p.suffix in (".gguf", ".tmp") or p.name.endswith(".tmp")], list(out_dir.iterdir())
-
-
-@pytest.fixture
-def ckpt(stories_dir, tmp_path):
-    """A writable copy of stories260K."""
-    d = tmp_path / "ckpt"
-    shutil.copytree(stories_dir, d)
-    for p in d.iterdir():
-        p.chmod(0o644)
-    return d
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import struct
 import time
 from pathlib import Path
@@ -305,6 +304,16 @@ def test_moved_overlapping_and_outside_tensors(tiny, tmp_path):
     ("tokenizer.ggml.token_type", (TTYPES[:-1], VT.ARRAY, VT.INT32), "tokenizer.ggml.token_type"),
     ("tokenizer.ggml.bos_token_id", (N_VOCAB + 5, VT.UINT32, None), "bos_token_id"),
     ("tokenizer.ggml.eos_token_id", ("2", VT.STRING, None), "eos_token_id"),
+    ("tokenizer.ggml.seperator_token_id", (N_VOCAB, VT.UINT32, None), "seperator_token_id"),
+    ("tokenizer.ggml.padding_token_id", (1.0, VT.FLOAT32, None), "padding_token_id"),
+    # llama.cpp's get_key: the value type must be numeric of the right kind, the key present
+    ("llama.feed_forward_length", (float(N_FF), VT.FLOAT32, None), "feed_forward_length"),
+    ("llama.attention.head_count_kv", (float(N_KV), VT.FLOAT64, None), "head_count_kv"),
+    ("llama.rope.freq_base", (True, VT.BOOL, None), "rope.freq_base"),
+    ("llama.embedding_length", ([N_EMBD], VT.ARRAY, VT.UINT32), "embedding_length"),
+    ("llama.attention.head_count", ([N_HEAD] * (N_LAYER + 1), VT.ARRAY, VT.UINT32), "entries for 2 layers"),
+    ("llama.attention.head_count", ([N_HEAD, 2 * N_HEAD], VT.ARRAY, VT.UINT32), "differs between layers"),
+    ("llama.context_length", None, "context_length"),
 ])
 def test_inconsistent_model_refused_before_running(tmp_path, key, value, needle):
     """Hyper-parameters out of range or contradicting the tensors, and vocabularies that do not
@@ -332,6 +341,44 @@ def test_missing_tensor_and_extra_layer(tmp_path):
     assert_one_line_error(run("generate", path, "-p", "x", "-n", "1"), "extra.gguf", "block_count")
 
 
+def test_per_layer_arrays_and_unused_tensors(tmp_path):
+    """Per-layer head counts (llama.cpp's get_key_or_arr) of equal entries run like the scalar;
+    a tensor the architecture does not read is refused, as llama.cpp's loader refuses it
+    ("wrong number of tensors")."""
+    path = write_gguf(tmp_path / "arr.gguf", llama__attention__head_count=([N_HEAD] * N_LAYER, VT.ARRAY, VT.UINT32),
+                      llama__feed_forward_length=([N_FF] * N_LAYER, VT.ARRAY, VT.INT32))
+    ref = run("generate", write_gguf(tmp_path / "ref.gguf"), "-p", "the", "-n", "4", "--temp", "0", "-c", "32")
+    r = run("generate", path, "-p", "the", "-n", "4", "--temp", "0", "-c", "32")
+    assert r.exit_code == 0 == ref.exit_code and r.output == ref.output, (r.output, ref.output)
+    t = tiny_tensors()
+    t["blk.0.attn_rot_embd.weight"] = np.ones(N_EMBD, np.float32)
+    path = write_gguf(tmp_path / "unused.gguf", tensors=t)
+    assert_one_line_error(run("generate", path, "-p", "x", "-n", "1"), "unused.gguf", "does not use",
+                          "blk.0.attn_rot_embd.weight")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert_one_line_error(run("quantize", "-q", path, out / "out.gguf", "Q8_0"), "unused.gguf", out_dir=out)
+
+
+def test_quantize_other_architectures_needs_layers_and_vocabulary(tmp_path):
+    """An architecture ggq does not run (llama-quantize still quantizes it) must have an integer
+    block_count matching its blk.N groups and a token list; otherwise the output would load nowhere."""
+    kv = {k.replace("llama.", "gpt2."): v for k, v in tiny_kv().items()}
+    kv["general.architecture"] = ("gpt2", VT.STRING, None)
+    out = tmp_path / "out"
+    out.mkdir()
+    ok = write_gguf(tmp_path / "gpt2.gguf", kv=kv)
+    r = run("quantize", "-q", ok, out / "ok.gguf", "Q8_0")
+    assert r.exit_code == 0, r.output
+    assert len(gguf.GGUFReader(out / "ok.gguf").tensors) == len(tiny_tensors())
+    for name, change, needle in (("nobc.gguf", {"gpt2.block_count": None}, "block_count"),
+                                 ("fbc.gguf", {"gpt2.block_count": (2.0, VT.FLOAT32, None)}, "block_count"),
+                                 ("bc3.gguf", {"gpt2.block_count": (3, VT.UINT32, None)}, "block_count"),
+                                 ("notok.gguf", {"tokenizer.ggml.tokens": None}, "tokenizer.ggml.tokens")):
+        path = write_gguf(tmp_path / name, kv=kv, **{k.replace(".", "__"): v for k, v in change.items()})
+        assert_one_line_error(run("quantize", "-q", path, out / "out.gguf", "Q8_0"), name, needle, out_dir=out)
+
+
 def test_non_finite_logits_are_an_error(tmp_path):
     """Weights that overflow float32 in the attention scores: a one-line error, not a
     ZeroDivisionError from the softmax (llama.cpp would print garbage)."""
@@ -344,15 +391,6 @@ def test_non_finite_logits_are_an_error(tmp_path):
 
 
 # ---------------------------------------------------------------- converter (config.json against the checkpoint)
-
-
-@pytest.fixture
-def ckpt(stories_dir, tmp_path):
-    d = tmp_path / "ckpt"
-    shutil.copytree(stories_dir, d)
-    for p in d.iterdir():
-        p.chmod(0o644)
-    return d
 
 
 def _set_config(ckpt: Path, **kv):

@@ -483,10 +483,16 @@ def m_kv_add(rng, doc) -> str:
     return f"add {key} (type {vt}) = {_short(doc.get(key))}"
 
 
+def _token_array(rng, doc):
+    """A random tokenizer array entry of ``doc`` (None if it has none)."""
+    kv = _pick_kv(rng, doc, lambda k: k.startswith(TOKEN_ARRAYS))
+    return kv if kv is not None and kv.vtype == GT_ARR else None
+
+
 def m_array_len(rng, doc) -> str:
     """A tokenizer array shortened, emptied or lengthened (no longer the vocabulary's size)."""
-    kv = _pick_kv(rng, doc, lambda k: k.startswith(TOKEN_ARRAYS))
-    if kv is None or kv.vtype != GT_ARR:
+    kv = _token_array(rng, doc)
+    if kv is None:
         return "no tokenizer array"
     sub, items = kv.value
     n = len(items)
@@ -498,8 +504,8 @@ def m_array_len(rng, doc) -> str:
 
 def m_array_type(rng, doc) -> str:
     """A tokenizer array's element type changed (scores as strings, tokens as i32, token_type as f32)."""
-    kv = _pick_kv(rng, doc, lambda k: k.startswith(TOKEN_ARRAYS))
-    if kv is None or kv.vtype != GT_ARR:
+    kv = _token_array(rng, doc)
+    if kv is None:
         return "no tokenizer array"
     sub, items = kv.value
     new = rng.choice([t for t in (GT_STR, GT_I32, GT_F32, GT_U8, GT_BOOL, GT_U64, GT_F64, GT_ARR, 14) if t != sub])
@@ -1053,15 +1059,9 @@ def mutate_bytes(rng, b: bytes, what: str) -> tuple[bytes, str]:
 
 
 def _bytes_to_unicode() -> dict:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
+    from gguf.vocab import bytes_to_unicode  # GPT-2's byte -> printable-unicode map
+
+    return bytes_to_unicode()
 
 
 def byte_bpe(n_merges: int = 40) -> tuple[list, list]:
@@ -1417,9 +1417,15 @@ def _model_problems(doc: GGUFDoc) -> list:
     arch = arch_v.decode("utf-8", "replace")
     T = {t.name.decode("utf-8", "replace"): t.ne for t in doc.tensors}
 
-    def num(key, default=None):
+    def num(key, default=None, n_layer=None):
+        # llama.cpp's get_key: a number of a numeric type; get_key_or_arr (head counts, feed-forward
+        # length): also an array of n_layer integers (ggq runs only equal entries)
         for kv in doc.kvs:
             if kv.key == f"{arch}.{key}".encode():
+                if kv.vtype == GT_ARR and n_layer is not None:
+                    sub, items = kv.value
+                    ok = sub in _INT_TYPES and len(items) == n_layer and len(set(items)) == 1
+                    return items[0] if ok else "bad array"
                 return kv.value if kv.vtype in _SCALAR_FMT and kv.vtype != GT_BOOL else "bad type"
         return default
 
@@ -1429,14 +1435,20 @@ def _model_problems(doc: GGUFDoc) -> list:
     groups = {int(m.group(1)) for m in (re.match(r"blk\.(\d+)\.", n) for n in T) if m}
     if len(groups) != n_layer or (groups and max(groups) != n_layer - 1):
         p.append(f"block_count {n_layer} but blk groups {sorted(groups)[:5]}..{len(groups)}")
-    n_embd, n_head, n_ff = num("embedding_length"), num("attention.head_count"), num("feed_forward_length")
-    n_kv = num("attention.head_count_kv", n_head)
+    n_embd = num("embedding_length")
+    n_head, n_ff = num("attention.head_count", n_layer=n_layer), num("feed_forward_length", n_layer=n_layer)
+    n_kv = num("attention.head_count_kv", n_head, n_layer=n_layer)
     for k, v in (("embedding_length", n_embd), ("attention.head_count", n_head), ("attention.head_count_kv", n_kv),
                  ("feed_forward_length", n_ff), ("context_length", num("context_length"))):
         if not isinstance(v, int) or v <= 0:
             p.append(f"{k} {v!r}")
     if p:
         return p
+    for k in ("embedding_length", "context_length", "attention.key_length", "attention.value_length",
+              "rope.dimension_count"):
+        v = num(k)
+        if v is not None and type(v) is not int:  # llama.cpp: an integer key of a float type is refused
+            p.append(f"{k} {v!r} is not an integer")
     if n_head % n_kv:
         p.append(f"head_count {n_head} not a multiple of head_count_kv {n_kv}")
     hd_k = num("attention.key_length", n_embd // n_head)
@@ -1450,8 +1462,9 @@ def _model_problems(doc: GGUFDoc) -> list:
         p.append(f"rope.dimension_count {rd!r} (head size {hd_k})")
     for k in ("rope.freq_base", "attention.layer_norm_rms_epsilon", "rope.scaling.factor"):
         v = num(k)
+        # rope.scaling.factor 0 means none (llama.cpp), a zero epsilon is accepted by llama.cpp
         if v is not None and (not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or
-                              (v == 0 and k != "attention.layer_norm_rms_epsilon")):
+                              (v == 0 and k == "rope.freq_base")):
             p.append(f"{k} {v!r}")
     toks = doc.get("tokenizer.ggml.tokens")
     n_vocab = len(toks[1]) if isinstance(toks, tuple) else None

@@ -90,7 +90,7 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
         kind = md.get("general.type")
         raise GGQError(f"{src_gguf}: not a model file (no general.architecture"
                        + (f"; general.type is {show(kind)})" if kind else ")"))
-    _check_model(src_gguf, arch)
+    _check_model(src_gguf, arch, hdr)
     arch, hparams = mixes.hparams_from_gguf(md)
     for k, v in hparams.items():
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**31:
@@ -166,14 +166,28 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
     return out
 
 
-def _check_model(path: Path, arch: str) -> None:
+def _check_model(path: Path, arch: str, hdr) -> None:
     """For an architecture ggq runs, the runtime's model validation
     (:func:`ggq.runtime.model.plan_model`: hyper-parameters, layers, tensor shapes, vocabulary),
-    so that ``quantize`` does not write a file ``generate`` then refuses; other architectures get
-    the reader's structural checks only (llama-quantize quantizes them too)."""
+    so that ``quantize`` does not write a file ``generate`` then refuses. Other architectures
+    (llama-quantize quantizes them too) get the reader's structural checks and what every
+    llama.cpp model has: an integer ``{arch}.block_count`` equal to the number of ``blk.N`` groups
+    (llama_model_loader's hyper-parameters and tensor count), and a ``tokenizer.ggml.tokens`` array
+    of strings (the vocabulary every runner loads)."""
     from ggq import models
+    from ggq.runtime.tokenizer import check_vocab_array
 
     if models.find(gguf_arch=arch) is None:
+        from ggq.runtime.model import check_layers
+
+        md = hdr.metadata
+        n_layer = md.get(f"{arch}.block_count")
+        if type(n_layer) is not int or not 1 <= n_layer < 2**31:
+            raise GGQError(f"{path}: {arch}.block_count is missing or not a positive integer ({show(n_layer)})")
+        check_layers(hdr.tensors, arch, n_layer, str(path))
+        if not isinstance(md.get("tokenizer.ggml.tokens"), list):
+            raise GGQError(f"{path}: no tokenizer.ggml.tokens array (not a complete model file)")
+        check_vocab_array(md, "tokenizer.ggml.tokens", str, None, str(path))
         return
     from ggq.runtime.loader import open_gguf
     from ggq.runtime.model import plan_model

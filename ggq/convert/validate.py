@@ -27,7 +27,7 @@ import re
 
 import numpy as np
 
-from ggq.errors import GGQError
+from ggq.errors import GGQError, show
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NUM = re.compile(r"\.(\d+)\.")
@@ -42,11 +42,11 @@ def check_sizes(hp, tensor_shapes: dict, where: str) -> None:
                       ("head_dim", "head_dim"), ("vocab_size", "vocab_size"), ("n_ctx", "max_position_embeddings")):
         v = getattr(hp, name)
         if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
-            raise GGQError(f"{where}: {key} is {v!r}; it must be between 1 and 2**31 - 1")
+            raise GGQError(f"{where}: {key} is {show(v)}; it must be between 1 and 2**31 - 1")
     for name, key, positive in (("rms_eps", "rms_norm_eps", True), ("rope_theta", "rope_theta", True)):
         v = getattr(hp, name)
         if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX) or (positive and v <= 0):
-            raise GGQError(f"{where}: {key} is {v!r}; it must be finite, > 0 and fit a float32")
+            raise GGQError(f"{where}: {key} is {show(v)}; it must be finite, > 0 and fit a float32")
     layers = set()
     biggest = 0
     for n, shape in tensor_shapes.items():

@@ -536,7 +536,7 @@ class SpecialVocab:
     def _load_config(self, config: dict) -> None:
         for typ in self.types:
             tid = config.get(f"{typ}_token_id")
-            if tid is None and "text_config" in config:
+            if tid is None and isinstance(config.get("text_config"), dict):
                 tid = config["text_config"].get(f"{typ}_token_id")
             self.set_special(typ, tid)
 

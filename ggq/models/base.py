@@ -189,8 +189,13 @@ _KEY_OF = {"n_layer": "block_count", "n_embd": "embedding_length", "n_ff": "feed
 class Metadata:
     """Typed access to one architecture's GGUF keys (``gguf.Keys`` templates) for a file named ``where``.
 
-    ``get(key, default)``: the value of ``key.format(arch=...)``, or ``default``; GGQError naming the
-    file when the key is missing and no default is given, or when its value has the wrong type."""
+    ``get(key, default, kind, n_layer)``: the value of ``key.format(arch=...)``, or ``default`` when
+    the key is missing; GGQError naming the file when it is missing and no default is given, or
+    when its value has the wrong type. As llama.cpp's ``llama_model_loader::get_key``, the value
+    type must match: ``kind=int`` takes only GGUF integer types, ``kind=float`` integer or float
+    types, never a bool, a string or an array. ``n_layer``: the key may also be a per-layer array
+    (llama.cpp's ``get_key_or_arr``: head counts, feed-forward length) of exactly ``n_layer``
+    entries; ggq runs only models whose entries are all equal."""
 
     _MISSING = object()
 
@@ -200,20 +205,26 @@ class Metadata:
     def raw(self, key: str, default=None):
         return self.md.get(key.format(arch=self.arch), default)
 
-    def get(self, key: str, default=_MISSING, kind=int):
+    def get(self, key: str, default=_MISSING, kind=int, n_layer: int | None = None):
         full = key.format(arch=self.arch)
         v = self.md.get(full)
         if v is None:
             if default is self._MISSING:
                 raise GGQError(f"{self.where}: missing metadata {full}")
             return default
-        if isinstance(v, list):  # per-layer arrays: llama.cpp's hparams use the first layer's value here
-            if not v:
-                raise GGQError(f"{self.where}: metadata {full} is an empty array")
+        if isinstance(v, list):
+            if n_layer is None:
+                raise GGQError(f"{self.where}: metadata {full} is an array; a single number is expected")
+            if len(v) != n_layer:
+                raise GGQError(f"{self.where}: metadata {full} has {len(v)} entries for {n_layer} layers")
+            if any(x != v[0] for x in v):
+                raise GGQError(f"{self.where}: metadata {full} differs between layers, which ggq does not run")
             v = v[0]
+        ok = type(v) is int or (kind is float and type(v) is float)
+        if not ok:
+            raise GGQError(f"{self.where}: metadata {full} has an invalid value {show(v)} "
+                           f"({'an integer' if kind is int else 'a number'} is expected)")
         try:
-            if isinstance(v, (str, bytes)) or (kind is int and isinstance(v, float) and not v.is_integer()):
-                raise ValueError
             return kind(v)
         except (TypeError, ValueError, OverflowError):
             raise GGQError(f"{self.where}: metadata {full} has an invalid value {show(v)}") from None
@@ -304,17 +315,20 @@ class Family:
 
     def run_params(self, md: Metadata, tensors: dict) -> RunParams:
         """Hyper-parameters from the GGUF metadata, with llama.cpp's defaults (llama_model::load_hparams)."""
+        n_layer = md.get(K.LLM.BLOCK_COUNT)
+        if not 1 <= n_layer < 2**31:
+            raise GGQError(f"{md.where}: block_count {n_layer} must be between 1 and 2**31 - 1")
         n_embd = md.get(K.LLM.EMBEDDING_LENGTH)
-        n_head = md.get(K.Attention.HEAD_COUNT)
+        n_head = md.get(K.Attention.HEAD_COUNT, n_layer=n_layer)
         if n_head <= 0:
             raise GGQError(f"{md.where}: head_count {n_head} is not positive")
-        n_kv = md.get(K.Attention.HEAD_COUNT_KV, n_head)
+        n_kv = md.get(K.Attention.HEAD_COUNT_KV, n_head, n_layer=n_layer)
         hd = md.get(K.Attention.KEY_LENGTH, n_embd // n_head)
         if md.get(K.Attention.VALUE_LENGTH, hd) != hd:
             raise GGQError(f"{md.where}: different key and value head sizes are not supported")
         if n_kv <= 0 or n_head % n_kv:
             raise GGQError(f"{md.where}: head_count {n_head} is not a multiple of head_count_kv {n_kv}")
-        ctx_train = md.get(K.LLM.CONTEXT_LENGTH, 4096)
+        ctx_train = md.get(K.LLM.CONTEXT_LENGTH)  # required, as in llama.cpp
         # llama.cpp: type defaults to linear; factor from rope.scaling.factor or the old rope.scale_linear
         stype = md.raw(K.Rope.SCALING_TYPE, "linear")
         factor = md.get(K.Rope.SCALING_FACTOR, 0.0, float) or md.get("{arch}.rope.scale_linear", 0.0, float)
@@ -324,7 +338,7 @@ class Family:
             stype = "none"
         ext = md.raw(K.Rope.SCALING_YARN_EXT_FACTOR)
         rp = RunParams(
-            n_layer=md.get(K.LLM.BLOCK_COUNT), n_embd=n_embd, n_ff=md.get(K.LLM.FEED_FORWARD_LENGTH),
+            n_layer=n_layer, n_embd=n_embd, n_ff=md.get(K.LLM.FEED_FORWARD_LENGTH, n_layer=n_layer),
             n_head=n_head, n_kv=n_kv, head_dim=hd, n_rot=md.get(K.Rope.DIMENSION_COUNT, hd),
             eps=md.get(K.Attention.LAYERNORM_RMS_EPS, 1e-5, float), ctx_train=ctx_train,
             rope_base=md.get(K.Rope.FREQ_BASE, 10000.0, float), rope_scaling=stype, rope_factor=factor,

@@ -134,6 +134,7 @@ class Phi3(Family):
         half = rp.n_rot // 2
         long = -(-n_ctx // 256) * 256 > rp.rope_orig_ctx
         factors = b.vec_array(tn(MT.ROPE_FACTORS_LONG if long else MT.ROPE_FACTORS_SHORT), half, optional=True)
+        b.tensor(tn(MT.ROPE_FACTORS_SHORT if long else MT.ROPE_FACTORS_LONG), (half,), optional=True)  # shape check
         inv, ms = rope_frequencies(rp.n_rot, rp.rope_base, rp.rope_scaling, rp.rope_factor, rp.rope_orig_ctx, factors,
                                    rp.rope_attn_factor)
         return inv[None, :], np.array([ms])

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+import gguf
 from gguf import GGMLQuantizationType as T
 
 from ggq import models
@@ -56,6 +57,7 @@ class LayerBuilder:
         self.mats: list = []  # TensorInfo or _Fused, in arena order
         self.vecs: list[np.ndarray] = []
         self._vec_size = 0
+        self.used: set[str] = set()  # names of the tensors looked up and found
 
     def has(self, name: str) -> bool:
         return name in self.tensors
@@ -69,7 +71,17 @@ class LayerBuilder:
             raise GGQError(f"{self.where}: missing tensor {name}")
         if tuple(t.ne) != tuple(ne):
             raise GGQError(f"{self.where}: tensor {name} has shape {list(t.ne)}, expected {list(ne)}")
+        self.used.add(name)
         return t
+
+    def check_all_used(self) -> None:
+        """GGQError if the file has tensors that no lookup asked for: llama.cpp refuses such a file
+        ("wrong number of tensors"), and a tensor nobody reads is a sign of a wrong architecture
+        or hyper-parameters."""
+        extra = [n for n in self.tensors if n not in self.used]
+        if extra:
+            raise GGQError(f"{self.where}: {len(extra)} tensor(s) that this architecture does not use, "
+                           f"e.g. {show(extra[0])}")
 
     def _add_mat(self, t) -> int:
         if self.check_types and t.qtype not in SUPPORTED_TYPES:
@@ -153,7 +165,7 @@ def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelP
     rp = fam.run_params(Metadata(gf.metadata, gf.arch, name), gf.tensors)
     rp.check(name)
     n_layer, n_embd = rp.n_layer, rp.n_embd
-    _check_layers(gf, n_layer, name)
+    check_layers(gf.tensors, gf.arch, n_layer, name)
     n_ctx = int(n_ctx) if n_ctx else min(rp.ctx_train, 4096)
     if not 1 <= n_ctx < 2**31:
         raise GGQError(f"context size {n_ctx} must be between 1 and 2**31 - 1")
@@ -181,6 +193,7 @@ def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelP
     if not (np.all(np.isfinite(inv_freq)) and np.all(np.isfinite(mscale))):
         raise GGQError(f"{name}: the rope parameters give non-finite frequencies (rope.freq_base, "
                        f"rope.scaling.*, or rope factor tensors)")
+    b.check_all_used()
     return ModelPlan(fam, rp, b, lay, n_ctx, n_vocab, i_emb, i_onorm, i_out, tied, inv_freq, mscale)
 
 
@@ -351,24 +364,23 @@ class Model:
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 
-def _check_layers(gf, n_layer: int, where: str) -> None:
+def check_layers(tensors, arch: str, n_layer: int, where: str) -> None:
     """GGQError unless the file's ``blk.N.*`` tensors are exactly the layers 0 .. n_layer - 1
     (``{arch}.block_count``): llama.cpp fails on a missing layer tensor; a block count smaller
     than the file's layers would silently run fewer."""
     layers = set()
-    for t in gf.tensors:
+    for t in tensors:
         m = _BLK.match(t)
         if m:
             layers.add(int(m.group(1)))
     if len(layers) != n_layer or (layers and (min(layers) != 0 or max(layers) != n_layer - 1)):
         have = f"blk.0 .. blk.{max(layers)} ({len(layers)} layers)" if layers else "no blk.N tensors"
-        raise GGQError(f"{where}: {gf.arch}.block_count is {n_layer} but the file has {have}")
+        raise GGQError(f"{where}: {arch}.block_count is {n_layer} but the file has {have}")
 
 
 #: tokenizer.ggml.* keys holding a token id
-_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "unknown_token_id", "separator_token_id", "padding_token_id",
-                  "eot_token_id", "eom_token_id", "mask_token_id", "cls_token_id", "fim_pre_token_id",
-                  "fim_suf_token_id", "fim_mid_token_id", "fim_pad_token_id", "fim_rep_token_id", "fim_sep_token_id")
+_TOKEN_ID_KEYS = tuple(v for k, v in vars(gguf.Keys.Tokenizer).items() if k.endswith("_ID")) + (
+    "tokenizer.ggml.cls_token_id",)
 
 
 def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
@@ -394,11 +406,11 @@ def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
     if vs is not None and vs != n_vocab:
         raise GGQError(f"{where}: {arch}.vocab_size is {show(vs)} but token_embd.weight has {n_vocab} rows")
     for k in _TOKEN_ID_KEYS:
-        v = md.get(f"tokenizer.ggml.{k}")
+        v = md.get(k)
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_vocab:
-            raise GGQError(f"{where}: tokenizer.ggml.{k} = {show(v)} is not a token id (0 .. {n_vocab - 1})")
+            raise GGQError(f"{where}: {k} = {show(v)} is not a token id (0 .. {n_vocab - 1})")
 
 
 class _Fused:

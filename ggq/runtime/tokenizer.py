@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import heapq
 from functools import lru_cache
-from pathlib import Path
 
 from ggq.errors import GGQError, show
 
@@ -104,16 +103,10 @@ _C_SPACE = " \t\n\v\f\r"  # C isspace()
 
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-unicode -> byte map (inverse of bytes_to_unicode)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
+    """GPT-2's printable-unicode -> byte map (the inverse of gguf-py's bytes_to_unicode)."""
+    from gguf.vocab import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def check_vocab_array(md: dict, key: str, kind, n: int | None, source: str) -> None:
