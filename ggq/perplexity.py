@@ -217,7 +217,7 @@ class LogitsWriter:
 
     def __init__(self, path, chunks: np.ndarray, n_vocab: int, header: dict):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".part")
+        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")  # as atomic_output: one per process
         n_chunk, n_ctx = chunks.shape
         self.header = dict(header, format="ggq-logprobs", version=FORMAT_VERSION, n_vocab=int(n_vocab),
                            n_ctx=int(n_ctx), n_chunk=int(n_chunk), first=n_ctx // 2,
@@ -232,8 +232,12 @@ class LogitsWriter:
         head = MAGIC + np.uint32(len(blob)).tobytes() + blob
         pad = _data_offset(n_chunk, n_ctx) - HEADER_SIZE - 4 * n_chunk * n_ctx
         self.n_written = 0
-        self._write(head + b"\0" * (HEADER_SIZE - len(head)),
-                    np.ascontiguousarray(chunks, dtype="<i4").tobytes(), b"\0" * pad)
+        try:
+            self._write(head + b"\0" * (HEADER_SIZE - len(head)),
+                        np.ascontiguousarray(chunks, dtype="<i4").tobytes(), b"\0" * pad)
+        except BaseException:  # Ctrl-C while writing the header: no partial file left
+            self.close(ok=False)
+            raise
 
     def _write(self, *parts: bytes) -> None:
         try:
@@ -250,7 +254,7 @@ class LogitsWriter:
         self.n_written += 1
 
     def close(self, ok: bool = True) -> None:
-        """Finish: rename the ``.part`` file into place if ``ok`` and every chunk was written, else delete it."""
+        """Finish: rename the temporary file into place if ``ok`` and every chunk was written, else delete it."""
         try:
             if not self.fh.closed:
                 self.fh.close()
@@ -572,12 +576,12 @@ def run(model_path, text_path=None, n_ctx: int | None = None, n_chunks: int | No
     if base is not None:
         return compute_kl(model, base, bos_id, n_chunks=n_chunks, n_batch=n_batch, progress=progress)
     writer = None
-    if save_logits is not None:
-        writer = LogitsWriter(save_logits, chunks, tok.n_vocab,
-                              {"vocab_sha256": vocab_hash(tok.tokens), "model": model_path.name,
-                               "text": Path(text_path).name, "add_bos": bos_id is not None})
     ok = False
     try:
+        if save_logits is not None:
+            writer = LogitsWriter(save_logits, chunks, tok.n_vocab,
+                                  {"vocab_sha256": vocab_hash(tok.tokens), "model": model_path.name,
+                                   "text": Path(text_path).name, "add_bos": bos_id is not None})
         res = compute_perplexity(model, chunks, bos_id, n_batch=n_batch, writer=writer, progress=progress)
         ok = True
     finally:

@@ -387,7 +387,13 @@ def test_non_finite_logits_are_an_error(tmp_path):
         t[f"blk.{i}.attn_q.weight"][:] = 1e30
         t[f"blk.{i}.attn_k.weight"][:] = 1e30
     path = write_gguf(tmp_path / "inf.gguf", tensors=t)
-    assert_one_line_error(run("generate", path, "-p", "the cat", "-n", "2", "--temp", "0"), "inf.gguf", "non-finite")
+    assert_one_line_error(run("generate", path, "-p", "the cat", "-n", "2", "--temp", "0"), "inf.gguf", "non-finite",
+                          "at layer 0")
+    t = tiny_tensors()
+    t["blk.1.ffn_down.weight"][:] = 1e38  # finite in float32, overflows in layer 1's FFN only
+    path = write_gguf(tmp_path / "inf1.gguf", tensors=t)
+    assert_one_line_error(run("generate", path, "-p", "the cat", "-n", "2", "--temp", "0"), "inf1.gguf", "non-finite",
+                          "at layer 1")
 
 
 # ---------------------------------------------------------------- converter (config.json against the checkpoint)
@@ -457,6 +463,93 @@ def test_safetensors_contradicting_config(ckpt, tmp_path):
     nested = b'{"__metadata__": ' + b"[" * 100000 + b"]" * 100000 + b"}"
     _set_st_header(ckpt, header, data, raw_header=nested)
     assert_one_line_error(run("convert", ckpt, "-o", out / "out.gguf"), "nested", out_dir=out)
+
+
+def test_safetensors_header_scans_and_names(ckpt, tmp_path):
+    """An unclosed string of escaped quotes in the header (once a quadratic regex scan that never
+    ended on a large header) and a tensor name with a 5,000-digit layer number (int() refuses
+    more than 4,300 digits): one line each, at once."""
+    out = tmp_path / "o"
+    out.mkdir()
+    header, data = _st_header(ckpt)
+    _set_st_header(ckpt, header, data, raw_header=b'{"' + b'\\"' * 2_000_000)
+    t0 = time.perf_counter()
+    assert_one_line_error(run("convert", ckpt, "-o", out / "out.gguf"), "model.safetensors", out_dir=out)
+    assert time.perf_counter() - t0 < 60
+    h = json.loads(json.dumps(header))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    h[name.replace(".1.", "." + "7" * 5000 + ".")] = h.pop(name)
+    _set_st_header(ckpt, h, data)
+    assert_one_line_error(run("convert", ckpt, "-o", out / "out.gguf"), out_dir=out)
+
+
+def test_non_finite_weights_are_not_quantized(ckpt, tiny, tmp_path):
+    """NaN or infinite weights (and F16 overflow) are refused by quantize and convert instead of
+    being written as blocks that load and compute garbage."""
+    out = tmp_path / "o"
+    out.mkdir()
+    t = tiny_tensors()
+    t["blk.1.ffn_up.weight"][3, 5] = np.nan
+    path = write_gguf(tmp_path / "nan.gguf", tensors=t)
+    for qt in ("Q4_K_M", "Q8_0", "F16"):
+        assert_one_line_error(run("quantize", "-q", path, out / "out.gguf", qt), "nan.gguf", "blk.1.ffn_up.weight",
+                              "non-finite", out_dir=out)
+    t = tiny_tensors()
+    t["blk.0.attn_v.weight"][0, 0] = 1e6
+    path = write_gguf(tmp_path / "big.gguf", tensors=t)
+    assert_one_line_error(run("quantize", "-q", path, out / "out.gguf", "F16"), "big.gguf", "float16", out_dir=out)
+    assert run("quantize", "-q", path, out / "ok.gguf", "Q8_0").exit_code == 0
+    from safetensors.numpy import load_file, save_file
+
+    st = load_file(ckpt / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    st[name] = st[name].copy()
+    st[name][0, 0] = np.inf
+    save_file(st, ckpt / "model.safetensors")
+    assert_one_line_error(run("convert", ckpt, "-o", out / "out.gguf", "--type", "Q8_0"), name, "non-finite",
+                          out_dir=out)
+
+
+@pytest.mark.parametrize("config", ["[]", '{"architectures": {"a": 1}, "num_hidden_layers": 2}',
+                                    '{"architectures": ["LlamaForCausalLM"], "num_hidden_layers": "x"}',
+                                    "[" * 100000 + "]" * 100000])
+def test_imatrix_reads_config_like_convert(ckpt, tmp_path, config):
+    """``ggq imatrix`` on a checkpoint folder with a malformed config.json: the converter's one-line
+    errors (it used to parse the config itself: AttributeError, KeyError, RecursionError)."""
+    pytest.importorskip("torch")
+    (ckpt / "config.json").write_text(config)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 20)
+    out = tmp_path / "o"
+    out.mkdir()
+    assert_one_line_error(run("imatrix", ckpt, "-f", text, "-o", out / "out.gguf", "-q"), out_dir=out)
+
+
+def test_chat_template_failures_name_the_file():
+    """A template that fails in its system-role fallback with a non-jinja error is still one
+    GGQError naming the file."""
+    from ggq.runtime.chat import ChatTemplate
+
+    tpl = ChatTemplate("{% if messages[0].role == 'system' %}{{ raise_exception('no system') }}"
+                       "{% else %}{{ 1 // 0 }}{% endif %}", where="m.gguf")
+    with pytest.raises(GGQError, match=r"^m.gguf: chat template: no system"):
+        tpl.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+    with pytest.raises(GGQError, match=r"^m.gguf: chat template"):
+        ChatTemplate("{% if %}", where="m.gguf")
+
+
+def test_gemma_head_sizes_cannot_divide_by_zero(tmp_path):
+    """Gemma 2's 27B attention-scale rule with embedding_length < head_count: one line, no
+    ZeroDivisionError (found by review)."""
+    kv = {k.replace("llama.", "gemma2."): v for k, v in tiny_kv().items()}
+    kv.update({"general.architecture": ("gemma2", VT.STRING, None), "gemma2.block_count": (46, VT.UINT32, None),
+               "gemma2.embedding_length": (1, VT.UINT32, None), "gemma2.attention.head_count": (2, VT.UINT32, None),
+               "gemma2.attention.head_count_kv": (2, VT.UINT32, None),
+               "gemma2.attention.key_length": (2, VT.UINT32, None),
+               "gemma2.attention.value_length": (2, VT.UINT32, None),
+               "gemma2.rope.dimension_count": (2, VT.UINT32, None)})
+    path = write_gguf(tmp_path / "g.gguf", kv=kv)
+    assert_one_line_error(run("generate", path, "-p", "x", "-n", "1"), "g.gguf")
 
 
 # ---------------------------------------------------------------- outputs: failures leave nothing

@@ -5,6 +5,8 @@ tokenizer files, run through ``ggq info``, ``generate``, ``quantize``, ``convert
         --jobs 2 --out .cache/fuzz/run1
     python tools/fuzz_inputs.py --out .cache/fuzz/run1 --replay 000123      # run one kept case again
     python tools/fuzz_inputs.py --out .cache/fuzz/run1 --summary            # the tables of a (running) log
+    python tools/fuzz_inputs.py --cases 1000 --seed 2 --targets generate,perplexity --boundscheck \
+        --out .cache/fuzz/bc                                                # kernels with every index checked
 
 How it works
 ------------
@@ -1989,9 +1991,15 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="skip cases already in cases.jsonl")
     ap.add_argument("--replay", metavar="CASE", help="run findings/CASE again")
     ap.add_argument("--summary", action="store_true", help="print the table and sites of --out's log (no run)")
+    ap.add_argument("--boundscheck", action="store_true",
+                    help="compile ggq's kernels with NUMBA_BOUNDSCHECK=1 (every array index checked: an out-of-bounds "
+                         "access is an IndexError, i.e. a traceback outcome), with their own cache under --out")
     ap.add_argument("-v", "--verbose", action="store_true")
     opts = ap.parse_args(argv)
     opts.out, opts.seeds = str(Path(opts.out).resolve()), str(Path(opts.seeds).resolve())
+    if opts.boundscheck:  # before anything imports Numba (it reads its configuration once)
+        os.environ["NUMBA_BOUNDSCHECK"] = "1"
+        os.environ["NUMBA_CACHE_DIR"] = str(Path(opts.out) / "numba-boundscheck")
     if opts.replay:
         return replay(opts)
     if opts.summary:

@@ -238,7 +238,7 @@ class NameMap:
         return name
 
 
-_LAYER = re.compile(r"\.(\d+)\.")
+_LAYER = re.compile(r"\.(\d{1,9})\.")  # longer numbers are no layer (and int() of 4300+ digits raises)
 
 
 def natural_key(hf_name: str) -> tuple:

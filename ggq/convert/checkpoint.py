@@ -153,7 +153,8 @@ class _SafetensorsFile:
                 pass
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# a string, or an unclosed one up to the end (so an unclosed string is scanned once, not once per quote)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\Z)', re.S)
 _NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
 
 

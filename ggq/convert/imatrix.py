@@ -63,7 +63,7 @@ def _read_dat(path: Path) -> tuple[dict[str, tuple[np.ndarray, int]], dict]:
         pos += ln
         ncall, nval = take("<ii")
         if nval < 1:
-            raise GGQError(f"{path}: entry {name} has no values")
+            raise GGQError(f"{path}: entry {show(name)} has no values")
         vals = np.frombuffer(buf, dtype="<f4", count=nval, offset=pos) if pos + 4 * nval <= len(buf) else None
         if vals is None:
             raise GGQError(f"{path}: truncated imatrix .dat file")
@@ -166,7 +166,7 @@ def load_imatrix(path) -> dict[str, np.ndarray]:
             e = np.where(c[:, None] > 0, sums / np.where(c > 0, c, 1)[:, None], np.float32(1.0)).reshape(-1)
         e = e.astype(np.float32)
         if not np.all(np.isfinite(e)):
-            raise GGQError(f"{path}: imatrix entry {name} contains non-finite values")
+            raise GGQError(f"{path}: imatrix entry {show(name)} contains non-finite values")
         out[name] = e
     return out
 
@@ -225,7 +225,8 @@ def _gguf_arch_for(config: dict, where: str):
 
     from ggq import models
 
-    fam = models.find(hf_arch=(config.get("architectures") or [None])[0])
+    archs = config.get("architectures")
+    fam = models.find(hf_arch=archs[0]) if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if fam is not None:
         return fam.gguf_arch
     mt = config.get("model_type")
@@ -237,7 +238,6 @@ def _gguf_arch_for(config: dict, where: str):
 
 def _load_model(model: str):
     """(torch model, tokenizer, gguf arch, n_layer, where) from a HF folder/hub id or a GGUF file."""
-    import json
 
     torch = _torch()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -262,15 +262,14 @@ def _load_model(model: str):
         except Exception as e:
             raise GGQError(f"{p}: transformers cannot load this GGUF ({type(e).__name__}: {e})") from None
         return m, tok, arch, n_layer, str(p)
-    from ggq.convert.checkpoint import resolve_source
+    from ggq.convert.checkpoint import read_config, resolve_source
 
     d = resolve_source(str(model))
-    try:
-        config = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise GGQError(f"{d / 'config.json'}: cannot read ({e})") from None
+    config = read_config(d)  # one-line errors for a missing, unreadable or malformed config.json
     arch = _gguf_arch_for(config, str(d / "config.json"))
-    n_layer = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+    n_layer = config.get("num_hidden_layers", config.get("n_layer"))
+    if type(n_layer) is not int or not 0 < n_layer < 2**16:
+        raise GGQError(f"{d / 'config.json'}: invalid num_hidden_layers {show(n_layer)}")
     try:
         m = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(str(d))

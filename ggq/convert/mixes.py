@@ -467,22 +467,15 @@ def plan_types(tensors: list[tuple[str, tuple[int, ...]]], ftype: LlamaFileType,
     return plan_types_from(src, ftype, arch, hparams, overrides, has_imatrix=has_imatrix)
 
 
-def hparams_from_gguf(reader) -> tuple[str, dict]:
-    """(arch, hparams) for :func:`plan_types` from a GGUF file's metadata.
-
-    ``reader``: a ``gguf.GGUFReader`` or a ``{key: value}`` dict of the metadata.
+def hparams_from_gguf(md: dict) -> tuple[str, dict]:
+    """(arch, hparams) for :func:`plan_types` from a GGUF file's metadata ``md`` ({key: value},
+    :attr:`ggq.format.gguf_reader.GGUFHeader.metadata`).
     ``n_head``/``n_head_kv`` may be per-layer arrays in GGUF; llama.cpp's mix rules use layer 0.
     """
     def get(key, default=None):
-        if isinstance(reader, dict):
-            if key not in reader or reader[key] is None:
-                return default
-            v = reader[key]
-        else:
-            f = reader.fields.get(key)
-            if f is None:
-                return default
-            v = f.contents()
+        if key not in md or md[key] is None:
+            return default
+        v = md[key]
         if isinstance(v, (list, tuple)):
             v = v[0] if len(v) else default
         return v

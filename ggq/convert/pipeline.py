@@ -182,6 +182,12 @@ def _native(p: PlannedTensor) -> np.ndarray | None:
     return None if raw is None else _rows(p, raw)
 
 
+def _what(p: PlannedTensor) -> str:
+    """``file: tensor name`` of a planned tensor's source, for messages."""
+    src = p.source
+    return f"{getattr(src, 'origin', None) or 'checkpoint'}: tensor {src.name if src is not None else p.name}"
+
+
 def _produce(p: PlannedTensor) -> np.ndarray:
     """Load, transform and encode one tensor into the array written to the file."""
     if p.data is not None:
@@ -193,6 +199,7 @@ def _produce(p: PlannedTensor) -> np.ndarray:
     arr = _values(p)
     if arr.dtype != np.float16 or p.qtype != T.F16:
         arr = arr.astype(np.float32, copy=False)
+    validate.check_finite(arr, p.qtype, _what(p))
     if p.qtype == T.F32:
         return np.ascontiguousarray(arr, dtype=np.float32)
     return quants.quantize(arr, p.qtype)
@@ -276,6 +283,7 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     w.add_file_type(int(ftype))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     fam.write_vocab(w, model_dir, ck.config)
+    validate.check_vocab_written(w, emb.ne[1], model_dir)
     for p in planned:
         w.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
 
@@ -291,7 +299,7 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
             w.write_header_to_file(tmp)
             try:
                 w.write_kv_data_to_file()
-            except (struct.error, OverflowError, ValueError, TypeError) as e:  # e.g. rope_theta=1e308 as float32
+            except (struct.error, OverflowError, ValueError, TypeError) as e:  # a value its key's type cannot hold
                 raise GGQError(f"{where}: a value does not fit its GGUF key ({e})") from None
             w.write_ti_data_to_file()
             for i, p in enumerate(planned):
@@ -324,6 +332,7 @@ def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:
     if raw is not None:
         return raw
     arr = _values(p).astype(np.float32, copy=False)
+    validate.check_finite(arr, p.qtype, _what(p))
     if weights.shape != (p.shape[-1],):
         raise GGQError(f"imatrix entry for {p.name} has {weights.shape[0]} columns, the tensor has {p.shape[-1]}")
     return quants.quantize(arr, p.qtype, imatrix=weights)

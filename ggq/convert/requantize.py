@@ -29,6 +29,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
 from ggq import quants
 from ggq.convert import mixes
 from ggq.errors import GGQError, show
+from ggq.convert.validate import check_finite
 from ggq.format.gguf_reader import read_gguf
 from ggq.format.gguf_writer import GGUFWriter
 from ggq.format.output import atomic_output, check_output
@@ -110,19 +111,20 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
         if cur == new:
             continue
         if cur not in FLOATS and not allow_requantize:
-            raise GGQError(f"{src_gguf}: tensor {name} is already quantized ({cur.name}); requantizing loses "
+            raise GGQError(f"{src_gguf}: tensor {show(name)} is already quantized ({cur.name}); requantizing loses "
                            f"quality, pass --allow-requantize to do it anyway")
         for ty in (cur, new):
             if not quants.supported(ty):
-                raise GGQError(f"{src_gguf}: tensor {name}: ggq cannot convert {ty.name}")
+                raise GGQError(f"{src_gguf}: tensor {show(name)}: ggq cannot convert {ty.name}")
         if ne[0] % quants.block_size(new):
-            raise GGQError(f"{src_gguf}: tensor {name}: row length {ne[0]} is not a multiple of the "
+            raise GGQError(f"{src_gguf}: tensor {show(name)}: row length {ne[0]} is not a multiple of the "
                            f"{new.name} block size {quants.block_size(new)}")
         if imat is not None and name in imat:
             n_mat = ne[2] if len(ne) > 2 else 1
             size = int(np.asarray(imat[name]).size)
             if size != ne[0] * n_mat and name not in ("token_embd.weight", "per_layer_token_embd.weight"):
-                raise GGQError(f"imatrix entry for {name} has {size} values, the tensor needs {ne[0] * n_mat}")
+                raise GGQError(f"{src_gguf}: the imatrix entry for {show(name)} has {size} values, the tensor needs "
+                               f"{ne[0] * n_mat}")
 
     w = GGUFWriter(None, "")  # "": the copied keys bring general.architecture, in their order
     w.data_alignment = hdr.alignment
@@ -155,7 +157,8 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
                 if bar is not None:
                     bar.set_postfix_str(f"{name} {cur.name}->{new.name}", refresh=False)
                 wts = imat.get(name) if imat is not None and new not in FLOATS else None
-                w.write_tensor_stream(_tensor_parts(fin, off, ne, cur, new, wts), nbytes)
+                what = f"{src_gguf}: tensor {show(name)}"
+                w.write_tensor_stream(_tensor_parts(fin, off, ne, cur, new, wts, what), nbytes)
                 if bar is not None:
                     bar.update(nbytes)
             w.close()
@@ -167,26 +170,26 @@ def requantize(src_gguf, out, ftype, *, allow_requantize: bool = False, override
 
 
 def _check_model(path: Path, arch: str, hdr) -> None:
-    """For an architecture ggq runs, the runtime's model validation
-    (:func:`ggq.runtime.model.plan_model`: hyper-parameters, layers, tensor shapes, vocabulary),
-    so that ``quantize`` does not write a file ``generate`` then refuses. Other architectures
-    (llama-quantize quantizes them too) get the reader's structural checks and what every
-    llama.cpp model has: an integer ``{arch}.block_count`` equal to the number of ``blk.N`` groups
-    (llama_model_loader's hyper-parameters and tensor count), and a ``tokenizer.ggml.tokens`` array
-    of strings (the vocabulary every runner loads)."""
+    """What ``quantize`` requires of its input, so that it does not write a file no runner loads:
+    a ``tokenizer.ggml.tokens`` array (the vocabulary every runner loads); for an architecture
+    ggq runs, the runtime's model validation (:func:`ggq.runtime.model.plan_model`:
+    hyper-parameters, layers, tensor shapes, vocabulary), so that ``generate`` does not refuse the
+    output. Other architectures (llama-quantize quantizes them too) get the reader's structural
+    checks and an integer ``{arch}.block_count`` equal to the number of ``blk.N`` groups
+    (llama_model_loader's hyper-parameters and tensor count), and their tokens must be strings."""
     from ggq import models
     from ggq.runtime.tokenizer import check_vocab_array
 
+    md = hdr.metadata
+    if not isinstance(md.get("tokenizer.ggml.tokens"), list):
+        raise GGQError(f"{path}: no tokenizer.ggml.tokens array (not a complete model file)")
     if models.find(gguf_arch=arch) is None:
         from ggq.runtime.model import check_layers
 
-        md = hdr.metadata
         n_layer = md.get(f"{arch}.block_count")
         if type(n_layer) is not int or not 1 <= n_layer < 2**31:
             raise GGQError(f"{path}: {arch}.block_count is missing or not a positive integer ({show(n_layer)})")
         check_layers(hdr.tensors, arch, n_layer, str(path))
-        if not isinstance(md.get("tokenizer.ggml.tokens"), list):
-            raise GGQError(f"{path}: no tokenizer.ggml.tokens array (not a complete model file)")
         check_vocab_array(md, "tokenizer.ggml.tokens", str, None, str(path))
         return
     from ggq.runtime.loader import open_gguf
@@ -204,11 +207,12 @@ def _read_rows(fin, offset: int, row_bytes: int, i: int, j: int) -> np.ndarray:
     return buf
 
 
-def _tensor_parts(fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights):
+def _tensor_parts(fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights, what: str):
     """One tensor's data converted from ``cur`` to ``new``, as uint8 arrays to write in order.
 
     Reads and converts slabs of at most :data:`SLAB_BYTES` (float32) rows, one matrix (expert)
-    at a time, so memory stays near one slab whatever the tensor size."""
+    at a time, so memory stays near one slab whatever the tensor size. GGQError naming ``what``
+    for non-finite values (:func:`ggq.convert.validate.check_finite`)."""
     n0 = ne[0]
     src_rb = quants.row_bytes(cur, n0)
     n_rows = int(np.prod(ne[1:], dtype=np.int64)) if len(ne) > 1 else 1
@@ -231,6 +235,7 @@ def _tensor_parts(fin, offset: int, ne: tuple[int, ...], cur: T, new: T, weights
         for i in range(m * rows_per_mat, (m + 1) * rows_per_mat, step):
             j = min(i + step, (m + 1) * rows_per_mat)
             x = _to_f32(_read_rows(fin, offset, src_rb, i, j), cur, n0)
+            check_finite(x, new, what)
             q = quants.quantize(x, new, imatrix=w)
             yield np.ascontiguousarray(q).view(np.uint8)
 

@@ -30,7 +30,7 @@ import numpy as np
 from ggq.errors import GGQError, show
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-_NUM = re.compile(r"\.(\d+)\.")
+_NUM = re.compile(r"\.(\d{1,9})\.")  # as arch.natural_key: longer numbers are no layer
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 
@@ -131,3 +131,31 @@ def check_plan(planned, fam, hp, where: str) -> None:
     row = np.full(ops.N_L, -1, np.int64)
     for i in range(hp.n_layer):
         fam.load_layer(b, i, rp, row)
+
+
+def check_vocab_written(w, n_vocab: int, where) -> None:
+    """GGQError naming ``where`` (the checkpoint folder) unless the token arrays the vocabulary
+    writer added to the GGUFWriter ``w`` have ``n_vocab`` entries, the token embedding's rows (the
+    runtime and llama.cpp both size the vocabulary by ``token_embd``): e.g. an added token with an
+    id outside the vocabulary."""
+    kv = w.kv_data[0] if isinstance(w.kv_data, list) else w.kv_data
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        v = kv.get(key)
+        if v is not None and len(v.value) != n_vocab:
+            raise GGQError(f"{where}: the tokenizer gives {key} {len(v.value)} entries but the token embedding has "
+                           f"{n_vocab} rows")
+
+
+_F16_MAX = 65504.0
+
+
+def check_finite(x: np.ndarray, target, what: str) -> None:
+    """GGQError naming ``what`` (file and tensor) if the float32 values ``x`` about to be stored as
+    ggml type ``target`` hold NaN or infinity, or exceed float16's range for an F16 target: the
+    output would load but compute garbage (llama.cpp's ``ggml_validate_row_data`` refuses such
+    rows when it checks them)."""
+    if not np.isfinite(x).all():
+        raise GGQError(f"{what} has non-finite values (NaN or infinity)")
+    if getattr(target, "name", target) == "F16" and x.size and float(np.abs(x).max()) > _F16_MAX:
+        raise GGQError(f"{what} has values beyond float16's range (|x| > 65504); choose F32 or BF16")
+

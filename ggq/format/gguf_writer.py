@@ -1,7 +1,8 @@
 """GGUF output: gguf-py's ``GGUFWriter`` with the two things ggq needs around it.
 
-All GGUF files ggq writes go through :class:`GGUFWriter` (the converter, ``ggq quantize``, the
-imatrix writer): the header, metadata and tensor table are gguf-py's bytes. On top of it:
+All GGUF files ggq writes go through gguf-py's writer: the converter uses ``gguf.GGUFWriter``
+itself, ``ggq quantize`` and the imatrix writer this subclass, so the header, metadata and tensor
+table are always gguf-py's bytes. On top of it:
 
 * :meth:`GGUFWriter.copy_metadata` re-adds the keys of a file read by
   :func:`ggq.format.gguf_reader.read_gguf` with their original value and element types (as

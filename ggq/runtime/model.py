@@ -201,7 +201,7 @@ class Model:
     """A GGUF model ready to run: see the module docstring and ``specs/runtime.md``.
 
     Attributes: ``arch``, ``family`` (:class:`ggq.models.base.Family`), ``n_vocab``, ``n_ctx``,
-    ``metadata`` (GGUF key -> value), ``reader`` (gguf.GGUFReader), ``n_past`` (tokens in the KV
+    ``metadata`` (GGUF key -> value), ``n_past`` (tokens in the KV
     cache), ``path``, ``load_seconds``.
     """
 
@@ -271,12 +271,6 @@ class Model:
         self.file_size = gf.size
         return self
 
-    @property
-    def reader(self):
-        """The file's ``gguf.GGUFReader`` (built on first access: slow for big vocabularies; the
-        same key/values are in :attr:`metadata` already)."""
-        return self._gf.reader
-
     # ------------------------------------------------------------------ KV cache control
     def reset(self) -> None:
         """Forget all tokens (n_past = 0)."""
@@ -343,9 +337,10 @@ class Model:
                 lg = np.empty((chunk.shape[0] if all_logits else 1, self.n_vocab), np.float32)
             self._forward(chunk, lg, all_logits)
             if not np.isfinite(lg).all():  # overflowing weights or activations: NaN/inf logits
-                raise GGQError(f"{self.path.name}: the model produced non-finite logits (NaN or infinity) at "
-                               f"positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}; its weights or "
-                               f"hyper-parameters overflow float32")
+                where = self._first_non_finite_layer(chunk, all_logits)
+                raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) "
+                               f"{where} at positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}; its "
+                               f"weights or hyper-parameters overflow float32")
             self.n_past += chunk.shape[0]
             if all_logits:
                 outs.append(lg)
@@ -353,9 +348,34 @@ class Model:
                 outs.append(lg[0])
         return np.concatenate(outs) if all_logits else outs[-1]
 
-    def _forward(self, chunk, logits, all_logits):
-        self._forward_fn(chunk, self.n_past, all_logits, self.arena.args, self._vecs, self._lay, self._ip, self._fp,
-                         self._inv_freq, self._rope_mscale, self._kc, self._vc, logits)
+    def _forward(self, chunk, logits, all_logits, ip=None):
+        self._forward_fn(chunk, self.n_past, all_logits, self.arena.args, self._vecs, self._lay,
+                         self._ip if ip is None else ip, self._fp, self._inv_freq, self._rope_mscale, self._kc, self._vc,
+                         logits)
+
+    def _first_non_finite_layer(self, chunk, all_logits) -> str:
+        """Where a batch whose logits were not finite first went wrong, for the error message: the
+        batch is run again through its first k layers only (then the output norm and head),
+        bisecting k, about log2(n_layer) passes on this error path only; "at layer N" is the first
+        layer after which the logits are no longer finite, "in the token embeddings" if they are
+        not finite with no layer at all. The KV cache entries of these positions are rewritten by
+        each pass (the caller raises; the positions are not counted in ``n_past``)."""
+        lg = np.empty((chunk.shape[0] if all_logits else 1, self.n_vocab), np.float32)
+        ip = self._ip.copy()
+        lo, hi = 0, self.n_layer  # logits finite after lo layers (or lo = 0 unknown), not after hi
+        ip[ops.I_LAYER] = 0
+        self._forward(chunk, lg, all_logits, ip)
+        if not np.isfinite(lg).all():
+            return "in the token embeddings"
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            ip[ops.I_LAYER] = mid
+            self._forward(chunk, lg, all_logits, ip)
+            if np.isfinite(lg).all():
+                lo = mid
+            else:
+                hi = mid
+        return f"at layer {hi - 1} (blk.{hi - 1})"
 
     def __repr__(self):
         return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
