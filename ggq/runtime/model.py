@@ -12,7 +12,6 @@ kernels); a single token is the decode path.
 
 from __future__ import annotations
 
-import mmap
 import re
 import time
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from ggq.models.base import Metadata, RunParams
 from ggq.runtime import ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
+from ggq.runtime.memory import release_range
 from ggq.runtime.ops import KT, KV_TYPES
 
 def _dequant_vec(t) -> np.ndarray:
@@ -243,10 +243,11 @@ class Model:
                 row_bytes = part.nbytes // part.n_rows
 
                 def release(r0, r1, part=part, row_bytes=row_bytes):
-                    _release(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+                    release_range(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
 
                 arena.fill(j, part.raw, row0=row0, release=release)
                 row0 += part.n_rows
+        release_range(mm, 0, gf.size)  # the header (vocabulary) and the vectors are read and copied too
         self.arena = arena
         self._vecs = b.vec_values()
         self._lay = lay
@@ -452,16 +453,3 @@ def _fusable(*ts) -> bool:
     return (t0.qtype in FAMILY_OF and FAMILY_OF[t0.qtype] >= FAM_N4
             and all(t.qtype == t0.qtype and t.n_cols == t0.n_cols and t.n_rows % G == 0 for t in ts))
 
-
-def _release(mm, offset: int, nbytes: int) -> None:
-    """Drop the file pages of [offset, offset+nbytes) from this process's resident set (best effort)."""
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    page = mmap.PAGESIZE
-    start = (offset + page - 1) // page * page
-    end = (offset + nbytes) // page * page
-    if end > start:
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-        except (OSError, ValueError):
-            pass

@@ -86,7 +86,8 @@ Scratch = namedtuple("Scratch", "h q k v att o gate up qkv gu ae aa af")
 Scratch.__doc__ = """Buffers of one forward call (float32, T rows): ``h`` normed input, ``q``/``k``/``v``,
 ``att`` attention output, ``o`` a block's output, ``gate``/``up`` FFN, ``qkv``/``gu`` fused
 projections; ``ae``/``aa``/``af``: 8-bit activation buffers (:func:`act_bufs`) for inputs of
-n_embd, n_head*hd and n_ff values."""
+n_embd, n_head*hd and n_ff values. ``up`` lies in the first rows' worth of ``gu``'s memory: a
+layer's FFN uses one or the other (:func:`ffn`)."""
 
 
 @njit(cache=True)
@@ -103,10 +104,11 @@ def scratch(T, ip):
     n_embd, n_ff = ip[I_EMBD], ip[I_FF]
     nq, nkv = ip[I_HEAD] * ip[I_HD], ip[I_KV] * ip[I_HD]
     f = np.float32
+    gu = np.empty((T, 2 * n_ff), f)
+    up = gu.reshape(-1)[:T * n_ff].reshape((T, n_ff))
     return Scratch(np.empty((T, n_embd), f), np.empty((T, nq), f), np.empty((T, nkv), f), np.empty((T, nkv), f),
-                   np.empty((T, nq), f), np.empty((T, n_embd), f), np.empty((T, n_ff), f), np.empty((T, n_ff), f),
-                   np.empty((T, nq + 2 * nkv), f), np.empty((T, 2 * n_ff), f),
-                   act_bufs(T, n_embd), act_bufs(T, nq), act_bufs(T, n_ff))
+                   np.empty((T, nq), f), np.empty((T, n_embd), f), np.empty((T, n_ff), f), up,
+                   np.empty((T, nq + 2 * nkv), f), gu, act_bufs(T, n_embd), act_bufs(T, nq), act_bufs(T, n_ff))
 
 
 @njit(cache=True)
@@ -214,17 +216,19 @@ def attn_inputs(W, L, vecs, s, ip):
 @njit(cache=True)
 def ffn(W, L, s, act):
     """s.o = down(glu(gate(s.h), up(s.h))): SwiGLU (``act`` SILU) or GeGLU with the tanh GELU
-    (GELU_TANH); gate and up from two matrices or one fused gate|up matrix (gate rows first)."""
+    (GELU_TANH); gate and up from two matrices or one fused gate|up matrix (gate rows first,
+    whose GLU is computed in place in s.gu's gate columns, then copied to s.gate, the down
+    projection's input)."""
     n_ff = s.gate.shape[1]
     quantize_for(W, s.h, s.ae, L[L_GATE], L[L_UP], -1)
     if L[L_UP] < 0:  # fused gate|up rows
         mm(W, L[L_GATE], s.h, s.ae, s.gu)
+        glu_fused(s.gu, n_ff, act)
         copy_cols(s.gate, s.gu, 0)
-        copy_cols(s.up, s.gu, n_ff)
     else:
         mm(W, L[L_GATE], s.h, s.ae, s.gate)
         mm(W, L[L_UP], s.h, s.ae, s.up)
-    glu(s.gate, s.up, act)
+        glu(s.gate, s.up, act)
     linear(W, L[L_DOWN], s.gate, s.af, s.o)
 
 
@@ -321,6 +325,22 @@ def glu(gate, up, act):
         _glu_par(gate, up, act)
     else:
         _glu_row(gate[0], up[0], act)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def _glu_fused_par(gu, n_ff, act):
+    for t in prange(gu.shape[0]):
+        _glu_row(gu[t, :n_ff], gu[t, n_ff:], act)
+
+
+@njit(cache=True, fastmath=True)
+def glu_fused(gu, n_ff, act):
+    """:func:`glu` of the rows of a fused gate|up output ``gu`` (T, 2 n_ff), in place in the
+    gate columns: gu[t, :n_ff] <- act(gu[t, :n_ff]) * gu[t, n_ff:]."""
+    if gu.shape[0] > 1:
+        _glu_fused_par(gu, n_ff, act)
+    else:
+        _glu_row(gu[0, :n_ff], gu[0, n_ff:], act)
 
 
 # ---------------------------------------------------------------------------------------------------
