@@ -1503,6 +1503,9 @@ def _model_problems(doc: GGUFDoc) -> list:
 _TRACE_RE = re.compile(r'File "([^"]+)", line (\d+)')
 _EXC_RE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|Warning|Exit|Interrupt))\b(?::|\()")
 _PROGRESS_RE = re.compile(r"\d+%\||it/s\]|s/it\]|\|\s*\d+/\d+ \[")
+#: status lines, not errors: progress bars, and the runtime's compile status (shown when loading
+#: the compiled kernels takes over a second, e.g. on a loaded machine)
+_STATUS_RE = re.compile(_PROGRESS_RE.pattern + r"|^ggq: (compiling the runtime for |compiled in |finishing the one-time compile)")
 _MEM_RE = re.compile(r"MemoryError|Unable to allocate|Cannot allocate memory|std::bad_alloc|out of memory|"
                      r"ArrayMemoryError|mmap length is greater", re.I)
 
@@ -1659,7 +1662,7 @@ def classify(code, sig, timed_out, stderr: str) -> tuple[str, str]:
     if "Traceback" in stderr or "Fatal Python error" in stderr:
         m = re.match(r"([A-Za-z_][\w.]*)(?::|$)", last)
         return "traceback", f"{m.group(1) if m else excs[-1] if excs else '?'} {site}"
-    lines = [ln for ln in re.split(r"[\r\n]+", stderr) if ln.strip() and not _PROGRESS_RE.search(ln)]
+    lines = [ln for ln in re.split(r"[\r\n]+", stderr) if ln.strip() and not _STATUS_RE.search(ln)]
     if len(lines) > 1:
         return "multi_line_error", f"multi-line: {_mask(lines[-1])[:70]}"
     msg = lines[0] if lines else ""
@@ -1940,7 +1943,7 @@ def _site_key(rec: dict) -> str:
 
 
 def _first_error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip() and not _PROGRESS_RE.search(ln)]
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not _STATUS_RE.search(ln)]
     for ln in reversed(lines):
         if (_EXC_RE.search(ln) or ln.startswith(("ggq:", "Fatal", "free(", "Timeout"))) and "File \"" not in ln:
             return ln.strip()
