@@ -426,6 +426,10 @@ def _set_st_header(ckpt: Path, header: dict, data: bytes, raw_header: bytes | No
     ({"vocab_size": 500}, "vocab_size"),
     ({"intermediate_size": 128}, "ffn"),
     ({"num_attention_heads": 0}, "attention heads"),
+    ({"rope_scaling": {"type": "linear", "factor": float("nan")}}, "rope parameter factor"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}},
+     "original_max_position_embeddings"),
+    ({"num_attention_heads": "x" * 5000}, "invalid hyperparameter"),
 ])
 def test_config_contradicting_checkpoint(ckpt, tmp_path, change, needle):
     """Absurd or contradicting config.json values: refused at once, nothing written."""

@@ -97,7 +97,7 @@ class HParams:
         except (TypeError, AttributeError, KeyError):
             raise GGQError(f"{where}: invalid hyperparameter in config.json (a value of the wrong JSON type)") from None
         except (ValueError, OverflowError) as e:
-            raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e))})") from None
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e), 200)})") from None
 
     @classmethod
     def _from_config(cls, cfg: dict, where: str, model_dir: Path | None = None) -> "HParams":
@@ -105,7 +105,7 @@ class HParams:
             n_embd = int(_get(cfg, ("hidden_size", "n_embd", "dim"), where))
             n_head = int(_get(cfg, ("num_attention_heads", "n_head", "n_heads"), where))
         except (TypeError, ValueError, OverflowError) as e:
-            raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e), 200)})") from None
         if n_head <= 0:
             raise GGQError(f"{where}: config.json has {n_head} attention heads")
         rope = rope_parameters(cfg)
@@ -130,7 +130,7 @@ class HParams:
                 model_dir=None if model_dir is None else Path(model_dir),
             )
         except (TypeError, ValueError, OverflowError) as e:
-            raise GGQError(f"{where}: invalid hyperparameter in config.json ({e})") from None
+            raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e), 200)})") from None
         if hp.n_head <= 0 or hp.n_head_kv <= 0 or hp.n_head % hp.n_head_kv:
             raise GGQError(f"{where}: config.json has {hp.n_head} attention heads and {hp.n_head_kv} key-value heads")
         return hp
@@ -194,7 +194,7 @@ def write_rope_scaling(w: gguf.GGUFWriter, rope: dict) -> None:
     elif rope_type == "yarn" and factor is not None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(factor))
-        if "original_max_position_embeddings" in rope:
+        if rope.get("original_max_position_embeddings") is not None:
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
         for key, add in (("extrapolation_factor", w.add_rope_scaling_yarn_ext_factor),
                          ("attention_factor", w.add_rope_scaling_yarn_attn_factor),

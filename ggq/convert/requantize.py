@@ -175,22 +175,22 @@ def _check_model(path: Path, arch: str, hdr) -> None:
     ggq runs, the runtime's model validation (:func:`ggq.runtime.model.plan_model`:
     hyper-parameters, layers, tensor shapes, vocabulary), so that ``generate`` does not refuse the
     output. Other architectures (llama-quantize quantizes them too) get the reader's structural
-    checks and an integer ``{arch}.block_count`` equal to the number of ``blk.N`` groups
-    (llama_model_loader's hyper-parameters and tensor count), and their tokens must be strings."""
+    checks, an integer ``{arch}.block_count`` equal to the number of ``blk.N`` groups
+    (llama_model_loader's hyper-parameters and tensor count), and the runtime's vocabulary checks
+    against the token count (string tokens, arrays of equal length, special token ids in range)."""
     from ggq import models
-    from ggq.runtime.tokenizer import check_vocab_array
 
     md = hdr.metadata
     if not isinstance(md.get("tokenizer.ggml.tokens"), list):
         raise GGQError(f"{path}: no tokenizer.ggml.tokens array (not a complete model file)")
     if models.find(gguf_arch=arch) is None:
-        from ggq.runtime.model import check_layers
+        from ggq.runtime.model import check_layers, check_vocab
 
         n_layer = md.get(f"{arch}.block_count")
         if type(n_layer) is not int or not 1 <= n_layer < 2**31:
             raise GGQError(f"{path}: {arch}.block_count is missing or not a positive integer ({show(n_layer)})")
         check_layers(hdr.tensors, arch, n_layer, str(path))
-        check_vocab_array(md, "tokenizer.ggml.tokens", str, None, str(path))
+        check_vocab(md, arch, len(md["tokenizer.ggml.tokens"]), str(path))  # array lengths, special token ids
         return
     from ggq.runtime.loader import open_gguf
     from ggq.runtime.model import plan_model

@@ -47,6 +47,7 @@ def check_sizes(hp, tensor_shapes: dict, where: str) -> None:
         v = getattr(hp, name)
         if not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX) or (positive and v <= 0):
             raise GGQError(f"{where}: {key} is {show(v)}; it must be finite, > 0 and fit a float32")
+    _check_rope(getattr(hp, "rope", None) or {}, where)
     layers = set()
     biggest = 0
     for n, shape in tensor_shapes.items():
@@ -158,4 +159,33 @@ def check_finite(x: np.ndarray, target, what: str) -> None:
         raise GGQError(f"{what} has non-finite values (NaN or infinity)")
     if getattr(target, "name", target) == "F16" and x.size and float(np.abs(x).max()) > _F16_MAX:
         raise GGQError(f"{what} has values beyond float16's range (|x| > 65504); choose F32 or BF16")
+
+
+#: rope parameters of config.json that become float32 GGUF keys or rope tables, and whether > 0 is required
+_ROPE_NUMBERS = {"factor": True, "extrapolation_factor": False, "attention_factor": False, "attn_factor": False,
+                 "beta_fast": False, "beta_slow": False, "low_freq_factor": True, "high_freq_factor": True,
+                 "partial_rotary_factor": True, "rope_theta": True}
+
+
+def _check_rope(rope: dict, where: str) -> None:
+    """GGQError unless the rope parameters (:func:`ggq.convert.arch.rope_parameters`, and its
+    per-kind ``full_attention`` / ``sliding_attention`` entries) that ggq writes or computes with
+    are finite numbers fitting a float32 (positive where a scale), and
+    ``original_max_position_embeddings`` a count."""
+    if not isinstance(rope, dict):
+        raise GGQError(f"{where}: rope_scaling / rope_parameters is not a JSON object")
+    for kind in ("full_attention", "sliding_attention"):
+        if kind in rope:
+            _check_rope(rope[kind], where)
+    for key, positive in _ROPE_NUMBERS.items():
+        v = rope.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and abs(v) <= _FLOAT32_MAX) \
+                or (positive and v <= 0):
+            raise GGQError(f"{where}: rope parameter {key} is {show(v)}; it must be a finite number"
+                           + (" > 0" if positive else ""))
+    v = rope.get("original_max_position_embeddings")
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31):
+        raise GGQError(f"{where}: rope parameter original_max_position_embeddings is {show(v)}; it must be a count")
 

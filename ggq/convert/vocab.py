@@ -528,9 +528,13 @@ class SpecialVocab:
         elif (self.dir / "chat_template.json").is_file():
             alt = (read_json(self.dir / "chat_template.json") or {}).get("chat_template")
         template = tc.get("chat_template", alt)
-        if template is None or isinstance(template, (str, list)):
+        if template is None or isinstance(template, str):
             return template
-        log.warning("%s: chat_template is neither a string nor a list; ignored", self.dir / "tokenizer_config.json")
+        if isinstance(template, list) and all(
+                isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                for t in template):
+            return template
+        log.warning("%s: chat_template is neither a string nor a list of named templates; ignored", self.dir / "tokenizer_config.json")
         return None
 
     def _load_config(self, config: dict) -> None:

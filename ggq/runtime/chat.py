@@ -121,7 +121,7 @@ class ChatTemplate:
             except jinja2.exceptions.TemplateError as e:
                 err = err or f"{prefix}: {one_line(str(e), 200)}"
             except Exception as e:  # the template comes from the file: any failure in it is the file's
-                err = err or f"{prefix}: {type(e).__name__}: {one_line(str(e), 200)}"
+                err = err or f"{prefix}: cannot render ({one_line(str(e), 200) or type(e).__name__})"
                 break
         raise GGQError(err)
 

@@ -157,7 +157,7 @@ def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelP
     hyper-parameters in range (:meth:`RunParams.check`), ``block_count`` equal to the file's
     ``blk.N`` groups, every tensor the forward pass reads present with the shape the
     hyper-parameters give (:class:`LayerBuilder`), the vocabulary consistent with
-    ``token_embd.weight`` (:func:`_check_vocab`), finite rope frequencies. ``check_types``: also
+    ``token_embd.weight`` (:func:`check_vocab`), finite rope frequencies. ``check_types``: also
     refuse matrix types the runtime cannot run (``ggq quantize`` checks with False). Reads only the
     small norm and bias vectors. GGQError naming the file for any violation."""
     name = gf.path.name
@@ -174,7 +174,7 @@ def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelP
     if emb is None or len(emb.ne) != 2 or emb.ne[0] != n_embd:
         raise GGQError(f"{name}: missing or malformed token_embd.weight (expected {n_embd} columns)")
     n_vocab = int(emb.ne[1])
-    _check_vocab(gf.metadata, gf.arch, n_vocab, name)
+    check_vocab(gf.metadata, gf.arch, n_vocab, name)
     lay = np.full((n_layer, ops.N_L), -1, np.int64)
     for i in range(n_layer):
         fam.load_layer(b, i, rp, lay[i])
@@ -404,7 +404,7 @@ _TOKEN_ID_KEYS = tuple(v for k, v in vars(gguf.Keys.Tokenizer).items() if k.ends
     "tokenizer.ggml.cls_token_id",)
 
 
-def _check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
+def check_vocab(md: dict, arch: str, n_vocab: int, where: str) -> None:
     """GGQError unless the vocabulary agrees with ``token_embd.weight``'s ``n_vocab`` rows: the
     ``tokenizer.ggml.tokens`` / ``scores`` / ``token_type`` arrays (when present) have ``n_vocab``
     entries (llama.cpp sizes token_embd by the token count), ``{arch}.vocab_size`` (when present)
