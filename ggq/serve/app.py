@@ -90,7 +90,7 @@ class StreamOptions(_Strict):
 
 class SamplingFields(_Strict):
     """The sampling and output fields chat and text completions share (OpenAI's names, plus
-    llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``). Absent fields take
+    llama.cpp's ``top_k``, ``min_p``, ``repeat_penalty``, ``repeat_last_n``, ``cache_prompt``). Absent fields take
     llama.cpp's defaults (:class:`SamplerParams`)."""
 
     model: str | None = None
@@ -109,6 +109,7 @@ class SamplingFields(_Strict):
     repeat_last_n: int | None = Field(None, ge=-1)
     n: int | None = Field(None, ge=1)
     logit_bias: dict[str, float] | None = None
+    cache_prompt: bool = True
     user: str | None = None  # accepted, unused
 
     def sampler_params(self) -> SamplerParams:
@@ -321,10 +322,10 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             raise APIError(f"model {one_line(name, 100)!r} is not served here (this server serves {model_id!r})",
                            status=404, param="model", code="model_not_found")
 
-    def check_length(n: int) -> None:
+    def check_length(n: int, param: str) -> None:
         if n >= engine.n_ctx:
             raise APIError(f"the prompt is {n} tokens, the context holds {engine.n_ctx} (ggq serve --ctx-size)",
-                           param="messages", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
 
     def model_card() -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "ggq",
@@ -405,8 +406,8 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
         return await _complete(request, req, ids, chat=False)
 
     async def _complete(request: Request, req, ids: list[int], chat: bool):
-        check_length(len(ids))
-        gen = GenRequest(ids, req.sampler_params(), req.limit(), req.stop_list())
+        check_length(len(ids), "messages" if chat else "prompt")
+        gen = GenRequest(ids, req.sampler_params(), req.limit(), req.stop_list(), req.cache_prompt)
         handle = engine.submit(gen)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         now = int(time.time())

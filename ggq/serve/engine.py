@@ -47,6 +47,9 @@ class GenRequest:
     params: SamplerParams = field(default_factory=SamplerParams)
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
+    #: reuse the KV cache's common prefix (llama.cpp's ``cache_prompt``); False evaluates the whole
+    #: prompt, so that a seed reproduces a reply bit for bit whatever the cache held before
+    cache_prompt: bool = True
 
 
 @dataclass
@@ -165,7 +168,7 @@ class Slot:
             raise GGQError(f"the prompt is {len(prompt)} tokens, the context holds {n_ctx}")
         self.handle = handle
         self.res = GenResult(n_prompt=len(prompt))
-        keep = common_prefix(self.cached, prompt)
+        keep = common_prefix(self.cached, prompt) if req.cache_prompt else 0
         if keep == len(prompt):  # the last prompt token's logits are needed: evaluate it again
             keep -= 1
         keep = max(0, min(keep, int(self.model.n_past)))
