@@ -103,6 +103,29 @@ def _prompt_ids(srv, messages):
     return tokenize_rendered(srv.tok, srv.template.render(messages))
 
 
+# ---------------------------------------------------------------------------- stop strings (no model)
+
+@pytest.mark.parametrize("pieces,stops,released,found", [
+    (["Hel", "lo W", "orld"], ["o W"], "Hell", True),         # spans two pieces
+    (["a", "b", "c", "d"], ["bcd"], "a", True),                # spans three
+    (["ab", "c", "x"], ["abd"], "abcx", False),                # a false start is released
+    (["xy", "z"], ["never", "yz"], "x", True),                 # the first stop string found wins
+    (["héllo", " wörld"], [], "héllo wörld", False),
+])
+def test_stop_matcher(pieces, stops, released, found):
+    from ggq.serve.engine import _StopMatcher
+
+    m, out, hit = _StopMatcher(stops), [], False
+    for p in pieces:
+        text, hit = m.push(p)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(m.flush())
+    assert "".join(out) == released and hit == found
+
+
 # ---------------------------------------------------------------------------- generation
 
 def test_models_and_health(srv):
