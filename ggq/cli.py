@@ -266,6 +266,36 @@ def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predi
                  kv_type=cache_type, no_think=no_think, hide_think=hide_think)
 
 
+# ---------------------------------------------------------------- serve (OpenAI-compatible server)
+
+@main.command()
+@click.argument("model", required=False, type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
+@click.option("--port", type=int, default=8080, show_default=True, help="TCP port.")
+@click.option("-np", "--parallel", type=int, default=1, show_default=True,
+              help="Slots (sequences served at once); 1 until continuous batching lands.")
+@click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
+              help="Context size in tokens (default: the runtime's, like llama.cpp's 4096).")
+@click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
+@click.option("--alias", default=None, help="Model id the API reports (default: the file name).")
+@_CACHE_TYPE
+def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_type):
+    """Serve a GGUF model over an OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
+
+    Endpoints: /v1/chat/completions, /v1/completions (streaming too), /v1/models, /health,
+    /tokenize, /detokenize. One log line per request on standard error; Ctrl-C stops.
+    """
+    from ggq.serve.app import serve as run_serve
+
+    if model is None:
+        from ggq.runtime.default_model import default_model_path
+
+        model = str(default_model_path())
+    run_serve(model, host=host, port=port, n_slots=parallel, n_ctx=ctx_size, n_threads=threads, api_key=api_key,
+              alias=alias, kv_type=cache_type)
+
+
 # ---------------------------------------------------------------- perplexity (quality)
 
 @main.command()

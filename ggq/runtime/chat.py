@@ -386,6 +386,15 @@ class Generator:
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
+def tokenize_rendered(tok: Tokenizer, text: str) -> list[int]:
+    """Token ids of a rendered chat template: special tokens parsed, BOS added once (the template
+    may write it itself)."""
+    ids = tok.encode(text, add_special=False, parse_special=True)
+    if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
+        ids.insert(0, tok.bos_id)
+    return ids
+
+
 class ChatSession:
     """A conversation over one model: ``turn(user_text) -> GenStats`` streams the reply to ``out``.
 
@@ -414,10 +423,7 @@ class ChatSession:
         """Rendered and tokenized conversation (special tokens parsed, BOS added once)."""
         text = self.template.render(messages, add_generation_prompt)
         self._opens_thinking = opens_thinking(text)
-        ids = self.tok.encode(text, add_special=False, parse_special=True)
-        if self.tok.add_bos and self.tok.bos_id is not None and (not ids or ids[0] != self.tok.bos_id):
-            ids.insert(0, self.tok.bos_id)
-        return ids
+        return tokenize_rendered(self.tok, text)
 
     def _fit(self, msgs: list[dict]) -> list[int]:
         """Tokens of ``msgs``; drops the oldest turns (not the system prompt) until they fit."""

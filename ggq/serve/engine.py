@@ -1,0 +1,325 @@
+"""The generation engine behind ``ggq serve``: a queue of requests, slots, one worker thread.
+
+One :class:`Engine` owns the model. Requests (:class:`GenRequest`: prompt tokens, sampler
+settings, token limit, stop strings) are put on a queue; a single worker thread takes them one at a
+time and runs each on a :class:`Slot`. The Numba forward pass therefore never runs from two threads
+at once, and the asyncio event loop of the HTTP server never waits on it.
+
+A slot remembers the tokens that are in its KV cache. A new request keeps the longest common prefix
+of its prompt with them (``Model.truncate``) and evaluates only the rest, so a chat that resends
+its history evaluates only the new turn.
+
+Decoding is written as one step per token (:meth:`Slot.step`), driven by the worker loop: the shape
+continuous batching needs later (several slots, one forward pass per step for all of them). This
+slice has one slot on one model.
+
+Events go back to the caller through :class:`RequestHandle`, an async iterator fed from the worker
+thread with ``loop.call_soon_threadsafe``: ``("text", str)`` pieces as they are produced (whole
+UTF-8 characters, stop strings held back until they can be ruled out) and one final
+``("done", GenResult)`` or ``("error", GGQError)``. :meth:`RequestHandle.cancel` (a streaming client
+went away) stops generation at the next token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ggq.errors import GGQError
+from ggq.runtime.chat import common_prefix
+from ggq.runtime.sampler import Sampler, SamplerParams
+from ggq.runtime.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("ggq.serve")
+
+
+@dataclass
+class GenRequest:
+    """One generation job: ``prompt`` token ids, ``params`` for the sampler, at most ``max_tokens``
+    new tokens (``None``: until end of generation or a full context) and ``stop`` strings (the text
+    ends before the first one found; it is not returned)."""
+
+    prompt: list[int]
+    params: SamplerParams = field(default_factory=SamplerParams)
+    max_tokens: int | None = None
+    stop: list[str] = field(default_factory=list)
+    #: reuse the KV cache's common prefix (llama.cpp's ``cache_prompt``); False evaluates the whole
+    #: prompt, so that a seed reproduces a reply bit for bit whatever the cache held before
+    cache_prompt: bool = True
+
+
+@dataclass
+class GenResult:
+    """What a finished request produced: the text (without a stop string), the finish reason
+    (``"stop"``: end of generation or a stop string, ``"length"``: ``max_tokens`` or a full
+    context, ``"cancelled"``), token counts and timings."""
+
+    text: str = ""
+    finish_reason: str = "length"
+    n_prompt: int = 0          # prompt tokens
+    n_cached: int = 0          # prompt tokens reused from the KV cache
+    n_gen: int = 0             # generated tokens (a stop string's tokens included)
+    t_prompt: float = 0.0
+    t_gen: float = 0.0
+
+
+class RequestHandle:
+    """The caller's side of a queued request: ``async for kind, value in handle`` yields the
+    engine's events; :meth:`cancel` asks the engine to stop it."""
+
+    def __init__(self, req: GenRequest, loop: asyncio.AbstractEventLoop):
+        self.req = req
+        self._loop = loop
+        self._events: asyncio.Queue = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.result: GenResult | None = None
+        self._ended = False
+
+    def cancel(self) -> None:
+        """Stop generating for this request (at the next token; a queued request never starts)."""
+        self.cancelled.set()
+
+    def _emit(self, kind: str, value) -> None:
+        """Called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed (server shutting down)
+            self.cancelled.set()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.result is not None or self._ended:
+            raise StopAsyncIteration
+        kind, value = await self._events.get()
+        if kind == "done":
+            self.result = value
+        elif kind == "error":
+            self._ended = True
+        return kind, value
+
+
+class _StopMatcher:
+    """Holds back text that could be the start of a stop string; finds the first stop string even
+    when it spans several tokens."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0  # characters of self.text already released
+
+    def push(self, piece: str) -> tuple[str, bool]:
+        """Add ``piece``; return ``(text to release, stop string found)``."""
+        self.text += piece
+        if not self.stops:
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out, False
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            end = min(hits)
+            out = self.text[self.sent:end]
+            self.text, self.sent = self.text[:end], end
+            return out, True
+        tail = self.text[self.sent:]
+        hold = 0
+        for s in self.stops:  # longest suffix of the unreleased text that begins a stop string
+            for k in range(min(len(s) - 1, len(tail)), hold, -1):
+                if s.startswith(tail[len(tail) - k:]):
+                    hold = k
+                    break
+        end = len(self.text) - hold
+        out, self.sent = self.text[self.sent:end], end
+        return out, False
+
+    def flush(self) -> str:
+        """Release what is held back (generation ended without completing a stop string)."""
+        out, self.sent = self.text[self.sent:], len(self.text)
+        return out
+
+
+class Slot:
+    """One sequence being decoded on ``model``: its KV cache contents (``cached``), the request it
+    serves, its sampler and decoder state. ``start`` evaluates a prompt (reusing the cached
+    prefix), ``step`` samples one token and evaluates it."""
+
+    def __init__(self, slot_id: int, model, tok: Tokenizer):
+        self.id, self.model, self.tok = slot_id, model, tok
+        self.cached: list[int] = []
+        self.handle: RequestHandle | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.handle is not None
+
+    def start(self, handle: RequestHandle) -> None:
+        """Take ``handle``'s request: keep the shared prefix of the KV cache, evaluate the rest of
+        the prompt. Raises GGQError (the slot is then free again)."""
+        req = handle.req
+        prompt = req.prompt
+        n_ctx = int(self.model.n_ctx)
+        if not prompt:
+            raise GGQError("empty prompt")
+        if len(prompt) >= n_ctx:
+            raise GGQError(f"the prompt is {len(prompt)} tokens, the context holds {n_ctx}")
+        self.handle = handle
+        self.res = GenResult(n_prompt=len(prompt))
+        keep = common_prefix(self.cached, prompt) if req.cache_prompt else 0
+        if keep == len(prompt):  # the last prompt token's logits are needed: evaluate it again
+            keep -= 1
+        keep = max(0, min(keep, int(self.model.n_past)))
+        self.model.truncate(keep)
+        self.cached = list(prompt[:keep])
+        self.res.n_cached = keep
+        t0 = time.perf_counter()
+        try:
+            self.logits = self.model.eval(prompt[keep:])
+        except BaseException:
+            self.model.reset()
+            self.cached, self.handle = [], None
+            raise
+        self.cached = list(prompt)
+        self.res.t_prompt = time.perf_counter() - t0
+        self.t_gen0 = time.perf_counter()
+        p = req.params
+        self.sampler = Sampler(p)
+        n_last = p.repeat_last_n  # -1: the whole context, as in llama.cpp
+        self.sampler.accept_many(prompt if n_last < 0 else prompt[len(prompt) - n_last:] if n_last > 0 else [])
+        self.decoder = StreamDecoder(self.tok)
+        self.matcher = _StopMatcher(req.stop)
+
+    def step(self) -> bool:
+        """Sample the next token, emit its text, evaluate it. False when the request is finished
+        (then :meth:`finish` has been called)."""
+        h, res = self.handle, self.res
+        if h.cancelled.is_set():
+            return self.finish("cancelled")
+        tid = self.sampler.sample(self.logits)
+        if self.tok.is_eog(tid):
+            return self.finish("stop", self.decoder.flush())
+        self.sampler.accept(tid)
+        res.n_gen += 1
+        out, hit = self.matcher.push(self.decoder.push(tid))
+        if out:
+            h._emit("text", out)
+        if hit:
+            return self.finish("stop")
+        limit = h.req.max_tokens
+        if (limit is not None and res.n_gen >= limit) or len(self.cached) + 1 >= int(self.model.n_ctx):
+            return self.finish("length", self.decoder.flush())
+        if h.cancelled.is_set():
+            return self.finish("cancelled")
+        try:
+            self.logits = self.model.eval([tid])
+        except BaseException:
+            self.model.reset()
+            self.cached = []
+            raise
+        self.cached.append(tid)
+        return True
+
+    def finish(self, reason: str, rest: str = "") -> bool:
+        """End the request with ``reason``; ``rest``: text still held by the decoder."""
+        h, res = self.handle, self.res
+        if rest and reason != "cancelled":
+            out, hit = self.matcher.push(rest)
+            if out:
+                h._emit("text", out)
+            if hit:
+                reason = "stop"
+        if reason != "cancelled":  # generation ended: text held back for a stop string is text
+            out = self.matcher.flush()
+            if out:
+                h._emit("text", out)
+        res.text = self.matcher.text[:self.matcher.sent]
+        res.finish_reason = reason
+        res.t_gen = time.perf_counter() - self.t_gen0
+        self.handle = None
+        h._emit("done", res)
+        return False
+
+
+class Engine:
+    """Serves generation requests on ``model`` with ``n_slots`` slots (1 in this slice: one KV
+    cache, requests one at a time) from one worker thread.
+
+    ``ready``: a callable returning when the model is compiled (e.g. :meth:`Warmup.wait`), run by the
+    worker before the first request.
+    """
+
+    def __init__(self, model, tok: Tokenizer, n_slots: int = 1, ready=None):
+        if n_slots != 1:
+            raise GGQError(f"--parallel {n_slots}: only 1 slot for now (continuous batching is a later slice)")
+        self.model, self.tok = model, tok
+        self.slots = [Slot(i, model, tok) for i in range(n_slots)]
+        self._queue: queue.Queue = queue.Queue()
+        self._ready = ready
+        self.is_ready = threading.Event()
+        self.n_processed = 0
+        self._thread = threading.Thread(target=self._run, name="ggq-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.model.n_ctx)
+
+    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue ``req``; iterate the returned handle (in ``loop``, default: the running one) for
+        its events."""
+        handle = RequestHandle(req, loop or asyncio.get_running_loop())
+        self._queue.put(handle)
+        return handle
+
+    def queued(self) -> int:
+        """Requests waiting for a slot."""
+        return self._queue.qsize()
+
+    def stop(self) -> None:
+        """Let the worker thread end after the current request."""
+        self._queue.put(None)
+
+    def _pick_slot(self, prompt: list[int]) -> Slot:
+        """The free slot whose cache shares the longest prefix with ``prompt``."""
+        free = [s for s in self.slots if not s.busy]
+        return max(free, key=lambda s: common_prefix(s.cached, prompt))
+
+    def _run(self) -> None:
+        if self._ready is not None:
+            try:
+                self._ready()
+            except BaseException as e:  # the model cannot run: answer every request with the error
+                log.error("model warm-up failed: %s", e)
+                self._fail_all(GGQError(f"the model failed to compile: {e}"))
+                return
+        self.is_ready.set()
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            if handle.cancelled.is_set():
+                continue
+            slot = self._pick_slot(handle.req.prompt)
+            try:
+                slot.start(handle)
+                while slot.step():
+                    pass
+            except GGQError as e:
+                slot.handle = None
+                handle._emit("error", e)
+            except Exception as e:  # a bug: report it to this request, keep serving
+                log.exception("generation failed")
+                slot.handle = None
+                slot.cached = []
+                handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
+            self.n_processed += 1
+
+    def _fail_all(self, err: GGQError) -> None:
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            handle._emit("error", err)

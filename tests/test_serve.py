@@ -1,0 +1,360 @@
+"""``ggq serve``: the OpenAI-compatible server, checked with the real ``openai`` client (and httpx
+for raw requests) against a server started here on 127.0.0.1 over SmolLM2-135M-Instruct (Q4_1,
+written by llama.cpp). References: ``ggq generate --chat`` in a separate process, ggq's own
+Tokenizer and Hugging Face's ``tokenizers`` on the checkpoint's tokenizer.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+KEY = "sk-ggq-test"
+N_CTX = 512
+SYSTEM = "You are a helpful assistant. Reply in one short English sentence."
+QUESTION = "What is the capital of France?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def srv(smollm2_gguf):
+    from ggq.runtime.chat import ChatTemplate, Warmup, load
+    from ggq.serve.app import create_app
+    from ggq.serve.engine import Engine
+
+    model, tok = load(str(smollm2_gguf), N_CTX, None, "f16")
+    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name)
+    warmup = Warmup(model)
+    engine = Engine(model, tok, 1, ready=warmup.wait)
+    model_id = "smol"
+    app = create_app(engine, tok, template, model_id, names={model.path.name}, api_key=KEY)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 900  # a cold Numba cache compiles for a while on a busy machine
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not get ready"
+        time.sleep(0.5)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    yield SimpleNamespace(url=url, client=client, model_id=model_id, engine=engine, tok=tok, template=template,
+                          path=smollm2_gguf)
+    server.should_exit = True
+    thread.join(30)
+    engine.stop()
+    warmup.finish()
+
+
+def _post(srv, path, body, key=KEY, raw=False):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    kw = {"content": body} if raw else {"json": body}
+    return httpx.post(srv.url + path, headers=headers, timeout=300, **kw)
+
+
+def _chat(srv, stream=False, **kw):
+    kw.setdefault("messages", [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}])
+    return srv.client.chat.completions.create(model=srv.model_id, stream=stream, **kw)
+
+
+def _stream_chat(srv, **kw):
+    """(pieces, finish_reason, usage) of a streamed chat completion."""
+    pieces, finish, usage = [], None, None
+    for ch in _chat(srv, stream=True, stream_options={"include_usage": True}, **kw):
+        if ch.usage is not None:
+            usage = ch.usage
+        for c in ch.choices:
+            if c.delta.content:
+                pieces.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    return pieces, finish, usage
+
+
+def _prompt_ids(srv, messages):
+    from ggq.runtime.chat import tokenize_rendered
+
+    return tokenize_rendered(srv.tok, srv.template.render(messages))
+
+
+# ---------------------------------------------------------------------------- stop strings (no model)
+
+@pytest.mark.parametrize("pieces,stops,released,found", [
+    (["Hel", "lo W", "orld"], ["o W"], "Hell", True),         # spans two pieces
+    (["a", "b", "c", "d"], ["bcd"], "a", True),                # spans three
+    (["ab", "c", "x"], ["abd"], "abcx", False),                # a false start is released
+    (["xy", "z"], ["never", "yz"], "x", True),                 # the first stop string found wins
+    (["héllo", " wörld"], [], "héllo wörld", False),
+])
+def test_stop_matcher(pieces, stops, released, found):
+    from ggq.serve.engine import _StopMatcher
+
+    m, out, hit = _StopMatcher(stops), [], False
+    for p in pieces:
+        text, hit = m.push(p)
+        out.append(text)
+        if hit:
+            break
+    if not hit:
+        out.append(m.flush())
+    assert "".join(out) == released and hit == found
+
+
+# ---------------------------------------------------------------------------- generation
+
+def test_models_and_health(srv):
+    models = srv.client.models.list()
+    assert [m.id for m in models.data] == [srv.model_id]
+    assert srv.client.models.retrieve(srv.model_id).id == srv.model_id
+    r = httpx.get(srv.url + "/health")  # no key needed
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def test_chat_non_streaming_text_and_usage(srv):
+    r = _chat(srv, temperature=0, max_tokens=24)
+    c = r.choices[0]
+    assert c.message.role == "assistant" and "Paris" in c.message.content
+    assert c.finish_reason in ("stop", "length")
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTION}]
+    assert r.usage.prompt_tokens == len(_prompt_ids(srv, msgs))
+    assert 0 < r.usage.completion_tokens <= 24
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.model == srv.model_id and r.object == "chat.completion"
+
+
+def test_completion_non_streaming(srv):
+    r = srv.client.completions.create(model=srv.model_id, prompt="The capital of France is", max_tokens=4,
+                                      temperature=0)
+    assert r.choices[0].text.startswith(" Paris"), r.choices[0].text
+    assert r.usage.prompt_tokens == len(srv.tok.encode("The capital of France is", True, True))
+    assert r.usage.completion_tokens == 4 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0),
+                                      dict(temperature=0.8, seed=1234, extra_body={"cache_prompt": False})],
+                         ids=["greedy", "seeded"])
+def test_streaming_equals_non_streaming(srv, sampling):
+    full = _chat(srv, max_tokens=32, **sampling)
+    pieces, finish, usage = _stream_chat(srv, max_tokens=32, **sampling)
+    assert "".join(pieces) == full.choices[0].message.content
+    assert finish == full.choices[0].finish_reason
+    assert (usage.prompt_tokens, usage.completion_tokens) == (full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert len(pieces) > 1  # streamed as it was produced, not in one piece
+
+
+def test_streaming_completion_equals_non_streaming(srv):
+    kw = dict(model=srv.model_id, prompt="Once upon a time", max_tokens=20, temperature=0)
+    full = srv.client.completions.create(**kw)
+    text = "".join(ch.choices[0].text for ch in srv.client.completions.create(stream=True, **kw) if ch.choices)
+    assert text == full.choices[0].text and full.usage.completion_tokens == 20
+
+
+def test_seed_reproduces_and_llama_cpp_fields_apply(srv):
+    # cache_prompt false: each prompt evaluated whole (one evaluated partly from the cache has other
+    # last digits in its logits, which sampling at a high temperature can tell apart)
+    a, b, c = (_chat(srv, temperature=1.5, seed=s, max_tokens=24, extra_body={"cache_prompt": False})
+               for s in (7, 7, 8))
+    assert a.choices[0].message.content == b.choices[0].message.content != c.choices[0].message.content
+    greedy = _chat(srv, temperature=0, max_tokens=24)
+    top1 = _chat(srv, temperature=1.0, seed=9, max_tokens=24, extra_body={"top_k": 1})
+    assert top1.choices[0].message.content == greedy.choices[0].message.content
+
+
+def test_stop_strings_across_token_boundaries(srv):
+    """A stop string made of the end of one streamed token and the start of the next: the text
+    ends right before it, with finish_reason "stop", streamed or not."""
+    msgs = [{"role": "user", "content": "Write a short story about a cat."}]
+    pieces, _, _ = _stream_chat(srv, messages=msgs, temperature=0, max_tokens=40)
+    text = "".join(pieces)
+    i = next(i for i in range(3, len(pieces) - 1) if len(pieces[i].strip()) >= 2 and len(pieces[i + 1]) >= 2)
+    stop = pieces[i][-2:] + pieces[i + 1][:2]
+    expect = text[:text.find(stop)]
+    r = _chat(srv, messages=msgs, temperature=0, max_tokens=40, stop=["never appears", stop])
+    assert r.choices[0].message.content == expect and r.choices[0].finish_reason == "stop"
+    assert stop not in r.choices[0].message.content
+    spieces, finish, _ = _stream_chat(srv, messages=msgs, temperature=0, max_tokens=40, stop=stop)
+    assert "".join(spieces) == expect and finish == "stop"
+    c = srv.client.completions.create(model=srv.model_id, prompt="The capital of France is", max_tokens=8,
+                                      temperature=0, stop=" Pa")
+    assert c.choices[0].text == "" and c.choices[0].finish_reason == "stop"
+
+
+def test_max_tokens_gives_length(srv):
+    msgs = [{"role": "user", "content": "Write a long story about a dragon."}]
+    r = _chat(srv, messages=msgs, temperature=0, max_tokens=5)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    r = _chat(srv, messages=msgs, temperature=0, max_completion_tokens=3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 3
+
+
+def test_prefix_reuse(srv):
+    """The second turn evaluates only what follows the first turn's prompt; cache_prompt false
+    evaluates the whole prompt."""
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a color."}]
+    a = _chat(srv, messages=msgs, temperature=0, max_tokens=8)
+    msgs2 = msgs + [{"role": "assistant", "content": a.choices[0].message.content},
+                    {"role": "user", "content": "Another one?"}]
+    b = _chat(srv, messages=msgs2, temperature=0, max_tokens=8)
+    cached = b.usage.prompt_tokens_details.cached_tokens
+    assert cached >= a.usage.prompt_tokens - 1 and cached < b.usage.prompt_tokens
+    c = _chat(srv, messages=msgs2, temperature=0, max_tokens=8, extra_body={"cache_prompt": False})
+    assert c.usage.prompt_tokens_details.cached_tokens == 0
+    assert c.choices[0].message.content == b.choices[0].message.content
+
+
+def test_same_text_as_ggq_generate_chat(srv, tmp_path):
+    """Independent path: ``ggq generate --chat`` (ChatSession) in another process, same file and context."""
+    env = dict(os.environ, GGQ_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "ggq.cli", "generate", str(srv.path), "--chat", "--temp", "0", "-n", "24",
+           "-c", str(N_CTX), "--system", SYSTEM, "-p", QUESTION]
+    ref = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert ref.returncode == 0, ref.stderr
+    r = _chat(srv, temperature=0, max_tokens=24)
+    assert r.choices[0].message.content == ref.stdout[:-1]  # generate ends with a newline
+
+
+def test_stream_disconnect_cancels_generation(srv):
+    body = {"model": srv.model_id, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,
+            "stream": True}
+    with httpx.stream("POST", srv.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=300) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        assert json.loads(first[6:])["object"] == "text_completion"
+    slot = srv.engine.slots[0]
+    deadline = time.monotonic() + 60
+    while slot.busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not slot.busy and slot.res.finish_reason == "cancelled" and slot.res.n_gen < 400
+    r = srv.client.completions.create(model=srv.model_id, prompt="Hello", max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens == 2
+
+
+# ---------------------------------------------------------------------------- tokenize / detokenize
+
+TEXTS = ["Hello world", "  leading spaces and\ttabs\nnewlines", "héllo wörld, naïve café 你好 🙂 😀!",
+         "<|im_start|>user\nhi<|im_end|>", "1234567 + 89 = ?"]
+
+
+def test_tokenize_round_trip_matches_ggq_tokenizer(srv):
+    for text in TEXTS:
+        ids = _post(srv, "/tokenize", {"content": text}).json()["tokens"]
+        assert ids == srv.tok.encode(text, add_special=False, parse_special=True)
+        assert _post(srv, "/detokenize", {"tokens": ids}).json() == {"content": text}
+    r = _post(srv, "/tokenize", {"content": "héllo", "with_pieces": True}).json()["tokens"]
+    assert "".join(p["piece"] for p in r) == "héllo" and all(isinstance(p["id"], int) for p in r)
+
+
+def test_tokenize_matches_hf_tokenizers(srv, smollm2_hf):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    hf = HFTokenizer.from_file(str(smollm2_hf / "tokenizer.json"))
+    for text in TEXTS:
+        ids = _post(srv, "/tokenize", {"content": text}).json()["tokens"]
+        assert ids == hf.encode(text, add_special_tokens=False).ids
+        assert _post(srv, "/detokenize", {"tokens": ids}).json()["content"] == hf.decode(ids, skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------- errors
+
+def test_api_key(srv):
+    bad = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    for key in (None, "wrong"):
+        r = _post(srv, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert _post(srv, "/tokenize", {"content": "x"}, key=None).status_code == 401
+
+
+LONG = "word " * (N_CTX + 10)
+BAD = [
+    ("/v1/chat/completions", b'{"messages": [', 400, None),
+    ("/v1/chat/completions", b"", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", {}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -3}, 400,
+     "max_completion_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_p": 2}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": 3}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ("/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a", "b"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+    ("/tokenize", {"content": 5}, 400, "content"),
+    ("/v1/nothing", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD, ids=[f"{i}-{b[0]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_openai_errors(srv, path, body, status, param):
+    r = _post(srv, path, body, raw=isinstance(body, bytes))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+
+
+def test_bad_requests_through_the_client_and_server_survives(srv):
+    with pytest.raises(openai.BadRequestError):
+        _chat(srv, max_tokens=0)
+    with pytest.raises(openai.NotFoundError):
+        srv.client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert _chat(srv, temperature=0, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_cli_refuses_bad_options(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for args, msg in ((["--parallel", "2"], "--parallel 2"), (["--port", "70000"], "--port 70000")):
+        r = subprocess.run([sys.executable, "-m", "ggq.cli", "serve", str(tmp_path / "x.gguf"), *args],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "ggq.cli", "serve", str(tmp_path / "missing.gguf")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("ggq: error:") and "Traceback" not in r.stderr, r.stderr
