@@ -107,7 +107,7 @@ class HParams:
         except (TypeError, ValueError, OverflowError) as e:
             raise GGQError(f"{where}: invalid hyperparameter in config.json ({one_line(str(e), 200)})") from None
         if n_head <= 0:
-            raise GGQError(f"{where}: config.json has {n_head} attention heads")
+            raise GGQError(f"{where}: config.json has {show(n_head)} attention heads")
         rope = rope_parameters(cfg)
         theta = rope.get("full_attention", rope).get("rope_theta", 10000.0)
         head_dim = cfg.get("head_dim")

@@ -8,6 +8,8 @@ and writes one tensor at a time keeps its peak memory near the largest tensor.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import mmap
@@ -234,14 +236,9 @@ def read_config(model_dir: Path) -> dict:
         import logging
 
         from transformers import AutoConfig
-        from transformers.utils import logging as hf_logging
 
-        level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        with quiet_transformers():
             full = AutoConfig.from_pretrained(model_dir, trust_remote_code=False).to_dict()
-        finally:
-            hf_logging.set_verbosity(level)
         logging.getLogger(__name__).debug("config read through transformers")
         full.setdefault("architectures", cfg.get("architectures"))
         if "quantization_config" in cfg:
@@ -249,6 +246,20 @@ def read_config(model_dir: Path) -> dict:
     except Exception:
         full = cfg
     return _with_text_config(full)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' log at error level only, for the duration (its warnings about a checkpoint's
+    config would otherwise interleave with ggq's output)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _with_text_config(cfg: dict) -> dict:

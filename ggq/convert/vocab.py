@@ -32,13 +32,14 @@ import json
 import logging
 import os
 import pathlib
+import functools
 import re
 from typing import Any
 
 import gguf
 
 from ggq.convert.pre_tokenizers import CHECK_TEXT, check_hash, pre_tokenizer_name
-from ggq.errors import GGQError
+from ggq.errors import GGQError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,20 @@ def is_llama_hf_json(model_dir: pathlib.Path) -> bool:
             and (tj.get("decoder") or {}).get("type") == "Sequence")
 
 
+def _tokenizer_errors(fn):
+    """Errors that transformers' tokenizer raises on malformed tokenizer files while a vocab writer
+    reads it (e.g. infinite recursion for an empty ``unk_token``) become a one-line GGQError naming
+    the checkpoint folder (the writer's second argument)."""
+    @functools.wraps(fn)
+    def wrapped(writer, model_dir, *args, **kwargs):
+        try:
+            return fn(writer, model_dir, *args, **kwargs)
+        except (RecursionError, AttributeError, KeyError, IndexError, TypeError, ValueError) as e:
+            raise GGQError(f"{model_dir}: transformers cannot read this tokenizer ({_first_line(e)})") from None
+    return wrapped
+
+
+@_tokenizer_errors
 def write_llama_hf(writer: gguf.GGUFWriter, model_dir: pathlib.Path) -> None:
     """Byte-fallback BPE ``tokenizer.json`` -> ``llama`` model (as ``_set_vocab_llama_hf``).
 
@@ -263,6 +278,7 @@ def write_llama_hf(writer: gguf.GGUFWriter, model_dir: pathlib.Path) -> None:
 # ----------------------------------------------------------------------------- GPT-2 style BPE
 
 
+@_tokenizer_errors
 def write_gpt2(writer: gguf.GGUFWriter, model_dir: pathlib.Path, config: dict) -> None:
     """``tokenizer.json`` BPE -> ``gpt2`` model (as llama.cpp's ``_set_vocab_gpt2``/``get_vocab_base``).
 
@@ -608,8 +624,11 @@ def _auto_tokenizer(model_dir: pathlib.Path) -> Any:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - a declared dependency
         raise GGQError(f"{model_dir}: the transformers package is needed to read tokenizer.json") from e
+    from ggq.convert.checkpoint import quiet_transformers
+
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        with quiet_transformers():  # its warnings about the config are not the user's concern here
+            return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:  # transformers raises many kinds (OSError, ValueError, Exception from tokenizers)
         raise GGQError(f"{model_dir}: cannot load the tokenizer with transformers ({_first_line(e)})") from None
 
@@ -633,5 +652,6 @@ def _read_text(path: pathlib.Path) -> str:
 
 
 def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message, cut to 200 characters (its class name if empty)."""
     text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    return one_line(text[0], 200) if text else type(e).__name__
