@@ -45,6 +45,15 @@ FORMAT_VERSION = 1
 
 # ---------------------------------------------------------------------------------------- tokens
 
+
+def _exp(x: float) -> float:
+    """``math.exp`` that overflows to infinity (a perplexity of a broken model is inf, as llama.cpp
+    prints it) instead of raising OverflowError."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
 def vocab_hash(tokens) -> str:
     """sha256 (hex) of the vocabulary's token texts joined by NUL: identifies a vocabulary."""
     h = hashlib.sha256()
@@ -313,12 +322,12 @@ class PerplexityResult:
         self.sum_nll += float(nll.sum())
         self.sum_nll2 += float((nll * nll).sum())
         self.count += len(nll)
-        self.chunk_ppl.append(math.exp(self.sum_nll / self.count))
+        self.chunk_ppl.append(_exp(self.sum_nll / self.count))
 
     @property
     def ppl(self) -> float:
         """``exp(mean nll)`` over the scored tokens so far."""
-        return math.exp(self.sum_nll / self.count)
+        return _exp(self.sum_nll / self.count)
 
     @property
     def ppl_error(self) -> float:
@@ -400,7 +409,7 @@ class KLResult:
         lp, dlp = _mean_and_uncertainty(self.sum_nll, self.sum_nll2, c)
         lb, dlb = _mean_and_uncertainty(self.sum_nll_base, self.sum_nll_base2, c)
         cov = self._cov()
-        ppl, ppl_b = math.exp(lp), math.exp(lb)
+        ppl, ppl_b = _exp(lp), _exp(lb)
         ratio_unc = math.sqrt(max(dlp * dlp + dlb * dlb - 2 * cov, 0.0))
         ppl_unc, ppl_b_unc = ppl * dlp, ppl_b * dlb
         kl, dkl = _mean_and_uncertainty(self.sum_kld, self.sum_kld2, c)
@@ -414,7 +423,7 @@ class KLResult:
             "count": c, "ppl": ppl, "ppl_unc": ppl_unc, "ppl_base": ppl_b, "ppl_base_unc": ppl_b_unc,
             "cor": cov / (dlp * dlb) if dlp > 0 and dlb > 0 else float("nan"),
             "ln_ratio": lp - lb, "ln_ratio_unc": ratio_unc,
-            "ratio": math.exp(lp - lb), "ratio_unc": math.exp(lp - lb) * ratio_unc,
+            "ratio": _exp(lp - lb), "ratio_unc": _exp(lp - lb) * ratio_unc,
             "diff": ppl - ppl_b,
             "diff_unc": math.sqrt(max(ppl_unc ** 2 + ppl_b_unc ** 2 - 2 * ppl * ppl_b * cov, 0.0)),
             "kld": kl, "kld_unc": dkl, "kld_max": float(kv[-1]), "kld_min": float(kv[0]),
@@ -512,7 +521,7 @@ def compute_kl(model, base: LogitsFile, bos_id: int | None, n_chunks: int | None
             s_nll = res.sum_nll / res.count
             s_kl = res.sum_kld / res.count
             bar.update(1)
-            bar.set_postfix_str(f"PPL {math.exp(s_nll):.4f} KLD {s_kl:.5f} top {100 * res.n_same_top / res.count:.2f}%")
+            bar.set_postfix_str(f"PPL {_exp(s_nll):.4f} KLD {s_kl:.5f} top {100 * res.n_same_top / res.count:.2f}%")
     return res
 
 

@@ -379,6 +379,19 @@ def test_quantize_other_architectures_needs_layers_and_vocabulary(tmp_path):
         assert_one_line_error(run("quantize", "-q", path, out / "out.gguf", "Q8_0"), name, needle, out_dir=out)
 
 
+def test_perplexity_overflowing_to_infinity(tmp_path):
+    """A mean NLL above 709 (math.exp's limit): perplexity prints inf, as llama.cpp does, instead of
+    an OverflowError (found by the bounds-checked fuzz campaign)."""
+    t = tiny_tensors()
+    t["output.weight"] *= 3000.0  # finite logits thousands apart
+    path = write_gguf(tmp_path / "sharp.gguf", tensors=t)
+    text = tmp_path / "t.txt"
+    text.write_text("the cat sat on the mat " * 50)
+    r = run("perplexity", path, "-f", text, "-c", "16", "--chunks", "2", "-q")
+    assert r.exit_code == 0, r.output
+    assert "inf" in r.output.lower(), r.output
+
+
 def test_non_finite_logits_are_an_error(tmp_path):
     """Weights that overflow float32 in the attention scores: a one-line error, not a
     ZeroDivisionError from the softmax (llama.cpp would print garbage)."""
