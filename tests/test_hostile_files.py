@@ -553,6 +553,10 @@ def test_chat_template_failures_name_the_file():
         tpl.render([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
     with pytest.raises(GGQError, match=r"^m.gguf: chat template"):
         ChatTemplate("{% if %}", where="m.gguf")
+    for huge in ("{{ 'x' * 1000000000 }}", "{{ [1] * 10**9 }}", "{{ 9 ** 100000000 }}"):  # refused, not allocated
+        with pytest.raises(GGQError, match=r"^m.gguf: chat template: a (repetition|power)"):
+            ChatTemplate(huge, where="m.gguf").render([{"role": "user", "content": "u"}])
+    assert ChatTemplate("{{ '-' * 3 }}{{ 2 ** 3 }}").render([]) == "---8"
 
 
 def test_gemma_head_sizes_cannot_divide_by_zero(tmp_path):

@@ -37,6 +37,10 @@ PLAIN_TEMPLATE = (
 )
 
 
+#: longest string or list a chat template may build with ``*`` (characters or items)
+_MAX_REPEAT = 1 << 20
+
+
 def _compile(template: str):
     try:
         import jinja2
@@ -55,7 +59,24 @@ def _compile(template: str):
     def strftime_now(fmt):
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class _Sandbox(ImmutableSandboxedEnvironment):
+        """Jinja's sandbox (as transformers renders chat templates), plus size limits on ``*`` and
+        ``**``: a hostile template's ``'x' * 10**9`` or ``9 ** 10**8`` is a template error, not
+        gigabytes allocated (intercepted operators are also never folded at compile time)."""
+
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_REPEAT:
+                        raise jinja2.exceptions.SecurityError(f"a repetition of more than {_MAX_REPEAT} items")
+            elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 64 and \
+                    isinstance(left, (int, float)) and abs(left) > 1:
+                raise jinja2.exceptions.SecurityError("a power with an exponent above 64")
+            return super().call_binop(context, operator, left, right)
+
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
