@@ -141,18 +141,11 @@ class _SafetensorsFile:
         return bf16_to_f32(arr) if dtype == "BF16" else arr
 
     def release(self, name: str) -> None:
-        """madvise(DONTNEED) the pages of tensor ``name`` so they leave our resident set."""
-        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
+        """Drop the pages of tensor ``name`` from our resident set (:func:`ggq.runtime.memory.release_range`)."""
+        from ggq.runtime.memory import release_range
+
         _dtype, _shape, start, end = self.entries[name]
-        page = mmap.PAGESIZE
-        a = (self.base + start) // page * page
-        b = min(len(self._mm), -(-(self.base + end) // page) * page)
-        if b > a:
-            try:
-                self._mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-            except (OSError, ValueError):
-                pass
+        release_range(self._mm, self.base + start, end - start)
 
 
 # a string, or an unclosed one up to the end (so an unclosed string is scanned once, not once per quote)

@@ -2,7 +2,7 @@
 
 The GGUF file's pages, once a tensor is repacked into the weight arena, and the header's once it
 is parsed (:func:`release_range`, called by the loader as each chunk of rows is done and at the
-end of the load). ``madvise(MADV_DONTNEED)`` on a read-only file mapping only unmaps the pages
+end of the load); a safetensors file's pages once the converter has written a tensor. ``madvise(MADV_DONTNEED)`` on a read-only file mapping only unmaps the pages
 from this process: they stay in the page cache, and reading them again gives the file's bytes.
 """
 
