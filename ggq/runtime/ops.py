@@ -31,7 +31,7 @@ from numba.extending import overload
 from ggq.runtime.kernels import C_FAM, get_row, matmul, quantize_act, quantize_act_par
 from ggq.runtime.kernels.floats import causal_rows_times_x, f16_to_f32, f32_to_f16
 from ggq.runtime.kernels.mathf import expf
-from ggq.runtime.kernels.simd import W, add_v, fma_s, fzero, load_kv, store_f
+from ggq.runtime.kernels.simd import W, add_v, at, fma_s, fzero, load_kv, store_f
 from ggq.runtime.kernels.repack import FAM_N4
 
 # ---------------------------------------------------------------------------------------------------
@@ -589,13 +589,11 @@ _ATT_CHUNK = 64
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
-def _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    """Work item ``it`` of :func:`_attention_batch`: one head and one chunk of prompt tokens."""
+def _batch_item_any(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """Chunk ``c`` of prompt tokens, head ``h`` (:func:`_attention_batch`) for head dims that are not a multiple of 16:
+    the chunk's keys and values converted to float32, then scalar 4 x 4 register tiles."""
     T = q.shape[0]
     grp = n_head // n_kv
-    nch = (T + _ATT_CHUNK - 1) // _ATT_CHUNK
-    c = nch - 1 - it // n_head  # the longest chunks first
-    h = it % n_head
     kvh = h // grp
     t0 = c * _ATT_CHUNK
     tn = min(T, t0 + _ATT_CHUNK) - t0
@@ -630,16 +628,126 @@ def _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
             out[t0 + t, h * hd + d] = o[t, d]
 
 
+
+@njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
+def _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
+    """Chunk ``c`` of prompt tokens, head ``h`` (:func:`_attention_batch`), read
+    straight from the cache (fp16 converted in the load, :func:`~ggq.runtime.kernels.simd.load_kv`).
+
+    S = Q K^T in register tiles of 4 tokens x 16 positions: K's tiles are [dim][position], so each
+    dim adds one broadcast query value times 16 positions (8 FMAs per 2 loads, no horizontal sums);
+    only the positions up to a tile's last token are computed. After the causal softmax,
+    O = P V in tiles of 4 tokens x 16 dims (V rows are [position][dim]), over each tile's visible
+    positions only. ``hd`` a multiple of 16 (else :func:`_batch_item_any`)."""
+    T = q.shape[0]
+    grp = n_head // n_kv
+    kvh = h // grp
+    t0 = c * _ATT_CHUNK
+    tn = min(T, t0 + _ATT_CHUNK) - t0
+    tn4 = (tn + 3) // 4 * 4
+    p0 = _first_key(pos0 + t0, window)
+    pa = p0 - p0 % 16  # first key computed (16-aligned: K tiles hold KT = 64 positions)
+    pe = pos0 + t0 + tn  # the chunk sees keys < pe
+    nk = (pe - pa + 15) // 16 * 16
+    ntile = kc.shape[1]
+    n_ctx = vc.shape[1]
+    qt = np.zeros(hd * 4, np.float32)  # a 4-token tile's queries, [dim][token]
+    s = np.zeros(tn4 * nk, np.float32)  # scores / probabilities, [token][position - pa]
+    for tt in range(0, tn4, 4):
+        for i in range(4):
+            t = min(tt + i, tn - 1)  # padding tokens repeat the last (their rows are never read)
+            for d in range(hd):
+                qt[d * 4 + i] = q[t0 + t, h * hd + d]
+        lim = min(pe, pos0 + t0 + tt + 4) - pa  # the tile's last token sees keys < pa + lim
+        for pv in range(0, lim, 16):
+            p = pa + pv
+            kb = (kvh * ntile + p // KT) * hd * KT + p % KT
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = fzero()
+            for d in range(hd):
+                k0 = load_kv(kc, kb + d * KT)
+                k1 = load_kv(kc, kb + d * KT + 8)
+                q0, q1, q2, q3 = qt[d * 4], qt[d * 4 + 1], qt[d * 4 + 2], qt[d * 4 + 3]
+                a0 = fma_s(a0, k0, q0)
+                b0 = fma_s(b0, k1, q0)
+                a1 = fma_s(a1, k0, q1)
+                b1 = fma_s(b1, k1, q1)
+                a2 = fma_s(a2, k0, q2)
+                b2 = fma_s(b2, k1, q2)
+                a3 = fma_s(a3, k0, q3)
+                b3 = fma_s(b3, k1, q3)
+            so = tt * nk + pv
+            store_f(s, so, a0)
+            store_f(s, so + 8, b0)
+            store_f(s, so + nk, a1)
+            store_f(s, so + nk + 8, b1)
+            store_f(s, so + 2 * nk, a2)
+            store_f(s, so + 2 * nk + 8, b2)
+            store_f(s, so + 3 * nk, a3)
+            store_f(s, so + 3 * nk + 8, b3)
+    for t in range(tn4):
+        row = s[t * nk:(t + 1) * nk]
+        if t >= tn:
+            row[:] = 0.0
+            continue
+        m = pos0 + t0 + t + 1 - pa
+        lo = _first_key(pos0 + t0 + t, window) - pa
+        _softmax(row[lo:m], scale, cap)
+        row[:lo] = 0.0
+        row[m:] = 0.0
+    ld = out.shape[1]
+    for tt in range(0, tn4, 4):
+        plo = _first_key(pos0 + t0 + tt, window) - pa
+        phi = min(pe, pos0 + t0 + tt + 4) - pa
+        so = tt * nk
+        for dv in range(0, hd, 16):
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = fzero()
+            vb = (kvh * n_ctx + pa) * hd + dv
+            for p in range(plo, phi):
+                v0 = load_kv(vc, vb + p * hd)
+                v1 = load_kv(vc, vb + p * hd + 8)
+                w0, w1, w2, w3 = at(s, so + p), at(s, so + nk + p), at(s, so + 2 * nk + p), at(s, so + 3 * nk + p)
+                a0 = fma_s(a0, v0, w0)
+                b0 = fma_s(b0, v1, w0)
+                a1 = fma_s(a1, v0, w1)
+                b1 = fma_s(b1, v1, w1)
+                a2 = fma_s(a2, v0, w2)
+                b2 = fma_s(b2, v1, w2)
+                a3 = fma_s(a3, v0, w3)
+                b3 = fma_s(b3, v1, w3)
+            oo = (t0 + tt) * ld + h * hd + dv
+            store_f(out, oo, a0)
+            store_f(out, oo + 8, b0)
+            if tt + 1 < tn:
+                store_f(out, oo + ld, a1)
+                store_f(out, oo + ld + 8, b1)
+            if tt + 2 < tn:
+                store_f(out, oo + 2 * ld, a2)
+                store_f(out, oo + 2 * ld + 8, b2)
+            if tt + 3 < tn:
+                store_f(out, oo + 3 * ld, a3)
+                store_f(out, oo + 3 * ld + 8, b3)
+
+
 @njit(cache=True, parallel=True)
 def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """Prompt batches: per head and chunk of ``_ATT_CHUNK`` tokens, S = Q K^T, a causal softmax,
-    O = P V as float products in 4 x 4 register tiles that skip the masked keys
-    (:func:`~ggq.runtime.kernels.floats.causal_rows_times_x`: about half the work of the full
-    products); parallel over (chunk, head) items. Only the keys the chunk sees are converted from
-    the cache (with a sliding window, from the first token's first visible key)."""
+    O = P V as float products in register tiles that skip the masked keys (about half the work of
+    the full products), parallel over (chunk, head) items: :func:`_batch_item` reads the cache
+    directly; head dims that are not a multiple of 16 take :func:`_batch_item_any`. Only the keys
+    the chunk sees are read (with a sliding window, from the first token's first visible key)."""
     nch = (q.shape[0] + _ATT_CHUNK - 1) // _ATT_CHUNK
-    for it in prange(nch * n_head):
-        _batch_item(it, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
+    # chunk c sees c + 1 chunks of keys: an item takes chunks j and nch - 1 - j of one head, so
+    # that items are equal work and prange's equal contiguous shares balance the threads
+    npair = (nch + 1) // 2
+    for it in prange(npair * n_head):
+        h = it % n_head
+        j = it // n_head
+        for k in range(2 if nch - 1 - j > j else 1):
+            c = j if k == 0 else nch - 1 - j
+            if hd % 16 == 0:
+                _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
+            else:
+                _batch_item_any(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
 
 
 @njit(cache=True, fastmath=True)

@@ -2,7 +2,7 @@
 
 A block of ``G`` rows is stored as 8 quads ``[j][G rows][4 bytes]`` (weights ``4j .. 4j + 3`` of
 each row, see :mod:`.repack`), so one 32-byte load is the operand of the int8 dot-product
-instruction for 8 rows (:mod:`.simd`), as in :mod:`.nib`. The full-range signed codes use
+instruction for 8 (AVX-512: 16) rows (:mod:`.simd`), as in :mod:`.nib`. The full-range signed codes use
 :func:`.simd.dp4s` (``|w|`` times ``x`` with ``w``'s sign: ggml's ``mul_sum_i8_pairs``). A block
 contributes ``sc * xd * sum(q * xq)``, as in ggml_vec_dot_q8_0_q8_0.
 """
@@ -15,7 +15,13 @@ from numba import njit, prange
 from .nib import TB, store_tile
 from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import C_COLS, C_OQ, C_OSC, C_ROWS, G
-from .simd import W, bcast4, dp4s, fma_s, iadd, izero, load_bytes, load_f, load_hf, mul_v, store_f, to_f
+from .simd import MW as W  # vectors of MW rows (16 with AVX-512 VNNI, else 8)
+from .simd import bcast4_m as bcast4
+from .simd import dp4s, fma_s, iadd, mul_v, store_f, to_f
+from .simd import izero_m as izero
+from .simd import load_bytes_m as load_bytes
+from .simd import load_f_m as load_f
+from .simd import load_hf_m as load_hf
 
 
 @njit(cache=True, parallel=True, fastmath=True)

@@ -3,7 +3,7 @@ Q5_K: nibbles plus a plane of fifth bits) and N6 (Q6_K: nibbles plus 2-bit highs
 
 A block of ``G`` rows is stored as 4 quads ``[j][G rows][4 bytes]``: byte ``i`` of row ``r`` in
 quad ``j`` holds weights ``4j + i`` (lo nibble) and ``4j + i + 16`` (hi nibble) (see
-:mod:`.repack`). One 32-byte load is 4 weights of each of 8 rows; the high bits, where the type has
+:mod:`.repack`). One 32-byte (64-byte) load is 4 weights of each of 8 (16) rows; the high bits, where the type has
 them, are ORed in above the nibble (``vpsrld``/``vpand``/``vpor``), and the codes (at most 63) go
 into the int8 dot-product instructions (:func:`.simd.dp8x` and kin: ``vpdpbusd``, or ``vpmaddubsw`` +
 ``vpmaddwd``) with the 4 matching activation bytes broadcast to every lane; the layout of
@@ -14,7 +14,8 @@ integer dot product, then one scale multiply (the scheme of ggml_vec_dot_q4_1_q8
 are rebuilt per block from the file's fields (:data:`.repack.LAYOUT`: fp16, or a K-quant's
 sub-block scale times the super-block's fp16 ``d``), so the weights take the file's bytes. The
 products of a block are summed in four independent int32 chains (a ``vpdpbusd`` chain is latency
-bound). Decode (T = 1) and prompt batches run the same loop: for a batch every weight vector is
+bound). The vectors are :data:`.simd.MW` rows wide: 16 (``zmm``) where the CPU has AVX-512 VNNI,
+else 8. Decode (T = 1) and prompt batches run the same loop: for a batch every weight vector is
 decoded once and reused for up to ``TB`` tokens, whose float accumulators stay in L1.
 """
 
@@ -26,8 +27,15 @@ from numba import njit, prange
 from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_ROWS, FAM_N5,
                      FAM_N6, G, SK_F16, SK_K)
-from .simd import (W, bcast4, dp2x, dp4x, dp8x, field, fma_s, fneg, iadd, ior, izero, load_bytes, load_f, load_hf, load_s8f,
-                   load_u8f, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f)
+from .simd import MW as W  # vectors of MW rows (16 with AVX-512 VNNI, else 8)
+from .simd import bcast4_m as bcast4
+from .simd import dp2x, dp4x, dp8x, field, fma_s, fneg, iadd, ior, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f
+from .simd import izero_m as izero
+from .simd import load_bytes_m as load_bytes
+from .simd import load_f_m as load_f
+from .simd import load_hf_m as load_hf
+from .simd import load_s8f_m as load_s8f
+from .simd import load_u8f_m as load_u8f
 
 #: tokens whose accumulators are kept while a group's weights are streamed once
 TB = 64

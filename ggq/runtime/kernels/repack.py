@@ -6,7 +6,7 @@ or a K-quant's 4/6/8-bit sub-block scales with the super-block's fp16 ``d``/``dm
 order changes. Each quantized ggml type is first decoded (numpy, a few rows at a time) into integer
 codes and scale fields, following the block layouts of ggml-common.h (the decoding of
 ``gguf.quants``' dequantizers, stopped before the multiply), then stored with the rows of a matrix
-interleaved by ``G`` (so the compiled kernels work on 8 rows per vector) and the 32-weight blocks
+interleaved by ``G`` (so the compiled kernels work on 8 or 16 rows per vector) and the 32-weight blocks
 kept whole. Codes are stored in *quads*: for each block, ``[j][G rows][4 bytes]``, so that one
 32-byte load holds 4 consecutive weights of 8 rows, the operand of the int8 dot-product
 instructions (:mod:`.simd`), like llama.cpp's repacked block_q4_0x8:
