@@ -17,7 +17,7 @@ from .prefetch import PF_BLOCKS, prefetch_span
 from .repack import C_COLS, C_OQ, C_OSC, C_ROWS, G
 from .simd import MW as W  # vectors of MW rows (16 with AVX-512 VNNI, else 8)
 from .simd import bcast4_m as bcast4
-from .simd import dp4s, fma_s, iadd, mul_v, store_f, to_f
+from .simd import at, dp4s, fma_s, iadd, mul_v, store_f, to_f
 from .simd import izero_m as izero
 from .simd import load_bytes_m as load_bytes
 from .simd import load_f_m as load_f
@@ -54,7 +54,8 @@ def mm_i8(i8, u16, o, xq, xd, out):
                     w6 = load_bytes(i8, qo + (6 * G + v) * 4)
                     w7 = load_bytes(i8, qo + (7 * G + v) * 4)
                     for t in range(tn):
-                        xo = (t0 + t) * K + b * 32
+                        tt = t0 + t
+                        xo = tt * K + b * 32
                         ia = dp4s(izero(), w0, bcast4(xq, xo))
                         ib = dp4s(izero(), w1, bcast4(xq, xo + 4))
                         ic = dp4s(izero(), w2, bcast4(xq, xo + 8))
@@ -65,5 +66,5 @@ def mm_i8(i8, u16, o, xq, xd, out):
                         id_ = dp4s(id_, w7, bcast4(xq, xo + 28))
                         ao = t * G + v
                         i = iadd(iadd(ia, ib), iadd(ic, id_))
-                        store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(i), s), xd[t0 + t, b]))
+                        store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(i), s), at(xd, tt * nb + b)))
             store_tile(acc, out, t0, tn, g, n_rows)

@@ -29,7 +29,7 @@ from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_
                      FAM_N6, G, SK_F16, SK_K)
 from .simd import MW as W  # vectors of MW rows (16 with AVX-512 VNNI, else 8)
 from .simd import bcast4_m as bcast4
-from .simd import dp2x, dp4x, dp8x, field, fma_s, fneg, iadd, ior, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f
+from .simd import at, dp2x, dp4x, dp8x, field, fma_s, fneg, iadd, ior, mul_s, mul_v, nib_hi, nib_lo, store_f, to_f
 from .simd import izero_m as izero
 from .simd import load_bytes_m as load_bytes
 from .simd import load_f_m as load_f
@@ -52,6 +52,46 @@ def store_tile(acc, out, t0, tn, g, n_rows):
     for t in range(tn):
         for r in range(r1):
             out[t0 + t, g * G + r] = acc[t, r]
+
+
+#: the code widths of :func:`_tokens` (compile-time constants of its inlined copies)
+_DP_N4, _DP_N5, _DP_16, _DP_N6 = range(4)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _tokens(mode, xq, xd, xs16, xs32, acc, t0, tn, K, nb, b, ao, l0, h0, l1, h1, l2, h2, l3, h3, s0, s1, m0, m1):
+    """acc[t, ao:ao + W] += the block ``b`` of one vector of rows (codes l0..h3: lo nibbles are
+    weights 0..15, hi 16..31; scales s0/s1 and offsets m0/m1 of the first/second 16 weights) times
+    tokens t0 .. t0 + tn of the quantized activations. ``mode`` (a constant at each call, so the
+    inlined copy has no branch per token): _DP_N4 4-bit codes summed as one group of 32, _DP_N5
+    5-bit codes, _DP_16 groups of 16 (Q2_K, Q3_K), _DP_N6 6-bit codes in groups of 16 (Q6_K);
+    the code width bounds AVX2's int16 partial sums (:func:`.simd.dp8x`)."""
+    for t in range(tn):
+        tt = t0 + t
+        xo = tt * K + b * 32
+        x0, x1, x2, x3 = bcast4(xq, xo), bcast4(xq, xo + 4), bcast4(xq, xo + 8), bcast4(xq, xo + 12)
+        x4, x5 = bcast4(xq, xo + 16), bcast4(xq, xo + 20)
+        x6, x7 = bcast4(xq, xo + 24), bcast4(xq, xo + 28)
+        xdt = at(xd, tt * nb + b)
+        a = load_f(acc, t * G + ao)
+        if mode == _DP_N6:
+            ilo = iadd(dp2x(l0, x0, l1, x1), dp2x(l2, x2, l3, x3))
+            ihi = iadd(dp2x(h0, x4, h1, x5), dp2x(h2, x6, h3, x7))
+        elif mode == _DP_N4:
+            ilo = dp8x(l0, x0, l1, x1, l2, x2, l3, x3, h0, x4, h1, x5, h2, x6, h3, x7)
+            ihi = izero()
+        else:
+            ilo = dp4x(l0, x0, l1, x1, l2, x2, l3, x3)
+            ihi = dp4x(h0, x4, h1, x5, h2, x6, h3, x7)
+        if mode == _DP_N6 or mode == _DP_16:  # lo nibbles: the block's first 16 weights, hi: the second 16
+            a = fma_s(a, mul_v(to_f(ilo), s0), xdt)
+            a = fma_s(a, mul_v(to_f(ihi), s1), xdt)
+            a = fma_s(a, m0, at(xs16, tt * 2 * nb + 2 * b))
+            a = fma_s(a, m1, at(xs16, tt * 2 * nb + 2 * b + 1))
+        else:
+            a = fma_s(a, mul_v(to_f(iadd(ilo, ihi)), s0), xdt)
+            a = fma_s(a, m0, at(xs32, tt * nb + b))
+        store_f(acc, t * G + ao, a)
 
 
 @njit(cache=True, parallel=True, fastmath=True)
@@ -123,31 +163,17 @@ def mm_nib(u8, u16, o, xq, xd, xs16, xs32, out):
                         l1, h1 = ior(l1, field(ha, 4, _M2, 4)), ior(h1, field(ha, 6, _M2, 4))
                         l2, h2 = ior(l2, field(hb, 0, _M2, 4)), ior(h2, field(hb, 2, _M2, 4))
                         l3, h3 = ior(l3, field(hb, 4, _M2, 4)), ior(h3, field(hb, 6, _M2, 4))
-                    for t in range(tn):
-                        xo = (t0 + t) * K + b * 32
-                        x0, x1, x2, x3 = bcast4(xq, xo), bcast4(xq, xo + 4), bcast4(xq, xo + 8), bcast4(xq, xo + 12)
-                        x4, x5 = bcast4(xq, xo + 16), bcast4(xq, xo + 20)
-                        x6, x7 = bcast4(xq, xo + 24), bcast4(xq, xo + 28)
-                        # lo nibbles are weights 0..15 of the block, hi 16..31; grouped as the
-                        # codes' width allows AVX2's int16 partial sums (:func:`.simd.dp8x`)
-                        if fam == FAM_N6:
-                            ilo = iadd(dp2x(l0, x0, l1, x1), dp2x(l2, x2, l3, x3))
-                            ihi = iadd(dp2x(h0, x4, h1, x5), dp2x(h2, x6, h3, x7))
-                        elif per16 or fam == FAM_N5:
-                            ilo = dp4x(l0, x0, l1, x1, l2, x2, l3, x3)
-                            ihi = dp4x(h0, x4, h1, x5, h2, x6, h3, x7)
-                        else:
-                            ilo = dp8x(l0, x0, l1, x1, l2, x2, l3, x3, h0, x4, h1, x5, h2, x6, h3, x7)
-                            ihi = izero()
-                        ao = t * G + v
-                        xdt = xd[t0 + t, b]
-                        if per16:  # lo nibbles: the block's first 16 weights, hi: the second 16
-                            a = fma_s(load_f(acc, ao), mul_v(to_f(ilo), s0), xdt)
-                            a = fma_s(a, mul_v(to_f(ihi), s1), xdt)
-                            a = fma_s(a, m0, xs16[t0 + t, 2 * b])
-                            a = fma_s(a, m1, xs16[t0 + t, 2 * b + 1])
-                        else:
-                            a = fma_s(load_f(acc, ao), mul_v(to_f(iadd(ilo, ihi)), s0), xdt)
-                            a = fma_s(a, m0, xs32[t0 + t, b])
-                        store_f(acc, ao, a)
+                    ao = v
+                    if fam == FAM_N6:  # loops unswitched by code form: no branch per token
+                        _tokens(_DP_N6, xq, xd, xs16, xs32, acc, t0, tn, K, nb, b, ao,
+                                l0, h0, l1, h1, l2, h2, l3, h3, s0, s1, m0, m1)
+                    elif per16:
+                        _tokens(_DP_16, xq, xd, xs16, xs32, acc, t0, tn, K, nb, b, ao,
+                                l0, h0, l1, h1, l2, h2, l3, h3, s0, s1, m0, m1)
+                    elif fam == FAM_N5:
+                        _tokens(_DP_N5, xq, xd, xs16, xs32, acc, t0, tn, K, nb, b, ao,
+                                l0, h0, l1, h1, l2, h2, l3, h3, s0, s1, m0, m1)
+                    else:
+                        _tokens(_DP_N4, xq, xd, xs16, xs32, acc, t0, tn, K, nb, b, ao,
+                                l0, h0, l1, h1, l2, h2, l3, h3, s0, s1, m0, m1)
             store_tile(acc, out, t0, tn, g, n_rows)
