@@ -219,3 +219,31 @@ def test_compiled_repack_equals_numpy_repack(qt):
         arenas.append(a)
     for k in arenas[0].arenas:
         np.testing.assert_array_equal(arenas[0].arenas[k], arenas[1].arenas[k], err_msg=k)
+
+
+def test_activation_codes_match_llama_cpp_formula():
+    """quantize_act's codes, scales and block sums equal ggml's quantize_row_q8_1 (AVX path) written
+    in numpy: d = fp16(amax / 127), q = rint(x * (127 / amax)) ties to even, sums d * sum(q) per 16
+    and fp16(amax / 127 * sum(q)) per 32; ties, zero blocks and tiny blocks included."""
+    from ggq.runtime.kernels import act_buffers, quantize_act, quantize_act_par
+
+    rs = np.random.RandomState(7)
+    x = (rs.randn(37, 256) * rs.uniform(0, 8, (37, 8)).repeat(32, 1)).astype(np.float32)
+    x[1, :32] = 0.0                                     # amax 0: all codes 0
+    x[2, :32] = np.float32(1e-30) * rs.randn(32).astype(np.float32)   # subnormal fp16 scale
+    x[3, :32] = np.arange(-16, 16, dtype=np.float32) * np.float32(127 / 15.5)  # exact .5 ties
+    xb = x.reshape(37, -1, 32)
+    amax = np.abs(xb).max(-1)
+    with np.errstate(divide="ignore"):
+        iv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    q = np.rint(xb * iv[..., None]).astype(np.int8)
+    d = (amax / np.float32(127)).astype(np.float32)
+    d16 = d.astype(np.float16).astype(np.float32)
+    s = q.astype(np.int64).reshape(37, -1, 2, 16).sum(-1)
+    for fn in (quantize_act, quantize_act_par):
+        xq, xd, xs16, xs32 = act_buffers(*x.shape)
+        fn(x, xq, xd, xs16, xs32)
+        assert np.array_equal(xq.reshape(q.shape), q)
+        assert np.array_equal(xd, d16)
+        assert np.array_equal(xs16.reshape(s.shape), d16[..., None] * s.astype(np.float32))
+        assert np.array_equal(xs32, (d * s.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float32))

@@ -12,45 +12,41 @@ K-quants; a scale per 32 is slightly more accurate.)
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
+
+from .floats import f16_to_f32, f32_to_f16
+from .simd import fabs_v, fmax_v, hmax, hsum_i, iadd, load_f, mul_s, rint_i, store_i8
 
 
 @njit(cache=True, inline="always")
 def round_f16(v):
-    """Round float ``v`` to the nearest fp16 value (ties to even), returned as float32, like
-    GGML_FP32_TO_FP16 then back (no overflow handling: activation scales are far below 65504)."""
-    if v == 0.0:
-        return np.float32(0.0)
-    m, e = math.frexp(v)
-    if e < -13:  # fp16 subnormal: multiples of 2**-24
-        return np.float32(np.rint(v * 16777216.0) / 16777216.0)
-    return np.float32(math.ldexp(np.rint(m * 2048.0), e - 11))
+    """Round float32 ``v`` to the nearest fp16 value (ties to even; beyond 65504: inf), returned as
+    float32: GGML_FP32_TO_FP16 then back, through the conversion instructions where the CPU has
+    them (:func:`.floats.f32_to_f16`)."""
+    return f16_to_f32(f32_to_f16(np.float32(v)))
 
 
 @njit(cache=True, inline="always")
 def _quantize_row(x, xq, xd, xs16, xs32):
+    """One row: each block of 32 as four 8-lane vectors (``amax`` by vector max, codes by
+    ``vroundps`` + ``vcvttps2dq``, as ggml's AVX quantize_row_q8_1); the same codes, scales and sums
+    as the scalar formulas in the module docstring."""
     nb = x.shape[0] // 32
     for b in range(nb):
-        amax = np.float32(0.0)
-        for j in range(32):
-            v = abs(x[b * 32 + j])
-            if v > amax:
-                amax = v
+        o = b * 32
+        v0, v1, v2, v3 = load_f(x, o), load_f(x, o + 8), load_f(x, o + 16), load_f(x, o + 24)
+        amax = hmax(fmax_v(fmax_v(fabs_v(v0), fabs_v(v1)), fmax_v(fabs_v(v2), fabs_v(v3))))
         d = amax / np.float32(127.0)
         idv = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
-        s0 = 0
-        s1 = 0
-        for j in range(16):
-            q = np.int32(np.rint(x[b * 32 + j] * idv))
-            xq[b * 32 + j] = q
-            s0 += q
-        for j in range(16, 32):
-            q = np.int32(np.rint(x[b * 32 + j] * idv))
-            xq[b * 32 + j] = q
-            s1 += q
+        q0, q1 = rint_i(mul_s(v0, idv)), rint_i(mul_s(v1, idv))
+        q2, q3 = rint_i(mul_s(v2, idv)), rint_i(mul_s(v3, idv))
+        store_i8(xq, o, q0)
+        store_i8(xq, o + 8, q1)
+        store_i8(xq, o + 16, q2)
+        store_i8(xq, o + 24, q3)
+        s0 = hsum_i(iadd(q0, q1))
+        s1 = hsum_i(iadd(q2, q3))
         dh = round_f16(d)
         xd[b] = dh
         xs16[2 * b] = dh * np.float32(s0)

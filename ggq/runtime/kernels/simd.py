@@ -604,3 +604,92 @@ def hsum(typingctx, a):
         return builder.call(fn, [ir.Constant(_F32, 0.0), args[0]], flags=("reassoc",))
 
     return types.float32(a), codegen
+
+
+# ------------------------------------------------------------------------ activation quantization
+
+@intrinsic
+def fabs_v(typingctx, a):
+    """``|a|`` per lane (float vector)."""
+    if _fsv(a) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        t = args[0].type
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t]), f"llvm.fabs.v{a.n}f32")
+        return builder.call(fn, [args[0]])
+
+    return a(a), codegen
+
+
+@intrinsic
+def fmax_v(typingctx, a, b):
+    """Per lane ``max(a, b)``; a NaN lane gives the other operand (``llvm.maxnum``)."""
+    if _fsv(a, b) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        t = args[0].type
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t, t]), f"llvm.maxnum.v{a.n}f32")
+        return builder.call(fn, list(args))
+
+    return a(a, b), codegen
+
+
+@intrinsic
+def hmax(typingctx, a):
+    """The largest lane of ``a`` (float32; NaN lanes ignored unless all are NaN)."""
+    if _fsv(a) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [args[0].type]),
+                                            f"llvm.vector.reduce.fmax.v{a.n}f32")
+        return builder.call(fn, [args[0]])
+
+    return types.float32(a), codegen
+
+
+@intrinsic
+def rint_i(typingctx, a):
+    """Round each lane to the nearest integer, ties to even (``vroundps``, the current rounding
+    mode, as ``_mm256_round_ps(.., _MM_ROUND_NEAREST)`` in ggml), as int32 lanes."""
+    if _fsv(a) is None:
+        return None
+    iv = _IVec(a.n)
+
+    def codegen(context, builder, sig, args):
+        t = args[0].type
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(t, [t]), f"llvm.rint.v{a.n}f32")
+        return builder.fptosi(builder.call(fn, [args[0]]), _vi(a.n))
+
+    return iv(a), codegen
+
+
+@intrinsic
+def store_i8(typingctx, arr, idx, v):
+    """``arr[idx:idx + n]`` = the int32 lanes of ``v`` truncated to 8 bits (int8 array)."""
+    if not _is_arr(arr, idx) or arr.dtype != types.int8 or _isv(v) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        p = _elem_ptr(context, builder, sig.args[0], args[0], sig.args[1], args[1])
+        b = builder.trunc(args[2], ir.VectorType(_I8, v.n))
+        builder.store(b, builder.bitcast(p, b.type.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, v), codegen
+
+
+@intrinsic
+def hsum_i(typingctx, a):
+    """The sum of the int32 lanes of ``a`` (as int64)."""
+    if _isv(a) is None:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [args[0].type]),
+                                            f"llvm.vector.reduce.add.v{a.n}i32")
+        return builder.sext(builder.call(fn, [args[0]]), ir.IntType(64))
+
+    return types.int64(a), codegen
