@@ -45,26 +45,19 @@ def mm_i8(i8, u16, o, xq, xd, out):
                 qo = oq + base * 32 * G
                 for v in range(0, G, W):
                     s = load_hf(u16, osc + base * G + v)
-                    w0 = load_bytes(i8, qo + v * 4)
-                    w1 = load_bytes(i8, qo + (G + v) * 4)
-                    w2 = load_bytes(i8, qo + (2 * G + v) * 4)
-                    w3 = load_bytes(i8, qo + (3 * G + v) * 4)
-                    w4 = load_bytes(i8, qo + (4 * G + v) * 4)
-                    w5 = load_bytes(i8, qo + (5 * G + v) * 4)
-                    w6 = load_bytes(i8, qo + (6 * G + v) * 4)
-                    w7 = load_bytes(i8, qo + (7 * G + v) * 4)
-                    for t in range(tn):
-                        tt = t0 + t
-                        xo = tt * K + b * 32
-                        ia = dp4s(izero(), w0, bcast4(xq, xo))
-                        ib = dp4s(izero(), w1, bcast4(xq, xo + 4))
-                        ic = dp4s(izero(), w2, bcast4(xq, xo + 8))
-                        id_ = dp4s(izero(), w3, bcast4(xq, xo + 12))
-                        ia = dp4s(ia, w4, bcast4(xq, xo + 16))
-                        ib = dp4s(ib, w5, bcast4(xq, xo + 20))
-                        ic = dp4s(ic, w6, bcast4(xq, xo + 24))
-                        id_ = dp4s(id_, w7, bcast4(xq, xo + 28))
-                        ao = t * G + v
-                        i = iadd(iadd(ia, ib), iadd(ic, id_))
-                        store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(i), s), at(xd, tt * nb + b)))
+                    for h in range(2):  # half a block per pass: 4 weight vectors stay in registers
+                        q0 = qo + (4 * h * G + v) * 4
+                        w0 = load_bytes(i8, q0)
+                        w1 = load_bytes(i8, q0 + 4 * G)
+                        w2 = load_bytes(i8, q0 + 8 * G)
+                        w3 = load_bytes(i8, q0 + 12 * G)
+                        for t in range(tn):
+                            tt = t0 + t
+                            xo = tt * K + b * 32 + 16 * h
+                            ia = dp4s(izero(), w0, bcast4(xq, xo))
+                            ib = dp4s(izero(), w1, bcast4(xq, xo + 4))
+                            ia = dp4s(ia, w2, bcast4(xq, xo + 8))
+                            ib = dp4s(ib, w3, bcast4(xq, xo + 12))
+                            ao = t * G + v
+                            store_f(acc, ao, fma_s(load_f(acc, ao), mul_v(to_f(iadd(ia, ib)), s), at(xd, tt * nb + b)))
             store_tile(acc, out, t0, tn, g, n_rows)

@@ -459,7 +459,11 @@ def dp4s(typingctx, acc, w, x):
         zero = ir.Constant(vb, [0] * vb.count)
         neg = builder.icmp_signed("<", wb, zero)
         aw = builder.select(neg, builder.sub(zero, wb), wb)           # vpabsb (|-128| = 128 as u8)
-        sx = builder.select(neg, builder.sub(zero, xb), xb)           # vpsignb (w = 0 adds 0 anyway)
+        if ISA != "generic" and acc.type.count == 8:                  # vpsignb (LLVM emits xor + sub for the select)
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vb, [vb, vb]), "llvm.x86.avx2.psign.b")
+            sx = builder.call(fn, [xb, wb])
+        else:                                                         # AVX-512 has no vpsignb: a masked vpsubb
+            sx = builder.select(neg, builder.sub(zero, xb), xb)       # (w = 0 adds 0 anyway)
         return _dp_ir(builder, acc, builder.bitcast(aw, acc.type), builder.bitcast(sx, acc.type))
 
     return acc(acc, w, x), codegen
