@@ -247,3 +247,42 @@ def test_activation_codes_match_llama_cpp_formula():
         assert np.array_equal(xd, d16)
         assert np.array_equal(xs16.reshape(s.shape), d16[..., None] * s.astype(np.float32))
         assert np.array_equal(xs32, (d * s.sum(-1).astype(np.float32)).astype(np.float16).astype(np.float32))
+
+
+@pytest.mark.parametrize("hd,window,kv,pos0", [(64, 0, "f16", 0), (64, 0, "f32", 37), (64, 24, "f16", 70),
+                                               (40, 0, "f32", 5), (40, 24, "f16", 70), (256, 0, "f32", 3)])
+def test_prompt_attention_matches_numpy(hd, window, kv, pos0):
+    """ops.attention on a prompt batch (the 4 x 16 register tiles for head dims that are a multiple
+    of 16, the float32 fallback otherwise; chunks of 64 tokens paired per item; a sliding window;
+    a batch after cached positions) against softmax(q K^T * scale) V in float64 over the same
+    keys, with the cache's fp16 rounding applied to K and V on the numpy side too."""
+    from ggq.runtime import ops
+
+    rs = np.random.RandomState(hd + window + pos0)
+    n_head, n_kv, T, n_ctx = 6, 2, 150, 256
+    q = rs.randn(pos0 + T, n_head * hd).astype(np.float32)
+    k = rs.randn(pos0 + T, n_kv * hd).astype(np.float32)
+    v = rs.randn(pos0 + T, n_kv * hd).astype(np.float32)
+    dt = ops.KV_TYPES[kv]
+    kc = np.zeros((1, n_kv, n_ctx // ops.KT, hd, ops.KT), dt)
+    vc = np.zeros((1, n_kv, n_ctx, hd), dt)
+    ip = np.zeros(ops.N_I, np.int64)
+    ip[ops.I_HEAD], ip[ops.I_KV], ip[ops.I_HD], ip[ops.I_SWA_WINDOW] = n_head, n_kv, hd, window
+    fp = np.zeros(ops.N_F)
+    fp[ops.F_ATTN_SCALE] = 1 / np.sqrt(hd)
+    if pos0:  # earlier positions, stored by a first batch
+        ops.attention(0, q[:pos0], k[:pos0], v[:pos0], kc, vc, 0, ip, fp, window > 0, np.zeros((pos0, n_head * hd), np.float32))
+    out = np.zeros((T, n_head * hd), np.float32)
+    ops.attention(0, q[pos0:], k[pos0:], v[pos0:], kc, vc, pos0, ip, fp, window > 0, out)
+    kk = (k.astype(np.float16) if kv == "f16" else k).astype(np.float64)
+    vv = (v.astype(np.float16) if kv == "f16" else v).astype(np.float64)
+    ref = np.zeros((T, n_head * hd))
+    for t in range(T):
+        p = pos0 + t
+        lo = max(0, p - window + 1) if window else 0
+        for h in range(n_head):
+            g = h // (n_head // n_kv)
+            s = kk[lo:p + 1, g * hd:(g + 1) * hd] @ q[p, h * hd:(h + 1) * hd].astype(np.float64) / np.sqrt(hd)
+            e = np.exp(s - s.max())
+            ref[t, h * hd:(h + 1) * hd] = (e / e.sum()) @ vv[lo:p + 1, g * hd:(g + 1) * hd]
+    assert np.abs(out - ref).max() < 2e-5 * max(1.0, np.abs(ref).max())

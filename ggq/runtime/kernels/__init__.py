@@ -21,7 +21,7 @@ from numba import njit
 from .act import quantize_act, quantize_act_par
 from .fastpack import pack_rows_fast
 from .fastpack import ready as fastpack_ready
-from .floats import bf16_to_f32, f16_to_f32, mm_f32, mm_half
+from .floats import K_BF16, K_F16, K_F32, bf16_to_f32, f16_to_f32, mm_float
 from .int8 import mm_i8
 from .nib import mm_nib
 from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_QT, C_ROWS,
@@ -43,12 +43,13 @@ def matmul(m, mats, u8, i8, f32, u16, h16, x, xq, xd, xs16, xs32, out):
     n_rows = mats[m, C_ROWS]
     n_cols = mats[m, C_COLS]
     oq = mats[m, C_OQ]
+    n_pad = (n_rows + G - 1) // G * G
     if fam == FAM_F32:
         if f32 is not None:
-            mm_f32(f32[oq:oq + n_rows * n_cols], n_rows, n_cols, x, out)
+            mm_float(f32[oq:oq + n_pad * n_cols], K_F32, n_rows, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
         if h16 is not None:
-            mm_half(h16[oq:oq + n_rows * n_cols], fam == FAM_BF16, n_rows, n_cols, x, out)
+            mm_float(h16[oq:oq + n_pad * n_cols], K_BF16 if fam == FAM_BF16 else K_F16, n_rows, x, out)
     elif fam == FAM_I8:
         if i8 is not None and u16 is not None:
             mm_i8(i8, u16, mats[m], xq, xd, out)
@@ -68,18 +69,18 @@ def get_row(m, mats, u8, i8, f32, u16, h16, r, out):
     """Dequantize row ``r`` of matrix ``m`` into float32 ``out`` (n_cols,) (embedding lookup);
     equal to ``gguf.quants.dequantize`` bit for bit. Arenas as in :func:`matmul`."""
     fam = mats[m, C_FAM]
-    if fam == FAM_F32:
+    if fam == FAM_F32:  # float planes: [group][k][G rows]
         if f32 is not None:
             n_cols = mats[m, C_COLS]
-            oq = mats[m, C_OQ]
+            o = mats[m, C_OQ] + (r // G) * n_cols * G + r % G
             for k in range(n_cols):
-                out[k] = f32[oq + r * n_cols + k]
+                out[k] = f32[o + k * G]
     elif fam == FAM_F16 or fam == FAM_BF16:
         if h16 is not None:
             n_cols = mats[m, C_COLS]
-            oq = mats[m, C_OQ]
+            o = mats[m, C_OQ] + (r // G) * n_cols * G + r % G
             for k in range(n_cols):
-                h = h16[oq + r * n_cols + k]
+                h = h16[o + k * G]
                 out[k] = f16_to_f32(h) if fam == FAM_F16 else bf16_to_f32(h)
     elif fam == FAM_I8:
         if i8 is not None and u16 is not None:
@@ -194,12 +195,8 @@ class WeightArena:
             dst = {}
             for key, arena, count in planes(qtype, n_rows, n_cols):
                 off = int(self.mats[i, PLANE_COL[key]])
-                if key == "w":
-                    per_row = count // n_rows
-                    dst[key] = self.arenas[arena][off + r0 * per_row:off + r1 * per_row]
-                else:
-                    per_row = count // n_pad
-                    dst[key] = self.arenas[arena][off + r0 * per_row:off + (-(-r1 // G) * G) * per_row]
+                per_row = count // n_pad
+                dst[key] = self.arenas[arena][off + r0 * per_row:off + (-(-r1 // G) * G) * per_row]
             chunk_raw = np.asarray(raw[c0:c1])
             fast = self.compiled_pack if self.compiled_pack is not None else fastpack_ready(T(qtype))
             if not (fast and pack_rows_fast(T(qtype), FAMILY_OF[T(qtype)], chunk_raw, n_cols, dst)):

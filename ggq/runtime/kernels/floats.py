@@ -18,7 +18,9 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-_RB = 16  # rows converted per chunk (prompt batches)
+from .repack import G
+from .simd import MW, add_v, at, fma_s, fzero_m, load_bf_m, load_w_m, store_f
+
 
 
 def _hardware_f16() -> bool:
@@ -137,34 +139,6 @@ def bf16_to_f32(h):
 f32_to_f16 = _f32_to_f16_hw if HARDWARE_F16 else _f32_to_f16_sw
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _mv_half(w, bf16, n_rows, n_cols, x, out):
-    """Decode (T = 1): each F16/BF16 weight is converted as it is read, one row per iteration."""
-    x0 = x[0]
-    for r in prange(n_rows):
-        wr = w[r * n_cols:(r + 1) * n_cols]
-        s = np.float32(0.0)
-        if bf16:
-            for k in range(n_cols):
-                s += bf16_to_f32(wr[k]) * x0[k]
-        else:
-            for k in range(n_cols):
-                s += f16_to_f32(wr[k]) * x0[k]
-        out[0, r] = s
-
-
-@njit(cache=True, parallel=True, fastmath=True)
-def _mv_f32(w, n_rows, n_cols, x, out):
-    """Decode (T = 1) for F32 rows."""
-    x0 = x[0]
-    for r in prange(n_rows):
-        wr = w[r * n_cols:(r + 1) * n_cols]
-        s = np.float32(0.0)
-        for k in range(n_cols):
-            s += wr[k] * x0[k]
-        out[0, r] = s
-
-
 @njit(cache=True, fastmath=True, inline="always")
 def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, n):
     """The 16 dot products of rows w0..w3 with x0..x3 (float32 (n,) each) in one pass over k:
@@ -193,30 +167,6 @@ def _dot4x4(w0, w1, w2, w3, x0, x1, x2, x3, n):
     return (s00, s01, s02, s03, s10, s11, s12, s13, s20, s21, s22, s23, s30, s31, s32, s33)
 
 
-@njit(cache=True, fastmath=True)
-def rows_times_x(buf, nr, r0, x, out):
-    """out[t, r0 + i] = buf[i] . x[t] for i < nr (``buf`` float32 (>= nr, n)), in 4x4 tiles."""
-    T = x.shape[0]
-    n = x.shape[1]
-    i4 = nr - nr % 4
-    t4 = T - T % 4
-    for t in range(0, t4, 4):
-        for i in range(0, i4, 4):
-            s = _dot4x4(buf[i], buf[i + 1], buf[i + 2], buf[i + 3], x[t], x[t + 1], x[t + 2], x[t + 3], n)
-            for a in range(4):
-                for b in range(4):
-                    out[t + b, r0 + i + a] = s[4 * a + b]
-    for t in range(T):
-        lo = i4 if t < t4 else 0
-        xt = x[t]
-        for i in range(lo, nr):
-            wi = buf[i]
-            acc = np.float32(0.0)
-            for k in range(n):
-                acc += wi[k] * xt[k]
-            out[t, r0 + i] = acc
-
-
 @njit(cache=True, fastmath=True, inline="always")
 def _dot_n(a, b, n):
     """sum(a[:n] * b[:n]) in float32."""
@@ -228,7 +178,7 @@ def _dot_n(a, b, n):
 
 @njit(cache=True, fastmath=True)
 def causal_rows_times_x(buf, x, out, base, shorten):
-    """Causal variants of :func:`rows_times_x` (``r0`` = 0) for attention, where token ``t`` sees
+    """out[t, i] = buf[i] . x[t] in 4 x 4 register tiles, causal, for attention, where token ``t`` sees
     the first ``base + t + 1`` keys: with ``shorten`` False, out[t, i] = buf[i] . x[t] only for rows
     ``i < base + t + 1`` (scores Q K^T: buf = keys); with ``shorten`` True, the dot products of
     token ``t`` stop at ``k < base + t + 1`` (P V: buf = V^T, x = probabilities, zero beyond).
@@ -259,52 +209,107 @@ def causal_rows_times_x(buf, x, out, base, shorten):
             out[t, i] = _dot_n(buf[i], x[t], nk)
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _mm_f32_rows(w, n_rows, n_cols, x, out):
-    nch = (n_rows + _RB - 1) // _RB
-    for c in prange(nch):
-        r0 = c * _RB
-        nr = min(n_rows, r0 + _RB) - r0
-        rows_times_x(w[r0 * n_cols:(r0 + nr) * n_cols].reshape((nr, n_cols)), nr, r0, x, out)
+# ------------------------------------------------------------------------ float weight matrices
+# Rows interleaved like the quantized families (:mod:`.repack`): a group of G rows is stored
+# [k][G rows], so one vector load is column k of MW consecutive rows.
+
+#: element kinds of a float matrix (compile-time constants of the inlined tile loops)
+K_F32, K_F16, K_BF16 = 0, 1, 2
+#: tokens per register tile of a prompt batch (2 vectors of rows x _TT tokens: 8 accumulators)
+_TT = 4
 
 
-@njit(cache=True, parallel=True, fastmath=True)
-def _mm_half_rows(w, bf16, n_rows, n_cols, x, out):
-    """Prompt batches: convert ``_RB`` rows at a time into a float32 buffer, then multiply them
-    with every token in 4 x 4 register tiles."""
-    nch = (n_rows + _RB - 1) // _RB
-    for c in prange(nch):
-        buf = np.empty((_RB, n_cols), np.float32)
-        r0 = c * _RB
-        nr = min(n_rows, r0 + _RB) - r0
-        for i in range(nr):
-            wr = w[(r0 + i) * n_cols:(r0 + i + 1) * n_cols]
-            bi = buf[i]
-            if bf16:
-                bu = bi.view(np.uint32)
-                for k in range(n_cols):
-                    bu[k] = np.uint32(wr[k]) << 16
-            else:
-                for k in range(n_cols):
-                    bi[k] = f16_to_f32(wr[k])
-        rows_times_x(buf, nr, r0, x, out)
+@njit(cache=True, fastmath=True, inline="always")
+def _ldw(w, i, kind):
+    """MW float32 lanes of column data at ``w[i]``: F32 as they are, F16 converted, BF16 shifted."""
+    if kind == K_BF16:
+        return load_bf_m(w, i)
+    return load_w_m(w, i)
 
 
-@njit(cache=True)
-def mm_f32(w, n_rows, n_cols, x, out):
-    """out[t, r] = sum_k w[r, k] * x[t, k]; ``w`` float32 flat (n_rows * n_cols), ``x`` (T, n_cols)
-    float32, ``out`` (T, n_rows). Decode: parallel over rows; prompt batches: parallel over
-    chunks of ``_RB`` rows in 4 x 4 register tiles."""
-    if x.shape[0] == 1:
-        _mv_f32(w, n_rows, n_cols, x, out)
+@njit(cache=True, fastmath=True, inline="always")
+def _store_rows(out, t, c0, c1, a, tmp):
+    """out[t, c0:c1] = the first c1 - c0 lanes of ``a`` (a whole vector when it fits the row)."""
+    if c1 - c0 == MW:
+        store_f(out, t * out.shape[1] + c0, a)
     else:
-        _mm_f32_rows(w, n_rows, n_cols, x, out)
+        store_f(tmp, 0, a)
+        for i in range(c1 - c0):
+            out[t, c0 + i] = tmp[i]
 
 
-@njit(cache=True)
-def mm_half(w, bf16, n_rows, n_cols, x, out):
-    """As :func:`mm_f32` for uint16 ``w`` holding F16 (``bf16`` False) or BF16 bit patterns."""
-    if x.shape[0] == 1:
-        _mv_half(w, bf16, n_rows, n_cols, x, out)
-    else:
-        _mm_half_rows(w, bf16, n_rows, n_cols, x, out)
+@njit(cache=True, fastmath=True, inline="always")
+def _group_rows(w, kind, g, n_rows, x, out):
+    """out[:, rows of group g] for the float matrix ``w`` ([group][k][G] layout) and all tokens of
+    ``x`` (T, K): per pair of row vectors, tiles of _TT tokens (each k: two weight loads, _TT
+    broadcasts, 2 _TT FMAs; no horizontal sums), then the remaining tokens one at a time."""
+    T, K = x.shape[0], x.shape[1]
+    base = g * K * G
+    r1 = min(G, n_rows - g * G)
+    tmp = np.empty(MW, np.float32)
+    for v in range(0, r1, 2 * MW):
+        c0 = g * G + v
+        ca, cb = min(c0 + MW, g * G + r1), min(c0 + 2 * MW, g * G + r1)
+        t0 = 0
+        while t0 + _TT <= T:
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = fzero_m()
+            xo = t0 * K
+            for k in range(K):
+                o = base + k * G + v
+                w0 = _ldw(w, o, kind)
+                w1 = _ldw(w, o + MW, kind)
+                x0, x1, x2, x3 = at(x, xo + k), at(x, xo + K + k), at(x, xo + 2 * K + k), at(x, xo + 3 * K + k)
+                a0 = fma_s(a0, w0, x0)
+                b0 = fma_s(b0, w1, x0)
+                a1 = fma_s(a1, w0, x1)
+                b1 = fma_s(b1, w1, x1)
+                a2 = fma_s(a2, w0, x2)
+                b2 = fma_s(b2, w1, x2)
+                a3 = fma_s(a3, w0, x3)
+                b3 = fma_s(b3, w1, x3)
+            _store_rows(out, t0, c0, ca, a0, tmp)
+            _store_rows(out, t0 + 1, c0, ca, a1, tmp)
+            _store_rows(out, t0 + 2, c0, ca, a2, tmp)
+            _store_rows(out, t0 + 3, c0, ca, a3, tmp)
+            if cb > ca:
+                _store_rows(out, t0, ca, cb, b0, tmp)
+                _store_rows(out, t0 + 1, ca, cb, b1, tmp)
+                _store_rows(out, t0 + 2, ca, cb, b2, tmp)
+                _store_rows(out, t0 + 3, ca, cb, b3, tmp)
+            t0 += _TT
+        for t in range(t0, T):  # decode, and a batch's last tokens: k in pairs, 4 chains
+            a0 = a1 = b0 = b1 = fzero_m()
+            xo = t * K
+            k = 0
+            while k + 1 < K:
+                o = base + k * G + v
+                x0, x1 = at(x, xo + k), at(x, xo + k + 1)
+                a0 = fma_s(a0, _ldw(w, o, kind), x0)
+                b0 = fma_s(b0, _ldw(w, o + MW, kind), x0)
+                a1 = fma_s(a1, _ldw(w, o + G, kind), x1)
+                b1 = fma_s(b1, _ldw(w, o + G + MW, kind), x1)
+                k += 2
+            if k < K:
+                o = base + k * G + v
+                a0 = fma_s(a0, _ldw(w, o, kind), at(x, xo + k))
+                b0 = fma_s(b0, _ldw(w, o + MW, kind), at(x, xo + k))
+            _store_rows(out, t, c0, ca, add_v(a0, a1), tmp)
+            if cb > ca:
+                _store_rows(out, t, ca, cb, add_v(b0, b1), tmp)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_float(w, kind, n_rows, x, out):
+    """out[t, r] = sum_k W[r, k] * x[t, k] for a float matrix: ``w`` its plane (float32 for F32,
+    uint16 bit patterns for F16/BF16, ``kind`` K_F32/K_F16/K_BF16) in the [group][k][G rows]
+    layout, ``x`` float32 (T, K), ``out`` float32 (T, n_rows). Parallel over 64-row groups; the
+    weights are converted as they are loaded (``vcvtph2ps``; BF16 a shift) and multiplied in
+    float32 (llama.cpp rounds the activations to F16 for F16 weights; float32 is more accurate)."""
+    ng = (n_rows + G - 1) // G
+    for g in prange(ng):
+        if kind == K_F16:  # one inlined copy per kind: no branch per load
+            _group_rows(w, K_F16, g, n_rows, x, out)
+        elif kind == K_BF16:
+            _group_rows(w, K_BF16, g, n_rows, x, out)
+        else:
+            _group_rows(w, K_F32, g, n_rows, x, out)

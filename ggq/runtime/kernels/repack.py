@@ -34,8 +34,9 @@ of three *kinds*:
   (Q3_K: -4, Q6_K: -32, the codes being stored unsigned, Q6_K's plus 32).
 
 The float scale of a K-quant sub-block (fp16 d times a 6/8-bit scale) is exact in float32, so the
-repacked weights equal ``gguf.quants.dequantize`` bit for bit. F32 rows are copied as they are,
-F16/BF16 rows kept as uint16 (converted in the kernel).
+repacked weights equal ``gguf.quants.dequantize`` bit for bit. Float rows (F32, F16/BF16 kept as
+uint16 bit patterns, converted in the kernel) are interleaved the same way, ``[group][k][G]``: one
+vector load is column ``k`` of 8 or 16 consecutive rows (:func:`.floats.mm_float`).
 """
 
 from __future__ import annotations
@@ -168,9 +169,9 @@ def planes(qtype: T, n_rows: int, n_cols: int) -> list[tuple[str, str, int]]:
     ng = -(-n_rows // G)
     nb = n_cols // 32
     if fam == FAM_F32:
-        return [("w", "f32", n_rows * n_cols)]
+        return [("w", "f32", ng * G * n_cols)]
     if fam in (FAM_F16, FAM_BF16):
-        return [("w", "h16", n_rows * n_cols)]
+        return [("w", "h16", ng * G * n_cols)]
     kind, gs, has_mn, _ = LAYOUT[qtype]
     k = 32 // gs
     if fam == FAM_I8:
@@ -216,15 +217,12 @@ def pack_rows(qtype: T, raw: np.ndarray, n_cols: int, dst: dict[str, np.ndarray]
     qtype = T(qtype)
     fam = FAMILY_OF[qtype]
     n = raw.shape[0]
-    if fam == FAM_F32:
-        dst["w"][:] = raw.view(np.float32).reshape(-1)
-        return
-    if fam in (FAM_F16, FAM_BF16):
-        dst["w"][:] = raw.view(np.uint16).reshape(-1)
-        return
-    f = decode(qtype, raw, n_cols)
     ng = -(-n // G)
     pad = ng * G - n
+    if fam in (FAM_F32, FAM_F16, FAM_BF16):  # [group][k][G rows]
+        dst["w"][:] = _interleave(_pad_rows(raw.view(np.float32 if fam == FAM_F32 else np.uint16), pad), ng)
+        return
+    f = decode(qtype, raw, n_cols)
     nb = n_cols // 32
     q = _pad_rows(f["q"], pad).reshape(ng * G, nb, 32)
     if fam == FAM_I8:

@@ -296,6 +296,45 @@ load_bytes_m, bcast4_m, load_f_m, izero_m, fzero_m = (_LM[k] for k in ("load_byt
 load_hf_m, load_u8f_m, load_s8f_m = (_LM[k] for k in ("load_hf", "load_u8f", "load_s8f"))
 
 
+def _weights(n):
+    fv = _FVec(n)
+
+    @intrinsic
+    def load_w(typingctx, arr, idx):
+        """``arr[idx:idx + n]`` of a float weight plane as float32 lanes: float32 as it is, uint16
+        as F16 bit patterns (converted)."""
+        if not _is_arr(arr, idx) or arr.dtype not in (types.float32, types.uint16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            if sig.args[0].dtype == types.float32:
+                return _load(context, builder, sig, args, _F32, n, align=4)
+            return _hf_ir(builder, _load(context, builder, sig, args, _I16, n))
+
+        return fv(arr, idx), codegen
+
+    @intrinsic
+    def load_bf(typingctx, arr, idx):
+        """``arr[idx:idx + n]`` of BF16 bit patterns (uint16) as float32 lanes (shifted up 16 bits);
+        a float32 array's values as they are (so code shared with F32 weights types)."""
+        if not _is_arr(arr, idx) or arr.dtype not in (types.float32, types.uint16):
+            return None
+
+        def codegen(context, builder, sig, args):
+            if sig.args[0].dtype == types.float32:
+                return _load(context, builder, sig, args, _F32, n, align=4)
+            u = builder.zext(_load(context, builder, sig, args, _I16, n), _vi(n))
+            return builder.bitcast(builder.shl(u, _ci(n, 16)), _vf(n))
+
+        return fv(arr, idx), codegen
+
+    return load_w, load_bf
+
+
+#: float weight loads of MW lanes (:func:`.floats.mm_float`)
+load_w_m, load_bf_m = _weights(MW)
+
+
 @intrinsic
 def store_f(typingctx, arr, idx, v):
     """``arr[idx:idx + n] = v`` (float32 array, ``v`` an ``f32x{n}``)."""
