@@ -164,7 +164,7 @@ def _gptq_dir(tmp_path, stories_dir, **kw):
 @pytest.mark.parametrize("change,message", [
     (dict(bits=8), "does not hold 8-bit codes"),
     (dict(bits=5), "5 bits is not supported"),
-    (dict(quant_method="bitsandbytes"), "'bitsandbytes' is not supported"),
+    (dict(quant_method="hqq"), "'hqq' is not supported"),
     (dict(group_size=32), "groups"),
     (dict(checkpoint_format="marlin"), "'marlin' is not supported"),
     (dict(quant_method="awq", bits=4), "do not match AWQ GEMM"),

@@ -356,13 +356,16 @@ def prepare(ck) -> QuantizedInfo | None:
         from ggq.convert.quantized.awq import prepare_awq as run
     elif method == "compressed-tensors":
         from ggq.convert.quantized.compressed import prepare_compressed as run
+    elif method == "bitsandbytes":
+        from ggq.convert.quantized.bnb import prepare_bnb as run
     else:
         raise GGQError(f"{where}: quantization_config.quant_method {show(qc.get('quant_method'))} is not supported "
-                       "(ggq imports gptq, awq and compressed-tensors)")
+                       "(ggq imports gptq, awq, compressed-tensors and bitsandbytes)")
     info = run(ck, qc)
     if info.n_tensors == 0:
         raise GGQError(f"{where}: quantization_config says {method}, but no tensor of the checkpoint is packed that way")
-    _pick_default(info)
+    if not info.reason:  # a format module may have chosen its default itself
+        _pick_default(info)
     return info
 
 
