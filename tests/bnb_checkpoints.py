@@ -116,9 +116,10 @@ def hf_logits(path: Path, tokens: list[int]):
     return out.double().numpy().astype(np.float64)
 
 
-def exact_logits(path: Path, tokens: list[int]):
+def exact_logits(path: Path, tokens: list[int], weights: dict | None = None):
     """float64 logits of a plain float32 transformers Llama whose linear weights are bitsandbytes'
-    own dequantization of the checkpoint (:func:`bnb_dequantize`): the exact model the checkpoint
+    own dequantization of the checkpoint (:func:`bnb_dequantize`, or ``weights``: {name: float32
+    numpy} from another library's dequantization): the exact model the checkpoint
     stands for, without bitsandbytes' CPU kernels (which compute in bf16 on AVX512-BF16 machines
     and quantize int8 activations)."""
     import numpy as np
@@ -131,7 +132,7 @@ def exact_logits(path: Path, tokens: list[int]):
     sd = {k: v.float() for k, v in load_file(str(path / "model.safetensors")).items()
           if v.dtype in (torch.float32, torch.float16, torch.bfloat16) and "quant" not in k and "absmax" not in k
           and not k.endswith(".SCB")}
-    sd.update({k: torch.from_numpy(v) for k, v in bnb_dequantize(path).items()})
+    sd.update({k: torch.from_numpy(v) for k, v in (bnb_dequantize(path) if weights is None else weights).items()})
     missing, _ = model.load_state_dict(sd, strict=False)
     assert not [k for k in missing if k != "lm_head.weight"], missing
     model.tie_weights()

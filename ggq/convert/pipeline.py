@@ -134,6 +134,9 @@ def plan_checkpoint(ck: Checkpoint, fam: Family, hp: archmod.HParams) -> list[Pl
         if rule.name in seen:
             raise GGQError(f"{ck.path}: tensors {show(seen[rule.name])} and {show(hf_name)} both map to {rule.name}")
         seen[rule.name] = hf_name
+        if src.dtype.startswith("F8_"):
+            raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} is {src.dtype}, but config.json has no fp8 "
+                           "quantization_config that says how to scale it")
         if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
             raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} has non-float dtype {show(src.dtype)}")
         shape = tuple(src.shape)

@@ -253,7 +253,7 @@ class BnbInfo(QuantizedInfo):
             exact = {"F16": ("float16",), "BF16": ("bfloat16",)}[name]
             return None if self.stats.get("dtype") in exact else f"{what} weights rounded to {name}"
         return (f"{what} levels are not uniform, no ggml block holds them: weights dequantized exactly "
-                f"(as bitsandbytes does) and quantized to {name}")
+                "(as bitsandbytes does) and quantized again")
 
 
 def _check_f32(src, shape: tuple[int, ...], what: str, dtypes=("F32",)) -> None:
