@@ -7,7 +7,9 @@ The random Llama of ``bnb_checkpoints`` (hidden 256, 2 layers, stories260K's tok
   ``FineGrainedFP8Config`` uses; its GPU check is bypassed by calling the op directly): float8_e4m3fn
   weights and ``weight_scale_inv`` per 128x128 block (float32, or UE8M0 powers of two);
 * ``ct-fp8-channel``, ``ct-fp8-block``, ``ct-fp8-tensor``: compressed-tensors ``float-quantized``
-  (the FP8_DYNAMIC and FP8_BLOCK presets, and a weights-only per-tensor scheme): the scheme applied
+  (the FP8_DYNAMIC and FP8_BLOCK presets, and a weights-only per-tensor scheme), and
+  ``ct-w8a8-channel``, ``ct-w8a8-group``: ``int-quantized`` (the W8A8 preset, and int8 groups of
+  64 with int8 per-token activations), as llm-compressor writes them: the scheme applied
   with ``apply_quantization_config``, the scales computed by its ``calculate_qparams`` from each
   weight's min/max (what llm-compressor's min-max observer feeds it), the weights compressed by
   ``ModelCompressor.compress_model`` and the config written by ``update_config``.
@@ -26,6 +28,9 @@ from bnb_checkpoints import CONFIG
 
 RECIPE = 2
 KINDS = ["fp8-block", "fp8-ue8m0", "ct-fp8-channel", "ct-fp8-block", "ct-fp8-tensor"]
+#: llm-compressor's W8A8 output format (compressed-tensors int-quantized): channel scales (the W8A8
+#: preset) and group scales (int8 weights in groups of 64, int8 dynamic per-token activations)
+INT8_KINDS = ["ct-w8a8-channel", "ct-w8a8-group"]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -73,17 +78,24 @@ def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str) -> None:
     (tmp / "config.json").write_text(json.dumps(c, indent=2))
 
 
-def _ct(tmp: Path, stories: Path, preset: str) -> None:
+def _ct(tmp: Path, stories: Path, preset: str, model=None) -> None:
+    """Quantize ``model`` (default: the random test Llama, bf16) with compressed-tensors' ``preset``
+    ("TENSOR": weights-only per-tensor FP8) and save it, compressed, to ``tmp``."""
     import torch
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config, preset_name_to_scheme)
     from compressed_tensors.quantization.utils import calculate_qparams
 
-    model = _model()
+    model = _model() if model is None else model
     if preset == "TENSOR":
         scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(num_bits=8, type="float",
                                                                                  strategy="tensor", symmetric=True))
+    elif preset == "W8A8_GROUP":
+        scheme = QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(num_bits=8, type="int", strategy="group", group_size=64, symmetric=True),
+            input_activations=QuantizationArgs(num_bits=8, type="int", strategy="token", symmetric=True, dynamic=True))
     else:
         scheme = preset_name_to_scheme(preset, ["Linear"])
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
@@ -97,6 +109,9 @@ def _ct(tmp: Path, stories: Path, preset: str) -> None:
                 bm, bn = a.block_structure
                 r = w.reshape(w.shape[0] // bm, bm, w.shape[1] // bn, bn)
                 mn, mx = r.amin(dim=(1, 3)), r.amax(dim=(1, 3))
+            elif a.strategy == "group":
+                r = w.reshape(w.shape[0], -1, a.group_size)
+                mn, mx = r.amin(dim=2), r.amax(dim=2)
             elif a.strategy == "channel":
                 mn, mx = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
             else:
@@ -111,7 +126,7 @@ def _ct(tmp: Path, stories: Path, preset: str) -> None:
 
 
 def build(cache: Path, stories: Path, kind: str) -> Path:
-    """The checkpoint folder of ``kind`` (one of :data:`KINDS`), made once and cached."""
+    """The checkpoint folder of ``kind`` (one of :data:`KINDS` or :data:`INT8_KINDS`), made once and cached."""
     root = cache / "fp8" / _version_key()
     d = root / kind
     if (d / "config.json").exists():
@@ -125,15 +140,17 @@ def build(cache: Path, stories: Path, kind: str) -> Path:
     elif kind == "fp8-ue8m0":
         _transformers_fp8(tmp, stories, "ue8m0")
     else:
-        _ct(tmp, stories, {"ct-fp8-channel": "FP8_DYNAMIC", "ct-fp8-block": "FP8_BLOCK", "ct-fp8-tensor": "TENSOR"}[kind])
+        _ct(tmp, stories, {"ct-fp8-channel": "FP8_DYNAMIC", "ct-fp8-block": "FP8_BLOCK", "ct-fp8-tensor": "TENSOR",
+                           "ct-w8a8-channel": "W8A8", "ct-w8a8-group": "W8A8_GROUP"}[kind])
     _finish(None, tmp, stories)
     tmp.rename(d)
     return d
 
 
 def reference_dequantize(path: Path) -> dict:
-    """{weight name: float32 numpy}: each fp8 layer decoded by its own library (transformers'
-    ``_dequantize_fp8_weight`` in float32, or compressed-tensors' ``dequantize``)."""
+    """{weight name: float32 numpy}: each quantized layer decoded by its own library (transformers'
+    ``_dequantize_fp8_weight`` in float32, or compressed-tensors' ``dequantize`` with the scale in
+    float32, i.e. the exact product ``q * s``)."""
     import torch
     from safetensors.torch import load_file
 
@@ -154,7 +171,8 @@ def reference_dequantize(path: Path) -> dict:
 
         args = QuantizationArgs(**next(iter(cfg["config_groups"].values()))["weights"])
         for k, v in t.items():
-            if v.dtype == torch.float8_e4m3fn and k.endswith(".weight"):
+            if v.dtype in (torch.float8_e4m3fn, torch.int8) and k.endswith(".weight"):
                 p = k[: -len("weight")]
-                out[k] = dequantize(v, t[p + "weight_scale"], t.get(p + "weight_zero_point"), args).float().numpy()
+                zp = t.get(p + "weight_zero_point")
+                out[k] = dequantize(v, t[p + "weight_scale"].float(), zp, args, dtype=torch.float32).numpy()
     return out

@@ -12,7 +12,11 @@ bitsandbytes' own dequantization (``functional.dequantize_4bit`` / ``int8_vector
 * the checkpoint itself against the bf16 weights it was made from (bitsandbytes' own error).
 
 Prints a markdown table of relative RMS errors (``||x - ref|| / ||ref||`` over all layers).
-Usage: ``python tools/import_error_table.py [--kinds nf4,nf4-dq,fp4,int8]`` (a few minutes on 2 cores).
+FP8: compressed-tensors per-channel (FP8_DYNAMIC) and per-tensor schemes, and W8A8 int8 per-channel
+(``tests/fp8_checkpoints.py``);
+SmolLM2's 576-wide matrices do not tile into 128x128 blocks, so block scales are measured in the tests.
+Usage: ``python tools/import_error_table.py [--kinds nf4,nf4-dq,fp4,int8,ct-fp8-channel,ct-fp8-tensor]``
+(a few minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
+FP8_KINDS = {"ct-fp8-channel": "FP8_DYNAMIC", "ct-fp8-tensor": "TENSOR", "ct-w8a8-channel": "W8A8"}
 KINDS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
@@ -42,7 +47,12 @@ def build(src: Path, root: Path, kind: str) -> Path:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     d = root / kind
-    if not (d / "config.json").exists():
+    if kind in FP8_KINDS and not (d / "config.json").exists():
+        import fp8_checkpoints as fc
+
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="cpu")
+        fc._ct(d, src, FP8_KINDS[kind], model)
+    elif not (d / "config.json").exists():
         model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16, device_map="cpu",
                                                      quantization_config=BitsAndBytesConfig(**KINDS[kind]))
         model.save_pretrained(d)
@@ -51,7 +61,7 @@ def build(src: Path, root: Path, kind: str) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--kinds", default=",".join([*KINDS, *FP8_KINDS]))
     args = ap.parse_args()
     import torch
     from gguf import GGMLQuantizationType as T
@@ -69,7 +79,12 @@ def main() -> None:
     rows = []
     for kind in args.kinds.split(","):
         d = build(src, root, kind)
-        ref = bc.bnb_dequantize(d)
+        if kind in FP8_KINDS:
+            import fp8_checkpoints as fc
+
+            ref = fc.reference_dequantize(d)
+        else:
+            ref = bc.bnb_dequantize(d)
         ck = open_checkpoint(d)
         prepare(ck)
         raw = load_file(str(d / "model.safetensors"))
@@ -84,7 +99,21 @@ def main() -> None:
             total += float((w64 ** 2).sum())
             add("checkpoint vs bf16 original", orig[name].to(torch.bfloat16).float().numpy(), w64)
             assert np.array_equal(ck.tensors[name].load(), w), name
-            if kind == "int8":
+            if kind == "ct-w8a8-channel":
+                add("ggq Q8_0 (codes kept)", quants.dequantize(ck.tensors[name].native("Q8_0"), T.Q8_0), w64)
+                add("dequantize-then-quantize Q8_0", quants.dequantize(quants.quantize(w, T.Q8_0), T.Q8_0), w64)
+            elif kind in FP8_KINDS:
+                from ggq.convert.quantized.fp8 import fp8_to_q8_0
+
+                add("ggq Q8_0 (FP8-aligned and max/k steps)", quants.dequantize(ck.tensors[name].native("Q8_0"), T.Q8_0), w64)
+                p = name[: -len("weight")]
+                v = raw[name].float().numpy()
+                sc = raw[p + "weight_scale"].float().numpy()
+                sc = np.broadcast_to(sc.reshape(-1, 1) if sc.size > 1 else sc.reshape(1, 1), w.shape)
+                data, _ = fp8_to_q8_0(v, np.ascontiguousarray(sc, np.float32), w, aligned=False)
+                add("Q8_0 max/k steps only (no FP8 alignment)", quants.dequantize(data, T.Q8_0), w64)
+                add("dequantize-then-quantize Q8_0", quants.dequantize(quants.quantize(w, T.Q8_0), T.Q8_0), w64)
+            elif kind == "int8":
                 add("ggq Q8_0 (codes kept)", quants.dequantize(ck.tensors[name].native("Q8_0"), T.Q8_0), w64)
                 q = raw[name].numpy()
                 s = raw[name[: -len("weight")] + "SCB"].numpy().astype(np.float64) / 127

@@ -12,8 +12,9 @@ Read with numpy; no torch needed. Per quantized linear layer ``P`` (float weight
   ``weight_dequant``), computed in float32;
 * compressed-tensors: ``P.weight_scale`` in the model's float type, ``(1,)`` (strategy
   ``tensor``), ``(out, 1)`` (``channel``), ``(out, in / group_size)`` (``group``) or
-  ``(ceil(out / bm), ceil(in / bn))`` (``block``); decode ``w = dtype(fp8(q) * s)`` in the scale's
-  dtype (compressed-tensors' ``dequantize``: ``x_q.to(scale.dtype) * scale``).
+  ``(ceil(out / bm), ceil(in / bn))`` (``block``); decode ``w = fp8(q) * s``, exact in float32
+  (4 significant bits times the scale's 8 or 11): compressed-tensors' ``dequantize`` with a
+  float32 scale. (Its default, the scale's own dtype, rounds the product once more to bf16.)
 
 Activation settings (``activation_scheme``, ``input_activations``, ``P.input_scale``) only matter
 to an FP8 runtime; they are reported and ignored (ggq's runtime quantizes activations itself).
@@ -83,7 +84,7 @@ EXTRA_STEPS = (127, 126, 125, 124, 123, 122, 121, 120)
 
 
 def fp8_to_q8_0(v: np.ndarray, s: np.ndarray, w: np.ndarray, baseline: np.ndarray | None = None,
-                chunk: int = 256) -> tuple[np.ndarray, dict]:
+                chunk: int = 256, aligned: bool = True) -> tuple[np.ndarray, dict]:
     """Map FP8 weights onto Q8_0 blocks with the least squared error per block.
 
     ``v``: float32 (out, in) fp8 values (unscaled), ``in % 32 == 0``; ``s``: float32 (out, in) the
@@ -96,7 +97,10 @@ def fp8_to_q8_0(v: np.ndarray, s: np.ndarray, w: np.ndarray, baseline: np.ndarra
     the fp16 nearest ``s * 2^(p - 6)`` and its two fp16 neighbours (``c = round(w / d)`` for each),
     plus, given ``baseline`` (ggq's Q8_0 quantizer on ``w``), the baseline block, and keeps per
     block the one with the least squared error against ``w``: never worse than
-    dequantize-then-quantize. Blocks whose scale changes inside the block use the baseline.
+    dequantize-then-quantize. Blocks whose scale changes inside the block use the baseline. The
+    steps ``d = max|w| / k`` for k in :data:`EXTRA_STEPS` are tried as well (they help blocks whose
+    values span more binades than a Q8_0 block holds); ``aligned=False`` leaves out the FP8-aligned
+    steps (for measuring what they add).
 
     Returns (uint8 (out, in // 32 * 34), stats ``{"baseline": fraction of blocks from the baseline,
     "exact": fraction of blocks decoding to ``w`` exactly}``).
@@ -117,7 +121,7 @@ def fp8_to_q8_0(v: np.ndarray, s: np.ndarray, w: np.ndarray, baseline: np.ndarra
         amax = np.abs(wb).max(-1)
         with np.errstate(over="ignore", invalid="ignore"):
             h = d0.astype(np.float16)
-            cands = [h, np.nextafter(h, np.float16(np.inf)), np.nextafter(h, np.float16(-np.inf))]
+            cands = [h, np.nextafter(h, np.float16(np.inf)), np.nextafter(h, np.float16(-np.inf))] if aligned else []
             cands += [(amax / k).astype(np.float16) for k in EXTRA_STEPS]
         best_e = np.full(m.shape, np.inf)
         best_d = np.zeros(m.shape)
@@ -342,7 +346,7 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
         tz = ck.tensors.get(f"{prefix}.weight_zero_point")
         if tz is not None and np.any(np.asarray(tz.load()) != 0):
             raise GGQError(f"{tz.origin}: {show(tz.name)} is not zero (asymmetric float weights are not supported)")
-        out_dtype = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[ts.dtype]
+        out_dtype = "float32"  # the exact product, as compressed-tensors' fused kernels apply the scale
         extra = [tz, ck.tensors.get(f"{prefix}.input_scale"), ck.tensors.get(f"{prefix}.input_zero_point")]
         src = _make_source(f"{prefix}.weight", tw, ts, blk, (out, n_in), out_dtype, info, extra)
         repl[f"{prefix}.weight"] = (src, [f"{prefix}.weight", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point",

@@ -95,6 +95,9 @@ def summary(info) -> str | None:
     if n_native:
         line += (f"; {n_native} kept their codes (dequantize-then-quantize would give mean "
                  f"{np.mean(base):.3g})")
+    acts = info.stats.get("activations")
+    if acts and acts != "weights only":
+        line += f"; the checkpoint's activation quantization ({acts}) is ignored: ggq's runtime quantizes activations itself"
     return line
 
 
