@@ -128,7 +128,7 @@ def main() -> None:
         for key, e in acc.items():
             rows.append((kind, key, np.sqrt(e / total)))
         print(f"{kind}: {len(ref)} tensors", file=sys.stderr, flush=True)
-    print("| checkpoint | GGUF | relative RMS error vs bitsandbytes' dequantization |")
+    print("| checkpoint | GGUF | relative RMS error vs the checkpoint library's own dequantization |")
     print("| --- | --- | --- |")
     for kind, key, v in rows:
         print(f"| {kind} | {key} | {v:.3g} |")
