@@ -335,3 +335,10 @@ def test_bad_config(bnb_dirs, tmp_path, change, message):
     with pytest.raises(GGQError, match=message) as e:
         prepare(open_checkpoint(d))
     assert "\n" not in str(e.value) and "config.json" in str(e.value) or str(d) in str(e.value)
+
+
+
+def test_import_report_needs_quantized_checkpoint(bnb_dirs, tmp_path):
+    with pytest.raises(GGQError, match="--import-report needs a quantized checkpoint") as e:
+        _convert(bnb_dirs["nf4"].parent / "base", tmp_path / "f.gguf", report=tmp_path / "r.tsv")
+    assert "\n" not in str(e.value) and not (tmp_path / "f.gguf").exists()

@@ -361,6 +361,8 @@ def _source_int8(ck, prefix: str, info: BnbInfo):
         from ggq import quants
 
         q, s = np.asarray(tw.load()), scb()
+        if s.max(initial=0.0) / 127 > 65504:  # no fp16 block scale: the generic path reports it
+            return None
         base = quants.quantize(dequantize_int8(q, s), T.Q8_0)
         data, st = int8_to_q8_0(q, s, base)
         info.stats.setdefault("int8", {})[wname] = st

@@ -203,6 +203,9 @@ def _make_source(name, tw, ts, block, shape, out_dtype, info, extra=()):
         if not np.isfinite(v).all():
             raise GGQError(f"{tw.origin}: {show(tw.name)} has NaN or infinite fp8 values")
         s = expand_scale(_scale_values(ts).reshape(-(-out // block[0]), -(-n_in // block[1])), shape, block)
+        with np.errstate(over="ignore"):
+            if not np.isfinite(v * s).all():
+                raise GGQError(f"{ts.origin}: {show(ts.name)} scales {show(tw.name)} beyond float32's range")
         return v, s
 
     def loader() -> np.ndarray:
