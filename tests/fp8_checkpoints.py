@@ -2,7 +2,8 @@
 
 The random Llama of ``bnb_checkpoints`` (hidden 256, 2 layers, stories260K's tokenizer), in bf16:
 
-* ``fp8-block``, ``fp8-ue8m0``: ``quant_method: fp8`` as DeepSeek-V3 / Qwen3 publish it, each linear
+* ``fp8-block``, ``fp8-ue8m0``, ``fp8-tensor``: ``quant_method: fp8`` as DeepSeek-V3 / Qwen3 publish it
+  (and, without ``weight_block_size``, one scale per tensor), each linear
   weight quantized by transformers' own ``integrations.finegrained_fp8.Fp8Quantize`` (the op
   ``FineGrainedFP8Config`` uses; its GPU check is bypassed by calling the op directly): float8_e4m3fn
   weights and ``weight_scale_inv`` per 128x128 block (float32, or UE8M0 powers of two);
@@ -27,7 +28,7 @@ from pathlib import Path
 from bnb_checkpoints import CONFIG
 
 RECIPE = 2
-KINDS = ["fp8-block", "fp8-ue8m0", "ct-fp8-channel", "ct-fp8-block", "ct-fp8-tensor"]
+KINDS = ["fp8-block", "fp8-ue8m0", "fp8-tensor", "ct-fp8-channel", "ct-fp8-block", "ct-fp8-tensor"]
 #: llm-compressor's W8A8 output format (compressed-tensors int-quantized): channel scales (the W8A8
 #: preset) and group scales (int8 weights in groups of 64, int8 dynamic per-token activations)
 INT8_KINDS = ["ct-w8a8-channel", "ct-w8a8-group"]
@@ -54,13 +55,13 @@ def _finish(model, tmp: Path, stories: Path) -> None:
         shutil.copy(stories / f, tmp / f)
 
 
-def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str) -> None:
+def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str, block=(128, 128)) -> None:
     from safetensors.torch import save_file
     from transformers import FineGrainedFP8Config
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
     model = _model()
-    cfg = FineGrainedFP8Config(weight_block_size=[128, 128], scale_fmt=scale_fmt)
+    cfg = FineGrainedFP8Config(weight_block_size=list(block) if block else None, scale_fmt=scale_fmt)
     op = Fp8Quantize(types.SimpleNamespace(quantization_config=cfg))
     sd = {}
     for k, v in model.state_dict().items():
@@ -139,6 +140,8 @@ def build(cache: Path, stories: Path, kind: str) -> Path:
         _transformers_fp8(tmp, stories, "float")
     elif kind == "fp8-ue8m0":
         _transformers_fp8(tmp, stories, "ue8m0")
+    elif kind == "fp8-tensor":
+        _transformers_fp8(tmp, stories, "float", None)
     else:
         _ct(tmp, stories, {"ct-fp8-channel": "FP8_DYNAMIC", "ct-fp8-block": "FP8_BLOCK", "ct-fp8-tensor": "TENSOR",
                            "ct-w8a8-channel": "W8A8", "ct-w8a8-group": "W8A8_GROUP"}[kind])

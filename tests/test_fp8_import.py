@@ -228,3 +228,33 @@ def test_fp8_tensor_without_config(fp8_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(GGQError, match="is F8_E4M3, but config.json has no fp8 quantization_config"):
         _convert(d, tmp_path / "x.gguf")
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_autofp8_weight_scale_names(fp8_dirs, tmp_path, per_row):
+    """AutoFP8 / older vLLM FP8 checkpoints: the multiplying scale is ``P.weight_scale`` (one value,
+    or one per row) with a static ``P.input_scale``: the transformers-made per-tensor checkpoint with
+    its tensors renamed so (a per-row copy repeats the tensor's scale on every row)."""
+    import torch
+
+    src = fp8_dirs["fp8-tensor"]
+    d = tmp_path / "autofp8"
+    shutil.copytree(src, d)
+
+    def rename(t):
+        for k in [k for k in t if k.endswith(".weight_scale_inv")]:
+            s = t.pop(k)
+            w = t[k[: -len("_scale_inv")]]
+            t[k[: -len("_inv")]] = s.reshape(1, 1).expand(w.shape[0], 1).clone() if per_row else s.reshape(())
+            t[k[: -len("weight_scale_inv")] + "input_scale"] = torch.tensor(0.5)
+
+    _edit(d, rename)
+    c = json.loads((d / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static"}
+    (d / "config.json").write_text(json.dumps(c))
+    ck = open_checkpoint(d)
+    info = prepare(ck)
+    assert info.n_tensors == 14 and info.stats["activations"] == "activation_scheme static"
+    assert not [k for k in ck.tensors if "scale" in k]
+    for name, w in fc.reference_dequantize(src).items():
+        assert np.array_equal(ck.tensors[name].load(), w), name

@@ -7,7 +7,8 @@ Read with numpy; no torch needed. Per quantized linear layer ``P`` (float weight
   NaN) or ``F8_E5M2`` (IEEE-like, bias 15);
 * ``quant_method: fp8``: ``P.weight_scale_inv`` float32 ``(ceil(out / bm), ceil(in / bn))`` for
   ``weight_block_size: [bm, bn]`` (DeepSeek: 128 x 128), or one value (per tensor) without a
-  block size; UE8M0 scales (``F8_E8M0``: ``2^(b - 127)``) are read too. Despite the name the
+  block size; UE8M0 scales (``F8_E8M0``: ``2^(b - 127)``) are read too; AutoFP8-style checkpoints
+  call it ``P.weight_scale`` (one value, or one per row). Despite the name the
   scale multiplies: ``w = fp8(q) * s`` (transformers' ``_dequantize_fp8_weight``, DeepSeek's
   ``weight_dequant``), computed in float32;
 * compressed-tensors: ``P.weight_scale`` in the model's float type, ``(1,)`` (strategy
@@ -271,9 +272,15 @@ def prepare_fp8(ck, qc: dict) -> Fp8Info:
     info = Fp8Info("fp8", 8, block[1] if block else -1, True, False, fmt="fp8")
     _activation_note(info, f"activation_scheme {qc.get('activation_scheme', 'dynamic')}")
     repl = {}
-    for prefix, tw, ts in _fp8_weights(ck, "weight_scale_inv"):
+    # AutoFP8 / older vLLM checkpoints name the (multiplying) scale weight_scale: per tensor or per row
+    suffix = "weight_scale_inv" if any(k.endswith(".weight_scale_inv") for k in ck.tensors) else "weight_scale"
+    for prefix, tw, ts in _fp8_weights(ck, suffix):
         out, n_in = tw.shape
-        if block is None:
+        if block is None and math.prod(ts.shape) == out and out > 1 and len(ts.shape) <= 2:
+            _check(ts, ts.shape if ts.shape in ((out,), (out, 1)) else (out, 1), ("F32", "BF16", "F16"),
+                   "per-row scales")
+            blk = (1, n_in)
+        elif block is None:
             _check(ts, ts.shape if math.prod(ts.shape) == 1 else (1,), ("F32", "BF16", "F16", "F8_E8M0"),
                    "a per-tensor scale (no weight_block_size in config.json) must")
             blk = (out, n_in)
@@ -283,7 +290,7 @@ def prepare_fp8(ck, qc: dict) -> Fp8Info:
                    f"scales of {blk[0]}x{blk[1]} blocks")
         extra = [ck.tensors.get(f"{prefix}.{a}") for a in ("activation_scale", "input_scale")]
         src = _make_source(f"{prefix}.weight", tw, ts, blk, (out, n_in), "float32", info, extra)
-        repl[f"{prefix}.weight"] = (src, [f"{prefix}.weight", f"{prefix}.weight_scale_inv",
+        repl[f"{prefix}.weight"] = (src, [f"{prefix}.weight", f"{prefix}.{suffix}",
                                           f"{prefix}.activation_scale", f"{prefix}.input_scale"])
     info.default_type, info.reason = "Q8_0", "keeps the FP8 values of each block's top 4 binades exactly"
     replace_tensors(ck, repl, info)
