@@ -19,6 +19,7 @@ from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bnb_checkpoints as bc  # noqa: E402
+from import_helpers import TOKENS, _gguf_name, _gguf_order, _gguf_tensors  # noqa: E402
 
 from ggq import quants  # noqa: E402
 from ggq.convert.checkpoint import open_checkpoint  # noqa: E402
@@ -29,36 +30,9 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
 KINDS = list(bc.KINDS)
-TOKENS = [1, 403, 407, 261, 378, 395, 302, 324, 268, 259, 370, 400, 270, 264, 280, 308]  # stories260K ids
-HF_TO_GGUF = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}
-
-
 @pytest.fixture(scope="session")
 def bnb_dirs(cache_dir, stories_dir):
     return {k: bc.build(cache_dir, stories_dir, k) for k in KINDS}
-
-
-def _gguf_name(hf: str) -> str:
-    i = hf.split(".")[2]
-    lin = hf.split(".", 3)[3].rsplit(".", 1)[0]
-    return f"blk.{i}.{HF_TO_GGUF[lin]}.weight"
-
-
-def _gguf_order(hf: str, w: np.ndarray) -> np.ndarray:
-    """Q/K rows as llama.cpp's converter permutes them (LlamaModel.permute)."""
-    heads = {"q_proj": bc.CONFIG["num_attention_heads"], "k_proj": bc.CONFIG["num_key_value_heads"]}
-    for k, n in heads.items():
-        if f".{k}." in hf:
-            return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    return w
-
-
-def _gguf_tensors(path: Path) -> dict:
-    from gguf import GGUFReader
-
-    return {t.name: (T(t.tensor_type), np.asarray(t.data)) for t in GGUFReader(str(path)).tensors}
 
 
 # ------------------------------------------------------------------------ decoding

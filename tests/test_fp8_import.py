@@ -24,7 +24,7 @@ pytest.importorskip("compressed_tensors")
 
 import bnb_checkpoints as bc  # noqa: E402
 import fp8_checkpoints as fc  # noqa: E402
-from test_bnb_import import TOKENS, _gguf_name, _gguf_order, _gguf_tensors  # noqa: E402
+from import_helpers import TOKENS, _gguf_name, _gguf_order, _gguf_tensors  # noqa: E402
 
 from ggq import quants  # noqa: E402
 from ggq.convert.checkpoint import open_checkpoint  # noqa: E402
