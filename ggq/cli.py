@@ -80,13 +80,16 @@ def main():
               help="ggml type for tensors whose name matches the regex PATTERN (repeatable).")
 @click.option("--imatrix", type=click.Path(dir_okay=False), default=None, help="Importance matrix (llama.cpp imatrix .gguf or .dat).")
 @click.option("--allow-requantize", is_flag=True, help="Allow a quantized GGUF input (its error adds up).")
-def convert(src, out, qtype, force, output_tensor_type, token_embedding_type, tensor_types, imatrix, allow_requantize):
+@click.option("--import-report", type=click.Path(dir_okay=False), default=None,
+              help="Quantized checkpoints: write each tensor's error against the checkpoint's own dequantization (TSV).")
+def convert(src, out, qtype, force, output_tensor_type, token_embedding_type, tensor_types, imatrix, allow_requantize,
+            import_report):
     """Convert a Hugging Face checkpoint (folder or hub id), or a GGUF file, to a GGUF file."""
     from ggq.convert.pipeline import convert as run_convert
 
     overrides = _overrides(output_tensor_type, token_embedding_type, tensor_types)
     path = run_convert(src, out, qtype=qtype, force=force, progress=True, overrides=overrides, imatrix=imatrix,
-                       allow_requantize=allow_requantize)
+                       allow_requantize=allow_requantize, import_report=import_report)
     click.echo(f"wrote {path}")
 
 

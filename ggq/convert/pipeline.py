@@ -52,6 +52,7 @@ class PlannedTensor:
     rule: TensorRule | None = None  # the family's transformation (Q/K permutation, norm shift, rows kept)
     data: np.ndarray | None = None  # for generated tensors (rope_freqs)
     qtype: T = T.F32
+    native_used: bool = False  # an imported quantized tensor's codes were kept (TensorSource.native)
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -133,6 +134,9 @@ def plan_checkpoint(ck: Checkpoint, fam: Family, hp: archmod.HParams) -> list[Pl
         if rule.name in seen:
             raise GGQError(f"{ck.path}: tensors {show(seen[rule.name])} and {show(hf_name)} both map to {rule.name}")
         seen[rule.name] = hf_name
+        if src.dtype.startswith("F8_"):
+            raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} is {src.dtype}, but config.json has no fp8 "
+                           "quantization_config that says how to scale it")
         if src.dtype not in ("F32", "F16", "BF16", "F64") and src.native is None and not src.dtype.isupper():
             raise GGQError(f"{src.origin or ck.path}: tensor {show(hf_name)} has non-float dtype {show(src.dtype)}")
         shape = tuple(src.shape)
@@ -195,6 +199,7 @@ def _produce(p: PlannedTensor) -> np.ndarray:
     if p.qtype not in (T.F32, T.F16, T.BF16):
         raw = _native(p)
         if raw is not None:
+            p.native_used = True
             return raw
     arr = _values(p)
     if arr.dtype != np.float16 or p.qtype != T.F16:
@@ -211,12 +216,14 @@ def default_output(model_dir: Path, type_name: str) -> Path:
 
 def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = None, force: bool = False,
             progress: bool = True, overrides=None, imatrix: str | Path | None = None,
-            allow_requantize: bool = False) -> Path:
+            allow_requantize: bool = False, import_report: str | Path | None = None) -> Path:
     """Convert the checkpoint ``src`` (folder, hub id, or a ``.gguf`` file) to the GGUF file ``out``.
 
     ``qtype``: a file type name (``F16``, ``Q8_0``, ``Q4_K_M``, ...), default: the checkpoint's own
     float type (or, for a GPTQ/AWQ checkpoint, the type that keeps its codes). ``overrides``: a
     :class:`ggq.convert.mixes.MixOverrides`; ``imatrix``: an imatrix file for the K-quants.
+    ``import_report``: for a quantized checkpoint (GPTQ, AWQ, bitsandbytes, ...), a file to write the
+    per-tensor error table to (:mod:`ggq.convert.quantized.report`; a one-line summary is always printed).
     Returns the output path. Raises GGQError for any bad input; never leaves a partial ``out``.
     """
     src_s = str(src)
@@ -246,6 +253,8 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
         qinfo = quantized.prepare(ck)
     elif "quantization_config" in ck.config:
         raise GGQError(f"{model_dir}: quantized checkpoints are not supported by this build")
+    if import_report is not None and qinfo is None:
+        raise GGQError(f"{model_dir}: --import-report needs a quantized checkpoint (config.json has no quantization_config)")
 
     if type_name is None:
         type_name = qinfo.default_type if qinfo is not None else ck.float_type
@@ -311,6 +320,10 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
                     data = _produce(p)
                 if data.nbytes != p.nbytes:
                     raise GGQError(f"internal error: {p.name} encodes to {data.nbytes} bytes, planned {p.nbytes}")
+                if qinfo is not None and p.source is not None and p.source.native is not None:
+                    from ggq.convert.quantized import report
+
+                    report.measure(qinfo, p.name, p.qtype, data, _values(p), p.native_used)
                 w.write_tensor_data(data)
                 if p.source is not None:
                     p.source.release()
@@ -323,6 +336,14 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
         if w.fout:
             for f in w.fout:
                 f.close()
+    if qinfo is not None:
+        from ggq.convert.quantized import report
+
+        line = report.summary(qinfo)
+        if line:
+            print(f"ggq: {line}", file=sys.stderr)
+        if import_report is not None:
+            report.write_tsv(qinfo, import_report)
     return out_p
 
 
@@ -330,6 +351,7 @@ def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:
     """Like :func:`_produce`, quantizing with importance weights (float32 ``(n_per_row,)``)."""
     raw = _native(p)  # a GPTQ/AWQ tensor whose codes fit keeps them; the imatrix is moot
     if raw is not None:
+        p.native_used = True
         return raw
     arr = _values(p).astype(np.float32, copy=False)
     validate.check_finite(arr, p.qtype, _what(p))

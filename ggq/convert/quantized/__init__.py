@@ -337,6 +337,23 @@ def _read_qconfig(ck) -> dict | None:
     return None
 
 
+def _ct_format(qc: dict) -> str:
+    """compressed-tensors' format: the config's, else the first group's ("" if none)."""
+    fmt = qc.get("format")
+    groups = qc.get("config_groups")
+    if not fmt and isinstance(groups, dict):
+        fmt = next((g.get("format") for g in groups.values() if isinstance(g, dict) and g.get("format")), None)
+    return str(fmt or "").lower()
+
+
+def _ct_float(qc: dict) -> bool:
+    """True when a compressed-tensors config quantizes weights to a float type (FP8)."""
+    groups = qc.get("config_groups")
+    return isinstance(groups, dict) and any(
+        isinstance(g, dict) and isinstance(g.get("weights"), dict) and str(g["weights"].get("type")).lower() == "float"
+        for g in groups.values())
+
+
 def prepare(ck) -> QuantizedInfo | None:
     """Detect a quantized checkpoint and replace its packed tensors by logical weights.
 
@@ -354,15 +371,22 @@ def prepare(ck) -> QuantizedInfo | None:
         from ggq.convert.quantized.gptq import prepare_gptq as run
     elif method == "awq":
         from ggq.convert.quantized.awq import prepare_awq as run
+    elif method == "compressed-tensors" and _ct_format(qc) in ("float-quantized", "naive-quantized") and _ct_float(qc):
+        from ggq.convert.quantized.fp8 import prepare_ct_float as run
     elif method == "compressed-tensors":
         from ggq.convert.quantized.compressed import prepare_compressed as run
+    elif method == "fp8":
+        from ggq.convert.quantized.fp8 import prepare_fp8 as run
+    elif method == "bitsandbytes":
+        from ggq.convert.quantized.bnb import prepare_bnb as run
     else:
         raise GGQError(f"{where}: quantization_config.quant_method {show(qc.get('quant_method'))} is not supported "
-                       "(ggq imports gptq, awq and compressed-tensors)")
+                       "(ggq imports gptq, awq, compressed-tensors, bitsandbytes and fp8)")
     info = run(ck, qc)
     if info.n_tensors == 0:
         raise GGQError(f"{where}: quantization_config says {method}, but no tensor of the checkpoint is packed that way")
-    _pick_default(info)
+    if not info.reason:  # a format module may have chosen its default itself
+        _pick_default(info)
     return info
 
 

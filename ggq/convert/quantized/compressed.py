@@ -25,6 +25,9 @@ from ggq.convert.quantized import QuantizedInfo, QuantizedWeight, make_source, r
 from ggq.errors import GGQError, show
 
 BITS = (2, 4, 8)
+#: ``pack-quantized``: codes bit-packed in int32; ``int-quantized`` / ``naive-quantized``: one int8 per
+#: code in ``P.weight`` (llm-compressor's W8A8 output)
+FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape")
 
 
@@ -39,13 +42,17 @@ def _weights_args(qc: dict, where: str) -> dict:
         if not isinstance(g, dict) or not isinstance(g.get("weights"), dict):
             raise GGQError(f"{where}: compressed-tensors group {show(gname)} quantizes no weights")
         gfmt = str(g.get("format") or fmt).lower()
-        if gfmt != "pack-quantized":
+        if gfmt not in FORMATS:
             raise GGQError(f"{where}: compressed-tensors format {show(gfmt or 'unknown')} is not supported "
-                           "(ggq imports pack-quantized integer weights)")
+                           "(ggq imports pack-quantized and int-quantized integer weights, and float-quantized FP8)")
         w = g["weights"]
         if str(w.get("type", "int")).lower() != "int":
             raise GGQError(f"{where}: compressed-tensors weights of type {show(w.get('type'))} are not supported (int only)")
         key = {k: w.get(k) for k in ("num_bits", "symmetric", "strategy", "group_size", "actorder")}
+        key["format"] = "pack-quantized" if gfmt == "pack-quantized" else "int-quantized"
+        a = g.get("input_activations")
+        key["activations"] = (f"{a.get('type')} {a.get('num_bits')}-bit {a.get('strategy')} "
+                              f"{'dynamic' if a.get('dynamic') else 'static'}") if isinstance(a, dict) else "weights only"
         if key not in schemes:
             schemes.append(key)
     if len(schemes) > 1:
@@ -76,13 +83,20 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
         raise GGQError(f"{where}: compressed-tensors group strategy without a group_size")
     actorder = str(w.get("actorder") or "").lower()
     sym = bool(w.get("symmetric", True))
-    info = QuantizedInfo("compressed-tensors", bits, group_size, sym, actorder == "group", fmt="pack-quantized")
+    packed = w["format"] == "pack-quantized"
+    info = QuantizedInfo("compressed-tensors", bits, group_size, sym, actorder == "group", fmt=w["format"])
+    info.stats["activations"] = w["activations"]
     offset = 1 << (bits - 1)
     per_word = 32 // bits
     repl = {}
 
-    for pname in [k for k in ck.tensors if k.endswith(".weight_packed")]:
-        prefix = pname[: -len(".weight_packed")]
+    if packed:
+        names = [k for k in ck.tensors if k.endswith(".weight_packed")]
+    else:  # int-quantized: an int8 P.weight with a P.weight_scale
+        names = [k for k, t in ck.tensors.items() if k.endswith(".weight") and t.dtype == "I8"
+                 and f"{k}_scale" in ck.tensors]
+    for pname in names:
+        prefix = pname[: -len(".weight_packed" if packed else ".weight")]
         tp = ck.tensors[pname]
         ts = ck.tensors.get(f"{prefix}.weight_scale")
         tz = ck.tensors.get(f"{prefix}.weight_zero_point")
@@ -90,10 +104,13 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
         tshape = ck.tensors.get(f"{prefix}.weight_shape")
         if ts is None:
             raise GGQError(f"{tp.origin}: {pname} has no {prefix}.weight_scale")
-        if len(tp.shape) != 2 or tp.dtype not in ("I32", "U32"):
-            raise GGQError(f"{tp.origin}: {pname} must be a 2-D int32 tensor (found {tp.dtype} {list(tp.shape)})")
+        if len(tp.shape) != 2 or tp.dtype not in (("I32", "U32") if packed else ("I8",)):
+            raise GGQError(f"{tp.origin}: {pname} must be a 2-D {'int32' if packed else 'int8'} tensor "
+                           f"(found {tp.dtype} {list(tp.shape)})")
         out = tp.shape[0]
-        if tshape is not None:
+        if not packed:
+            n_in = tp.shape[1]
+        elif tshape is not None:
             dims = [int(v) for v in np.asarray(tshape.load()).reshape(-1)]
             if len(dims) != 2 or dims[0] != out:
                 raise GGQError(f"{tshape.origin}: {prefix}.weight_shape {dims} does not match weight_packed {list(tp.shape)}")
@@ -102,7 +119,7 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
             n_in = tg.shape[0]
         else:
             n_in = tp.shape[1] * per_word
-        if -(-n_in // per_word) != tp.shape[1]:
+        if packed and -(-n_in // per_word) != tp.shape[1]:
             raise GGQError(f"{tp.origin}: {pname} has shape {list(tp.shape)}, which does not hold {bits}-bit codes "
                            f"of {n_in} inputs (quantization_config says num_bits={bits})")
         gs = n_in if group_size == -1 else group_size
@@ -129,7 +146,13 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
                                f"expected packed {[-(-out // per_word), n_groups]} or unpacked {[out, n_groups]}")
 
         def decode(tp=tp, ts=ts, tz=tz, tg=tg, n_in=n_in, out=out, gs=gs, n_groups=n_groups):
-            q = unpack_bits(tp.load(), bits, n_in, axis=1)               # (out, in), stored q + offset
+            if packed:
+                q = unpack_bits(tp.load(), bits, n_in, axis=1)           # (out, in), stored q + offset
+            else:
+                q = np.asarray(tp.load()).astype(np.int16) + offset      # signed int8 codes + offset
+                if q.min(initial=offset) < 0 or q.max(initial=offset) >= 2 * offset:
+                    raise GGQError(f"{tp.origin}: {tp.name} has codes outside the {bits}-bit range")
+                q = q.astype(np.uint8)
             s = np.asarray(ts.load()).astype(np.float32).reshape(-1, n_groups)
             s = np.broadcast_to(s, (out, n_groups))
             if tz is None:
@@ -154,6 +177,6 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
         name = f"{prefix}.weight"
         repl[pname] = (make_source(name, (out, n_in), "COMPRESSED", decode, info, tp.origin,
                                    [tp, ts, tz, tg, tshape]),
-                       [f"{prefix}.{p}" for p in _SUFFIXES])
+                       [f"{prefix}.{p}" for p in (*_SUFFIXES, "weight", "input_scale", "input_zero_point")])
     replace_tensors(ck, repl, info)
     return info
