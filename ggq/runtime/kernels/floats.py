@@ -215,8 +215,9 @@ def causal_rows_times_x(buf, x, out, base, shorten):
 
 #: element kinds of a float matrix (compile-time constants of the inlined tile loops)
 K_F32, K_F16, K_BF16 = 0, 1, 2
-#: tokens per register tile of a prompt batch (2 vectors of rows x _TT tokens: 8 accumulators)
-_TT = 4
+#: tokens per register tile of a prompt batch (2 vectors of rows x _TT tokens: 12 accumulators,
+#: which AVX2's 16 registers still hold with the 2 weight vectors and a broadcast)
+_TT = 6
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -252,30 +253,39 @@ def _group_rows(w, kind, g, n_rows, x, out):
         ca, cb = min(c0 + MW, g * G + r1), min(c0 + 2 * MW, g * G + r1)
         t0 = 0
         while t0 + _TT <= T:
-            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = fzero_m()
+            a0 = a1 = a2 = a3 = a4 = a5 = b0 = b1 = b2 = b3 = b4 = b5 = fzero_m()
             xo = t0 * K
             for k in range(K):
                 o = base + k * G + v
                 w0 = _ldw(w, o, kind)
                 w1 = _ldw(w, o + MW, kind)
-                x0, x1, x2, x3 = at(x, xo + k), at(x, xo + K + k), at(x, xo + 2 * K + k), at(x, xo + 3 * K + k)
+                x0, x1, x2 = at(x, xo + k), at(x, xo + K + k), at(x, xo + 2 * K + k)
                 a0 = fma_s(a0, w0, x0)
                 b0 = fma_s(b0, w1, x0)
                 a1 = fma_s(a1, w0, x1)
                 b1 = fma_s(b1, w1, x1)
                 a2 = fma_s(a2, w0, x2)
                 b2 = fma_s(b2, w1, x2)
+                x3, x4, x5 = at(x, xo + 3 * K + k), at(x, xo + 4 * K + k), at(x, xo + 5 * K + k)
                 a3 = fma_s(a3, w0, x3)
                 b3 = fma_s(b3, w1, x3)
+                a4 = fma_s(a4, w0, x4)
+                b4 = fma_s(b4, w1, x4)
+                a5 = fma_s(a5, w0, x5)
+                b5 = fma_s(b5, w1, x5)
             _store_rows(out, t0, c0, ca, a0, tmp)
             _store_rows(out, t0 + 1, c0, ca, a1, tmp)
             _store_rows(out, t0 + 2, c0, ca, a2, tmp)
             _store_rows(out, t0 + 3, c0, ca, a3, tmp)
+            _store_rows(out, t0 + 4, c0, ca, a4, tmp)
+            _store_rows(out, t0 + 5, c0, ca, a5, tmp)
             if cb > ca:
                 _store_rows(out, t0, ca, cb, b0, tmp)
                 _store_rows(out, t0 + 1, ca, cb, b1, tmp)
                 _store_rows(out, t0 + 2, ca, cb, b2, tmp)
                 _store_rows(out, t0 + 3, ca, cb, b3, tmp)
+                _store_rows(out, t0 + 4, ca, cb, b4, tmp)
+                _store_rows(out, t0 + 5, ca, cb, b5, tmp)
             t0 += _TT
         if t0 < T:
             _rows_one_by_one(w, kind, g, n_rows, x, out, t0, v, c0, ca, cb, tmp)
