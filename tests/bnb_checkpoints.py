@@ -41,8 +41,13 @@ def _base(root: Path, stories: Path) -> Path:
     if (d / "config.json").exists():
         return d
     torch.manual_seed(14)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
-    tmp = root / "base.part"
+    return save(LlamaForCausalLM(LlamaConfig(**CONFIG)), d, stories)
+
+
+def save(model, d: Path, stories: Path) -> Path:
+    """``model.save_pretrained`` with stories260K's tokenizer into ``d``, through ``d.part`` renamed
+    at the end (an interrupted build leaves no half checkpoint in the cache)."""
+    tmp = d.with_name(d.name + ".part")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     for f in ("tokenizer.model", "tokenizer_config.json"):
@@ -65,13 +70,7 @@ def build(cache: Path, stories: Path, kind: str) -> Path:
     kw, dtype = KINDS[kind]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype), device_map="cpu",
                                                  quantization_config=BitsAndBytesConfig(**kw))
-    tmp = root / f"{kind}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    for f in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(stories / f, tmp / f)
-    tmp.rename(d)
-    return d
+    return save(model, d, stories)
 
 
 def bnb_dequantize(path: Path) -> dict:

@@ -508,28 +508,26 @@ def dp4s(typingctx, acc, w, x):
     return acc(acc, w, x), codegen
 
 
-@intrinsic
-def iadd(typingctx, a, b):
-    """``a + b`` for int32 vectors."""
-    if _isv(a, b) is None:
-        return None
+def _lanewise(lanes, op, doc):
+    """An intrinsic ``f(a, b)`` of two vectors of one width whose lanes ``lanes`` accepts
+    (:func:`_isv` or :func:`_fsv`), built by ``op(builder, a, b)`` (an IRBuilder method)."""
+    def typer(typingctx, a, b):
+        if lanes(a, b) is None:
+            return None
 
-    def codegen(context, builder, sig, args):
-        return builder.add(args[0], args[1])
+        def codegen(context, builder, sig, args):
+            return op(builder, args[0], args[1])
 
-    return a(a, b), codegen
+        return a(a, b), codegen
+
+    typer.__doc__ = doc
+    return intrinsic(typer)
 
 
-@intrinsic
-def ior(typingctx, a, b):
-    """``a | b`` for int32 vectors."""
-    if _isv(a, b) is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.or_(args[0], args[1])
-
-    return a(a, b), codegen
+iadd = _lanewise(_isv, ir.IRBuilder.add, "``a + b`` for int32 vectors.")
+ior = _lanewise(_isv, ir.IRBuilder.or_, "``a | b`` for int32 vectors.")
+mul_v = _lanewise(_fsv, ir.IRBuilder.fmul, "``a * b`` for float vectors.")
+add_v = _lanewise(_fsv, ir.IRBuilder.fadd, "``a + b`` for float vectors.")
 
 
 @intrinsic
@@ -584,30 +582,6 @@ def fma_v(typingctx, acc, a, b):
         return builder.fadd(args[0], builder.fmul(args[1], args[2], flags=("contract",)), flags=("contract",))
 
     return acc(acc, a, b), codegen
-
-
-@intrinsic
-def mul_v(typingctx, a, b):
-    """``a * b`` for vectors."""
-    if _fsv(a, b) is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fmul(args[0], args[1])
-
-    return a(a, b), codegen
-
-
-@intrinsic
-def add_v(typingctx, a, b):
-    """``a + b`` for vectors."""
-    if _fsv(a, b) is None:
-        return None
-
-    def codegen(context, builder, sig, args):
-        return builder.fadd(args[0], args[1])
-
-    return a(a, b), codegen
 
 
 @intrinsic
