@@ -269,54 +269,8 @@ def _loads(n):
 
         return fv(arr, idx), codegen
 
-    docs = dict(
-        load_bytes=f"The {4 * n} bytes at ``arr[idx]`` (any 1-byte dtype; unaligned) as an ``i32x{n}``.",
-        bcast4="The 4 bytes at ``arr[idx]`` (a 1-byte dtype) as one int32, in every lane.",
-        load_f=f"``arr[idx:idx + {n}]`` (float32 array; unaligned) as an ``f32x{n}``.",
-        izero=f"An ``i32x{n}`` of zeros.",
-        fzero=f"An ``f32x{n}`` of zeros.",
-        load_hf=f"``arr[idx:idx + {n}]`` fp16 bit patterns (uint16 array) as float32 lanes (``vcvtph2ps`` "
-                "with F16C; an exact bit manipulation elsewhere, as :func:`.floats.f16_to_f32`).",
-        load_u8f=f"``arr[idx:idx + {n}]`` (uint8 array) as float32 lanes.",
-        load_s8f=f"``arr[idx:idx + {n}]`` (a uint8 array holding int8 bit patterns) as signed float32 lanes.",
-        load_kv=f"``arr[idx:idx + {n}]`` of a KV cache (float32, or uint16 fp16 bit patterns) as float32 lanes.",
-    )
-    out = dict(load_bytes=load_bytes, bcast4=bcast4, load_f=load_f, izero=izero, fzero=fzero, load_hf=load_hf,
-               load_u8f=load_u8f, load_s8f=load_s8f, load_kv=load_kv)
-    for k, f in out.items():
-        f.__doc__ = docs[k]
-    return out
-
-
-_L8 = _loads(8)
-_LM = _L8 if MW == 8 else _loads(MW)
-load_bytes, bcast4, load_f, izero, fzero = (_L8[k] for k in ("load_bytes", "bcast4", "load_f", "izero", "fzero"))
-load_hf, load_u8f, load_s8f, load_kv = (_L8[k] for k in ("load_hf", "load_u8f", "load_s8f", "load_kv"))
-load_bytes_m, bcast4_m, load_f_m, izero_m, fzero_m = (_LM[k] for k in ("load_bytes", "bcast4", "load_f", "izero", "fzero"))
-load_hf_m, load_u8f_m, load_s8f_m = (_LM[k] for k in ("load_hf", "load_u8f", "load_s8f"))
-
-
-def _weights(n):
-    fv = _FVec(n)
-
-    @intrinsic
-    def load_w(typingctx, arr, idx):
-        """``arr[idx:idx + n]`` of a float weight plane as float32 lanes: float32 as it is, uint16
-        as F16 bit patterns (converted)."""
-        if not _is_arr(arr, idx) or arr.dtype not in (types.float32, types.uint16):
-            return None
-
-        def codegen(context, builder, sig, args):
-            if sig.args[0].dtype == types.float32:
-                return _load(context, builder, sig, args, _F32, n, align=4)
-            return _hf_ir(builder, _load(context, builder, sig, args, _I16, n))
-
-        return fv(arr, idx), codegen
-
     @intrinsic
     def load_bf(typingctx, arr, idx):
-        """``arr[idx:idx + n]`` of BF16 bit patterns (uint16) as float32 lanes (shifted up 16 bits);
-        a float32 array's values as they are (so code shared with F32 weights types)."""
         if not _is_arr(arr, idx) or arr.dtype not in (types.float32, types.uint16):
             return None
 
@@ -328,11 +282,36 @@ def _weights(n):
 
         return fv(arr, idx), codegen
 
-    return load_w, load_bf
+    docs = dict(
+        load_bytes=f"The {4 * n} bytes at ``arr[idx]`` (any 1-byte dtype; unaligned) as an ``i32x{n}``.",
+        bcast4="The 4 bytes at ``arr[idx]`` (a 1-byte dtype) as one int32, in every lane.",
+        load_f=f"``arr[idx:idx + {n}]`` (float32 array; unaligned) as an ``f32x{n}``.",
+        izero=f"An ``i32x{n}`` of zeros.",
+        fzero=f"An ``f32x{n}`` of zeros.",
+        load_hf=f"``arr[idx:idx + {n}]`` fp16 bit patterns (uint16 array) as float32 lanes (``vcvtph2ps`` "
+                "with F16C; an exact bit manipulation elsewhere, as :func:`.floats.f16_to_f32`).",
+        load_u8f=f"``arr[idx:idx + {n}]`` (uint8 array) as float32 lanes.",
+        load_s8f=f"``arr[idx:idx + {n}]`` (a uint8 array holding int8 bit patterns) as signed float32 lanes.",
+        load_kv=f"``arr[idx:idx + {n}]`` of a KV cache or a float weight plane (float32 as it is, or uint16 "
+                "fp16 bit patterns, converted) as float32 lanes.",
+        load_bf=f"``arr[idx:idx + {n}]`` of BF16 bit patterns (uint16) as float32 lanes (shifted up 16 bits); a "
+                "float32 array's values as they are (so code shared with F32 weights types).",
+    )
+    out = dict(load_bytes=load_bytes, bcast4=bcast4, load_f=load_f, izero=izero, fzero=fzero, load_hf=load_hf,
+               load_u8f=load_u8f, load_s8f=load_s8f, load_kv=load_kv, load_bf=load_bf)
+    for k, f in out.items():
+        f.__doc__ = docs[k]
+    return out
 
 
-#: float weight loads of MW lanes (:func:`.floats.mm_float`)
-load_w_m, load_bf_m = _weights(MW)
+_L8 = _loads(8)
+_LM = _L8 if MW == 8 else _loads(MW)
+load_bytes, bcast4, load_f, izero, fzero = (_L8[k] for k in ("load_bytes", "bcast4", "load_f", "izero", "fzero"))
+load_hf, load_u8f, load_s8f, load_kv = (_L8[k] for k in ("load_hf", "load_u8f", "load_s8f", "load_kv"))
+load_bytes_m, bcast4_m, load_f_m, izero_m, fzero_m = (_LM[k] for k in ("load_bytes", "bcast4", "load_f", "izero", "fzero"))
+load_hf_m, load_u8f_m, load_s8f_m = (_LM[k] for k in ("load_hf", "load_u8f", "load_s8f"))
+#: float weight loads of MW lanes (:func:`.floats.mm_float`): F32 or F16 (the KV load), BF16
+load_w_m, load_bf_m = _LM["load_kv"], _LM["load_bf"]
 
 
 @intrinsic
