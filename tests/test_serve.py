@@ -316,7 +316,37 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
      400, "tools"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
-                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+                              "response_format": {"type": "yaml"}}, 400, "response_format.type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "florp"}}}}, 400, "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}}, 400,
+     "response_format"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}}, 400,
+     "response_format.json_schema.schema"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
+                                                                           "function": {"name": "g"}}}, 400,
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "florp"}}}], "tool_choice": "required"},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"abc": 1}}, 400,
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 101}}, 400,
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"999999": 1}}, 400,
+     "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                              "top_logprobs": 21}, 400, "top_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
@@ -358,3 +388,242 @@ def test_cli_refuses_bad_options(tmp_path):
     r = subprocess.run([sys.executable, "-m", "ggq.cli", "serve", str(tmp_path / "missing.gguf")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1 and r.stderr.startswith("ggq: error:") and "Traceback" not in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------- constrained output (llguidance)
+
+PERSON = {"type": "object",
+          "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "city": {"type": "string", "enum": ["Paris", "London", "Rome"]},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}},
+          "required": ["name", "age", "city", "tags"], "additionalProperties": False}
+PERSON_MSGS = [{"role": "user", "content": "Invent a person who lives in Paris. Answer in JSON."}]
+
+
+def _text(srv, stream, **kw):
+    """(text, finish_reason) of a chat completion, streamed or not."""
+    if stream:
+        pieces, finish, _ = _stream_chat(srv, **kw)
+        return "".join(pieces), finish
+    r = _chat(srv, **kw)
+    return r.choices[0].message.content, r.choices[0].finish_reason
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=3)], ids=["greedy", "seeded"])
+def test_json_schema_output_validates(srv, stream, sampling):
+    jsonschema = pytest.importorskip("jsonschema")
+    rf = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    text, finish = _text(srv, stream, messages=PERSON_MSGS, response_format=rf, max_tokens=200, **sampling)
+    assert finish == "stop", text
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_json_object_output_parses(srv, stream):
+    msgs = [{"role": "user", "content": "Give the capital of France as a JSON object."}]
+    text, finish = _text(srv, stream, messages=msgs, response_format={"type": "json_object"}, max_tokens=200,
+                         temperature=0)
+    assert finish == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_unconstrained_reply_does_not_validate(srv):
+    """The reference: without response_format the same request does not give a valid person (SmolLM2
+    answers with JSON lacking most fields), so the grammar did the work."""
+    jsonschema = pytest.importorskip("jsonschema")
+    text, _ = _text(srv, False, messages=PERSON_MSGS, max_tokens=60, temperature=0)
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return
+    assert not jsonschema.Draft202012Validator(PERSON).is_valid(obj), text
+
+
+def test_llguidance_vocabulary_matches_the_tokenizer(srv):
+    """The byte strings handed to llguidance decode like ggq's tokenizer, special tokens marked."""
+    from ggq.serve.constrain import Grammars, token_bytes
+
+    tb = token_bytes(srv.tok)
+    ids = srv.tok.encode("héllo wörld {\"a\": [1, 2]} 你好", add_special=False)
+    assert b"".join(tb[i] for i in ids).decode() == "héllo wörld {\"a\": [1, 2]} 你好"
+    assert tb[srv.tok.token_to_id["<|im_end|>"]] == b"\xff<|im_end|>"
+    lt = Grammars(srv.tok).lltok
+    assert lt.vocab_size == srv.tok.n_vocab and set(lt.eos_tokens) == srv.tok.eog_ids
+    assert lt.tokenize_str("Hello world") == srv.tok.encode("Hello world", add_special=False)
+
+
+# ---------------------------------------------------------------------------- tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Get the current weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "minLength": 1, "maxLength": 30},
+                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+                   "required": ["city", "unit"], "additionalProperties": False}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "Get the local time in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 30}},
+                   "required": ["zone"], "additionalProperties": False}}}
+WEATHER_MSGS = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"],
+                         ids=["named", "required"])
+def test_tool_choice_gives_a_parsed_tool_call(srv, choice):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = _chat(srv, messages=WEATHER_MSGS, tools=[TIME, WEATHER], tool_choice=choice, temperature=0, max_tokens=120)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls, c.message
+    call = c.message.tool_calls[0]
+    fn = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]["function"]
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
+    assert call.type == "function" and call.id
+
+    # the result goes back as a tool message; the template renders the history, the model answers
+    history = WEATHER_MSGS + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": call.function.name,
+                                                             "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
+    r2 = _chat(srv, messages=history, tools=[TIME, WEATHER], temperature=0, max_tokens=24)
+    assert r2.choices[0].message.content or r2.choices[0].message.tool_calls
+
+
+def test_tool_call_streamed(srv):
+    chunks = list(_chat(srv, stream=True, messages=WEATHER_MSGS, tools=[WEATHER], temperature=0, max_tokens=120,
+                        tool_choice={"type": "function", "function": {"name": "get_weather"}}))
+    calls = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    finish = [c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason]
+    assert finish == ["tool_calls"] and len(calls) == 1 and calls[0].function.name == "get_weather"
+    assert set(json.loads(calls[0].function.arguments)) == {"city", "unit"}
+
+
+def test_tools_reach_the_prompt(srv):
+    """SmolLM2's template does not render tools: they go into a system message (hermes syntax)."""
+    from ggq.serve import tools as tc
+
+    fmt = tc.detect(srv.template.source)
+    assert (fmt.name, fmt.native) == ("hermes", False)
+    msgs, tools_arg = tc.prepare([{"role": "system", "content": SYSTEM}] + WEATHER_MSGS, [WEATHER], fmt)
+    text = srv.template.render(msgs, tools=tools_arg)
+    assert SYSTEM in text and "<tools>" in text and '"name": "get_weather"' in text and "<tool_call>" in text
+
+
+@pytest.mark.parametrize("fmt,text,content,calls", [
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>', "Sure.", [("f", {"x": 1})]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", "arguments": '
+               '{"y": "z"}}</tool_call>', None, [("f", {}), ("g", {"y": "z"})]),
+    ("hermes", "no call here", "no call here", []),
+    ("hermes", "<tool_call>{broken</tool_call>", "<tool_call>{broken</tool_call>", []),
+    ("llama3", '<|python_tag|>{"name": "f", "parameters": {"x": [1, 2]}}', None, [("f", {"x": [1, 2]})]),
+    ("llama3", '{"name": "f", "parameters": {}}', None, [("f", {})]),
+    ("llama3", "The answer is 4.", "The answer is 4.", []),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": "b"}}, {"name": "g", "arguments": {}}]', None,
+     [("f", {"a": "b"}), ("g", {})]),
+    ("mistral", '[TOOL_CALLS]f[ARGS]{"a": 1}', None, [("f", {"a": 1})]),
+])
+def test_tool_call_syntaxes_parse(fmt, text, content, calls):
+    from ggq.serve import tools as tc
+
+    got_content, got = tc.parse(text, tc.ToolFormat(fmt, True))
+    assert got_content == content
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == calls
+    assert all(c["id"].startswith("call_") and c["type"] == "function" for c in got)
+
+
+def test_native_tool_template_gets_tools_and_history():
+    """A template that renders tools (a ChatML one in Qwen 2.5's manner) gets OpenAI's tools list,
+    assistant tool_calls with arguments as objects, and tool messages."""
+    from ggq.runtime.chat import ChatTemplate
+    from ggq.serve import tools as tc
+
+    src = ("{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>\n{% endif %}"
+           "{% for m in messages %}<{{ m.role }}>{{ m.content or '' }}"
+           "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+           "</tool_call>{% endfor %}</{{ m.role }}>\n{% endfor %}")
+    fmt = tc.detect(src)
+    assert (fmt.name, fmt.native) == ("hermes", True)
+    msgs = WEATHER_MSGS + [{"role": "assistant", "content": "", "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "sunny"}]
+    m, tools_arg = tc.prepare(msgs, [WEATHER], fmt)
+    text = ChatTemplate(src).render(m, tools=tools_arg)
+    assert "<tools>get_weather;</tools>" in text
+    assert '<tool_call>get_weather {"city": "Paris"}</tool_call>' in text and "<tool>sunny</tool>" in text
+
+
+# ---------------------------------------------------------------------------- logprobs, logit_bias
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="module")
+def ref_logits(srv):
+    """numpy log-softmax of ``Model.eval`` on PROMPT, from a second Model over the same file (f16
+    cache, as the server's), evaluated while the server is idle."""
+    import numpy as np
+
+    from ggq.runtime.model import Model
+
+    m = Model.load(str(srv.path), N_CTX, None, "f16")
+    ids = srv.tok.encode(PROMPT, True, True)
+    x = m.eval(ids).astype(np.float64)
+    return ids, x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_completion_logprobs_equal_numpy_log_softmax(srv, ref_logits):
+    import numpy as np
+
+    ids, lp = ref_logits
+    r = srv.client.completions.create(model=srv.model_id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=5,
+                                      extra_body={"cache_prompt": False})
+    got = r.choices[0].logprobs
+    assert len(got.tokens) == 3 and "".join(got.tokens) == r.choices[0].text
+    best = int(np.argmax(lp))
+    assert got.tokens[0] == srv.tok.decode([best]) and got.token_logprobs[0] == pytest.approx(lp[best], abs=1e-4)
+    top = sorted(range(len(lp)), key=lambda i: -lp[i])[:5]
+    assert list(got.top_logprobs[0].values()) == pytest.approx([lp[i] for i in top], abs=1e-4)
+    assert list(got.top_logprobs[0]) == [srv.tok.decode([i]) for i in top]
+    assert got.text_offset[:2] == [0, len(got.tokens[0])]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_chat_logprobs(srv, stream):
+    kw = dict(temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    if stream:
+        content, text = [], []
+        for ch in _chat(srv, stream=True, **kw):
+            for c in ch.choices:
+                text.append(c.delta.content or "")
+                content.extend(c.logprobs.content if c.logprobs and c.logprobs.content else [])
+        text = "".join(text)
+    else:
+        r = _chat(srv, **kw)
+        content, text = r.choices[0].logprobs.content, r.choices[0].message.content
+        assert len(content) == r.usage.completion_tokens
+    assert 0 < len(content) <= 12 and "".join(t.token for t in content) == text
+    for t in content:  # greedy: each token is the most likely one
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+
+
+def test_logit_bias_bans_the_greedy_token(srv, ref_logits):
+    import numpy as np
+
+    _, lp = ref_logits
+    best = int(np.argmax(lp))
+    kw = dict(model=srv.model_id, prompt=PROMPT, max_tokens=4, temperature=0, logprobs=0)
+    plain = srv.client.completions.create(**kw)
+    banned = srv.client.completions.create(logit_bias={str(best): -100}, **kw)
+    assert plain.choices[0].logprobs.tokens[0] == srv.tok.decode([best])
+    second = int(np.argsort(-lp)[1])
+    assert banned.choices[0].logprobs.tokens[0] == srv.tok.decode([second])
+    assert banned.choices[0].text != plain.choices[0].text
+    # logprobs are the model's, before the bias (as llama.cpp's server reports them)
+    assert banned.choices[0].logprobs.token_logprobs[0] == pytest.approx(lp[second], abs=1e-4)
+    forced = srv.client.completions.create(logit_bias={"2717": 100}, **kw)
+    assert forced.choices[0].logprobs.tokens[0] == srv.tok.decode([2717])

@@ -442,16 +442,18 @@ class StreamDecoder:
     """Turns a stream of token ids into text, holding back bytes of an unfinished UTF-8 character.
 
     ``push(id) -> str`` returns the newly complete text (possibly ""); ``flush()`` returns what is left.
+    ``special``: control tokens give their text (as ``token_to_piece(special=True)``), else nothing.
     """
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, special: bool = False):
         import codecs
 
         self.tok = tok
+        self.special = special
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        return self._dec.decode(self.tok.token_to_piece(token_id))
+        return self._dec.decode(self.tok.token_to_piece(token_id, self.special))
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)

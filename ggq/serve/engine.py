@@ -15,7 +15,8 @@ slice has one slot on one model.
 
 Events go back to the caller through :class:`RequestHandle`, an async iterator fed from the worker
 thread with ``loop.call_soon_threadsafe``: ``("text", str)`` pieces as they are produced (whole
-UTF-8 characters, stop strings held back until they can be ruled out) and one final
+UTF-8 characters, stop strings held back until they can be ruled out), ``("logprobs", [TokenLogprob])``
+before the text of those tokens when the request asks for them, and one final
 ``("done", GenResult)`` or ``("error", GGQError)``. :meth:`RequestHandle.cancel` (a streaming client
 went away) stops generation at the next token.
 """
@@ -28,6 +29,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ggq.errors import GGQError
 from ggq.runtime.chat import common_prefix
@@ -50,6 +53,15 @@ class GenRequest:
     #: reuse the KV cache's common prefix (llama.cpp's ``cache_prompt``); False evaluates the whole
     #: prompt, so that a seed reproduces a reply bit for bit whatever the cache held before
     cache_prompt: bool = True
+    #: a grammar the reply must follow (:class:`ggq.serve.constrain.Constraint`), or None
+    constraint: object = None
+    #: token id -> value added to its logit before sampling (``-inf``: banned), OpenAI's logit_bias
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    #: None: no log-probabilities; k >= 0: each generated token's, and the k most likely ones
+    #: (log-softmax of the model's logits before bias, grammar and penalties, as llama.cpp's server)
+    n_logprobs: int | None = None
+    #: render control tokens as text (tool-call markers such as ``[TOOL_CALLS]``)
+    special_text: bool = False
 
 
 @dataclass
@@ -65,6 +77,36 @@ class GenResult:
     n_gen: int = 0             # generated tokens (a stop string's tokens included)
     t_prompt: float = 0.0
     t_gen: float = 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely ``(id, logprob)`` at its
+    position, best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 (n,) log-softmax of float32 logits (n,)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def token_logprob(logits: np.ndarray, tid: int, k: int) -> TokenLogprob:
+    """:class:`TokenLogprob` of token ``tid`` under ``logits`` (float32 (n_vocab,)), with the ``k``
+    most likely tokens."""
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, lp.shape[0])
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in ids]
+    return TokenLogprob(int(tid), float(lp[tid]), top)
 
 
 class RequestHandle:
@@ -189,8 +231,9 @@ class Slot:
         self.sampler = Sampler(p)
         n_last = p.repeat_last_n  # -1: the whole context, as in llama.cpp
         self.sampler.accept_many(prompt if n_last < 0 else prompt[len(prompt) - n_last:] if n_last > 0 else [])
-        self.decoder = StreamDecoder(self.tok)
+        self.decoder = StreamDecoder(self.tok, special=req.special_text)
         self.matcher = _StopMatcher(req.stop)
+        self.pending_lp: list[TokenLogprob] = []
 
     def step(self) -> bool:
         """Sample the next token, emit its text, evaluate it. False when the request is finished
@@ -198,13 +241,27 @@ class Slot:
         h, res = self.handle, self.res
         if h.cancelled.is_set():
             return self.finish("cancelled")
-        tid = self.sampler.sample(self.logits)
+        req = h.req
+        x = self.logits
+        if req.logit_bias or req.constraint is not None:
+            x = np.array(x, dtype=np.float32, copy=True)
+            if req.logit_bias:
+                ids = np.fromiter(req.logit_bias.keys(), dtype=np.int64, count=len(req.logit_bias))
+                x[ids] += np.fromiter(req.logit_bias.values(), dtype=np.float32, count=len(req.logit_bias))
+            if req.constraint is not None:
+                req.constraint.apply(x)
+        tid = self.sampler.sample(x)
+        if req.constraint is not None:
+            req.constraint.accept(tid)
         if self.tok.is_eog(tid):
             return self.finish("stop", self.decoder.flush())
+        if req.n_logprobs is not None:
+            self.pending_lp.append(token_logprob(self.logits, tid, req.n_logprobs))
         self.sampler.accept(tid)
         res.n_gen += 1
         out, hit = self.matcher.push(self.decoder.push(tid))
         if out:
+            self._emit_logprobs()
             h._emit("text", out)
         if hit:
             return self.finish("stop")
@@ -222,17 +279,24 @@ class Slot:
         self.cached.append(tid)
         return True
 
+    def _emit_logprobs(self) -> None:
+        if self.pending_lp:
+            self.handle._emit("logprobs", self.pending_lp)
+            self.pending_lp = []
+
     def finish(self, reason: str, rest: str = "") -> bool:
         """End the request with ``reason``; ``rest``: text still held by the decoder."""
         h, res = self.handle, self.res
         if rest and reason != "cancelled":
             out, hit = self.matcher.push(rest)
             if out:
+                self._emit_logprobs()
                 h._emit("text", out)
             if hit:
                 reason = "stop"
         if reason != "cancelled":  # generation ended: text held back for a stop string is text
             out = self.matcher.flush()
+            self._emit_logprobs()
             if out:
                 h._emit("text", out)
         res.text = self.matcher.text[:self.matcher.sent]
