@@ -356,6 +356,14 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": LONG}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/embeddings", {"input": ""}, 400, "input"),
+    ("/v1/embeddings", {"input": []}, 400, "input"),
+    ("/v1/embeddings", {"input": [[]]}, 400, "input"),
+    ("/v1/embeddings", {"input": [5, 10**9]}, 400, "input"),
+    ("/v1/embeddings", {"input": LONG}, 400, "input"),
+    ("/v1/embeddings", {"input": "hi", "dimensions": 7}, 400, "dimensions"),
+    ("/v1/embeddings", {"input": "hi", "encoding_format": "int8"}, 400, "encoding_format"),
+    ("/v1/embeddings", {"input": 5}, 400, "input"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
     ("/tokenize", {"content": 5}, 400, "content"),
     ("/v1/nothing", {}, 404, None),
@@ -561,16 +569,23 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def ref_logits(srv):
-    """numpy log-softmax of ``Model.eval`` on PROMPT, from a second Model over the same file (f16
-    cache, as the server's), evaluated while the server is idle."""
-    import numpy as np
-
+def ref_model(srv):
+    """A second Model over the same file (f16 cache, as the server's), run from the test thread
+    while the server is idle."""
     from ggq.runtime.model import Model
 
-    m = Model.load(str(srv.path), N_CTX, None, "f16")
+    return Model.load(str(srv.path), N_CTX, None, "f16")
+
+
+@pytest.fixture(scope="module")
+def ref_logits(srv, ref_model):
+    """numpy log-softmax of ``Model.eval`` on PROMPT."""
+    import numpy as np
+
     ids = srv.tok.encode(PROMPT, True, True)
-    x = m.eval(ids).astype(np.float64)
+    ref_model.reset()
+    x = ref_model.eval(ids).astype(np.float64)
+    ref_model.reset()
     return ids, x - (x.max() + np.log(np.exp(x - x.max()).sum()))
 
 
@@ -627,3 +642,52 @@ def test_logit_bias_bans_the_greedy_token(srv, ref_logits):
     assert banned.choices[0].logprobs.token_logprobs[0] == pytest.approx(lp[second], abs=1e-4)
     forced = srv.client.completions.create(logit_bias={"2717": 100}, **kw)
     assert forced.choices[0].logprobs.tokens[0] == srv.tok.decode([2717])
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+EMB_TEXTS = ["The cat sat on the mat.", "Paris is the capital of France.", "The cat sat on the mat."]
+
+
+def test_embeddings_shape_norm_and_determinism(srv):
+    import numpy as np
+
+    r = srv.client.embeddings.create(model=srv.model_id, input=EMB_TEXTS)  # the client asks for base64
+    e = np.array([d.embedding for d in r.data], dtype=np.float32)
+    assert e.shape == (3, srv.engine.model.n_embd) and [d.index for d in r.data] == [0, 1, 2]
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(e[0], e[2]) and not np.allclose(e[0], e[1])
+    assert r.usage.prompt_tokens == sum(len(srv.tok.encode(t, True, True)) for t in EMB_TEXTS)
+    floats = _post(srv, "/v1/embeddings", {"input": EMB_TEXTS[1], "encoding_format": "float"}).json()
+    assert np.allclose(floats["data"][0]["embedding"], e[1], atol=1e-6)
+    ids = srv.tok.encode(EMB_TEXTS[1], True, True)
+    by_ids = srv.client.embeddings.create(model=srv.model_id, input=[ids])
+    assert np.allclose(by_ids.data[0].embedding, e[1], atol=1e-6)
+    # generation still works after an embedding and reuses its cached prefix correctly
+    assert _chat(srv, temperature=0, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_embeddings_against_numpy_reference(srv, ref_model):
+    """The pooled vector is numpy's mean + L2 norm of ``Model.embed``'s hidden states, and those
+    hidden states times the file's output matrix (SmolLM2 ties it to token_embd, dequantized by
+    gguf-py) give ``Model.eval``'s logits, up to the kernels' int8 activation rounding."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    ids = srv.tok.encode(EMB_TEXTS[1], True, True)
+    ref_model.reset()
+    h = ref_model.embed(ids)
+    ref_model.reset()
+    logits = ref_model.eval(ids, all_logits=True)
+    ref_model.reset()
+    v = h.astype(np.float64).mean(axis=0)
+    v /= np.linalg.norm(v)
+    got = srv.client.embeddings.create(model=srv.model_id, input=EMB_TEXTS[1]).data[0].embedding
+    assert np.allclose(got, v, atol=1e-5)
+    t = next(t for t in GGUFReader(srv.path).tensors if t.name == "token_embd.weight")
+    w = dequantize(t.data, t.tensor_type).reshape(-1, h.shape[1])
+    ref = h @ w.T
+    assert np.corrcoef(ref.ravel(), logits.ravel())[0, 1] > 0.999
+    assert np.abs(ref - logits).max() < 0.03 * np.abs(logits).max()
+    assert (ref.argmax(axis=1) == logits.argmax(axis=1)).all()

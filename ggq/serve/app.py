@@ -14,6 +14,7 @@ options not supported yet), 401 for a wrong or missing API key, 404 for an unkno
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -34,7 +35,7 @@ from ggq.runtime.sampler import SamplerParams
 from ggq.runtime.tokenizer import Tokenizer
 from ggq.serve import tools as toolcalls
 from ggq.serve.constrain import Grammars
-from ggq.serve.engine import Engine, GenRequest, GenResult, TokenLogprob
+from ggq.serve.engine import EmbedRequest, Engine, GenRequest, GenResult, TokenLogprob
 
 log = logging.getLogger("ggq.serve")
 
@@ -299,6 +300,16 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+class EmbeddingRequest(_Strict):
+    """``POST /v1/embeddings``: ``input`` as text, texts, token ids or lists of token ids."""
+
+    input: Union[str, list[str], list[int], list[list[int]]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = None  # accepted, unused
+
+
 class TokenizeRequest(_Strict):
     """``POST /tokenize`` (llama.cpp server): ``content`` -> token ids."""
 
@@ -499,10 +510,7 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
         if forced is not None and schema is not None:
             raise APIError("response_format and a forced tool_choice cannot both constrain the reply",
                            param="response_format", code="invalid_value")
-        if use_tools:
-            messages, tools_arg = toolcalls.prepare(messages, req.tools, tool_format)
-        else:
-            messages, tools_arg = toolcalls.prepare(messages, None, toolcalls.ToolFormat(tool_format.name, True))
+        messages, tools_arg = toolcalls.prepare(messages, req.tools if use_tools else None, tool_format)
 
         def prompt_tokens() -> list[int]:
             return tokenize_rendered(tok, template.render(messages, add_generation_prompt=True, tools=tools_arg))
@@ -546,6 +554,52 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
         if not ids:
             raise APIError("prompt: the prompt is empty", param="prompt", code="invalid_value")
         return await _complete(request, req, ids, chat=False)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        """Mean-pooled, L2-normalized final hidden states (output norm applied) of each input; BOS
+        added to texts as for completions."""
+        req = await _parse(request, EmbeddingRequest)
+        check_model(req.model)
+        n_embd = int(engine.model.n_embd)
+        if req.dimensions is not None and req.dimensions != n_embd:
+            raise APIError(f"dimensions: this model's embeddings have {n_embd} dimensions", param="dimensions",
+                           code="unsupported_value")
+        inp = req.input
+        items = [inp] if isinstance(inp, str) or (inp and isinstance(inp[0], int)) else list(inp)
+        if not items:
+            raise APIError("input: at least one input is needed", param="input", code="invalid_value")
+        if len(items) > 2048:
+            raise APIError("input: at most 2048 inputs per request", param="input", code="invalid_value")
+        inputs = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if not item:
+                    raise APIError(f"input.{i}: empty text", param="input", code="invalid_value")
+                ids = await run_in_threadpool(tok.encode, item, True, True)
+            else:
+                if not item:
+                    raise APIError(f"input.{i}: no tokens", param="input", code="invalid_value")
+                _check_ids(item, "input")
+                ids = list(item)
+            check_length(len(ids), "input")
+            inputs.append(ids)
+        handle = engine.submit(EmbedRequest(inputs))
+        try:
+            async for kind, value in handle:
+                if kind == "error":
+                    raise APIError(str(value), status=500, type="server_error")
+        finally:
+            if handle.result is None:
+                handle.cancel()
+        n = sum(len(x) for x in inputs)
+        request.scope.setdefault("state", {})["tokens"] = (n, 0)
+        data = []
+        for i, v in enumerate(handle.result):
+            emb = base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" else \
+                v.tolist()
+            data.append({"object": "embedding", "index": i, "embedding": emb})
+        return {"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
     async def _complete(request: Request, req, ids: list[int], chat: bool, constraint=None, tool_format=None):
         check_length(len(ids), "messages" if chat else "prompt")

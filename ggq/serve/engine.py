@@ -65,6 +65,22 @@ class GenRequest:
 
 
 @dataclass
+class EmbedRequest:
+    """Embeddings of ``inputs`` (token id lists): each is evaluated from position 0 and its final
+    hidden states (output norm applied) are mean-pooled over its tokens and L2-normalized."""
+
+    inputs: list[list[int]]
+
+
+def pool(hidden: np.ndarray) -> np.ndarray:
+    """float32 (n_embd,): the mean over the rows of ``hidden`` (float32 (T, n_embd)), L2-normalized
+    (a zero vector stays zero)."""
+    v = hidden.astype(np.float64).mean(axis=0)
+    norm = np.linalg.norm(v)
+    return (v / norm if norm > 0 else v).astype(np.float32)
+
+
+@dataclass
 class GenResult:
     """What a finished request produced: the text (without a stop string), the finish reason
     (``"stop"``: end of generation or a stop string, ``"length"``: ``max_tokens`` or a full
@@ -331,7 +347,7 @@ class Engine:
     def n_ctx(self) -> int:
         return int(self.model.n_ctx)
 
-    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+    def submit(self, req: GenRequest | EmbedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``req``; iterate the returned handle (in ``loop``, default: the running one) for
         its events."""
         handle = RequestHandle(req, loop or asyncio.get_running_loop())
@@ -366,6 +382,9 @@ class Engine:
                 return
             if handle.cancelled.is_set():
                 continue
+            if isinstance(handle.req, EmbedRequest):
+                self._embed(handle)
+                continue
             slot = self._pick_slot(handle.req.prompt)
             try:
                 slot.start(handle)
@@ -380,6 +399,34 @@ class Engine:
                 slot.cached = []
                 handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
             self.n_processed += 1
+
+    def _embed(self, handle: RequestHandle) -> None:
+        """Run an :class:`EmbedRequest` on the model (one slot: its cache is reset; afterwards it holds
+        the last input, which a later prompt sharing a prefix with it reuses)."""
+        slot = min(self.slots, key=lambda s: len(s.cached))
+        vectors = []
+        try:
+            for ids in handle.req.inputs:
+                if handle.cancelled.is_set():
+                    return
+                self.model.reset()
+                slot.cached = []
+                vectors.append(pool(self.model.embed(ids)))
+                slot.cached = list(ids)
+        except GGQError as e:
+            self.model.reset()
+            slot.cached = []
+            handle._emit("error", e)
+            return
+        except Exception as e:
+            log.exception("embedding failed")
+            self.model.reset()
+            slot.cached = []
+            handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self.n_processed += 1
+        handle._emit("done", vectors)
 
     def _fail_all(self, err: GGQError) -> None:
         while True:
