@@ -691,3 +691,43 @@ def test_embeddings_against_numpy_reference(srv, ref_model):
     assert np.corrcoef(ref.ravel(), logits.ravel())[0, 1] > 0.999
     assert np.abs(ref - logits).max() < 0.03 * np.abs(logits).max()
     assert (ref.argmax(axis=1) == logits.argmax(axis=1)).all()
+
+
+# ---------------------------------------------------------------------------- /metrics
+
+def _scrape(srv) -> dict:
+    """{(sample name, frozenset(labels)): value} from /metrics, parsed by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = httpx.get(srv.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics(srv):
+    ok = ("ggq_requests_total", frozenset({"endpoint": "/v1/completions", "status": "200"}.items()))
+    bad = ("ggq_requests_total", frozenset({"endpoint": "/v1/completions", "status": "400"}.items()))
+    m0 = _scrape(srv)
+    r = srv.client.completions.create(model=srv.model_id, prompt="Once upon a time", max_tokens=5, temperature=0,
+                                      extra_body={"cache_prompt": False})
+    assert _post(srv, "/v1/completions", {"prompt": ""}).status_code == 400
+    deadline = time.monotonic() + 5  # the middleware counts a response after sending it
+    while True:
+        m1 = _scrape(srv)
+        if m1.get(ok, 0) - m0.get(ok, 0) >= 1 and m1.get(bad, 0) - m0.get(bad, 0) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    def d(name):
+        key = (name, frozenset())
+        return m1[key] - m0.get(key, 0)
+
+    assert m1[ok] - m0.get(ok, 0) == 1 and m1[bad] - m0.get(bad, 0) == 1
+    assert d("ggq_generated_tokens_total") == r.usage.completion_tokens == 5
+    assert d("ggq_prompt_tokens_total") == r.usage.prompt_tokens
+    assert d("ggq_prompt_seconds_total") > 0 and d("ggq_generation_seconds_total") > 0
+    g = {k[0]: v for k, v in m1.items() if not k[1]}
+    assert g["ggq_generated_tokens_per_second"] > 0 and g["ggq_prompt_tokens_per_second"] > 0
+    assert (g["ggq_queue_depth"], g["ggq_slots_busy"], g["ggq_slots_total"]) == (0, 0, 1)
+    assert httpx.get(srv.url + "/metrics", timeout=60).status_code == 401  # behind the API key, as the API

@@ -24,7 +24,7 @@ import uuid
 from typing import Literal, Union
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -339,8 +339,8 @@ class _LogAndAuth:
     """ASGI middleware: the API key check (``Authorization: Bearer KEY``; ``/health`` is open) and
     one log line per request: method, path, status, prompt+completion tokens, seconds."""
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
+    def __init__(self, app, api_key: str | None, on_response=None):
+        self.app, self.api_key, self.on_response = app, api_key, on_response
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -361,6 +361,8 @@ class _LogAndAuth:
             else:
                 await self.app(scope, receive, send_status)
         finally:
+            if self.on_response is not None:
+                self.on_response(scope, status[0])
             tokens = scope.get("state", {}).get("tokens")
             tok = f" tokens={tokens[0]}+{tokens[1]}" if tokens else ""
             log.info("%s %s %s%s %.2f s", scope.get("method"), scope.get("path"), status[0] or "-", tok,
@@ -373,6 +375,62 @@ class _LogAndAuth:
                 return v.startswith("Bearer ") and secrets.compare_digest(v[7:].strip().encode(),
                                                                           self.api_key.encode())
         return False
+
+
+#: endpoints counted by name in ggq_requests_total (others: "other", so that the label stays bounded)
+_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+              "/tokenize", "/detokenize", "/")
+
+
+def _metrics(engine: Engine):
+    """``(registry, count_response)``: a prometheus_client registry of this app's metrics and the
+    middleware's callback ``count_response(scope, status)``.
+
+    Metrics (all ``ggq_``): ``requests_total{endpoint,status}`` (HTTP responses),
+    ``prompt_tokens_total``, ``prompt_tokens_cached_total``, ``generated_tokens_total``,
+    ``prompt_seconds_total``, ``generation_seconds_total`` (finished generations),
+    ``prompt_tokens_per_second`` and ``generated_tokens_per_second`` (averages over them, as
+    llama.cpp's ``prompt_tokens_seconds`` / ``predicted_tokens_seconds``),
+    ``embedding_tokens_total``, ``queue_depth`` (requests waiting), ``slots_busy``,
+    ``slots_total``."""
+    from prometheus_client import CollectorRegistry, Counter
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    registry = CollectorRegistry(auto_describe=True)
+    requests = Counter("ggq_requests", "HTTP responses by endpoint and status", ["endpoint", "status"],
+                       registry=registry)
+
+    class _Engine:
+        def collect(self):
+            st = engine.stats
+            for name, doc, v in (
+                    ("ggq_prompt_tokens", "prompt tokens of finished generations (cached ones included)",
+                     st.prompt_tokens),
+                    ("ggq_prompt_tokens_cached", "prompt tokens reused from the KV cache", st.prompt_tokens_cached),
+                    ("ggq_generated_tokens", "generated tokens", st.generated_tokens),
+                    ("ggq_prompt_seconds", "seconds spent evaluating prompts", st.prompt_seconds),
+                    ("ggq_generation_seconds", "seconds spent generating", st.generation_seconds),
+                    ("ggq_embedding_tokens", "tokens evaluated for embeddings", st.embedding_tokens)):
+                yield CounterMetricFamily(name, doc, value=v)
+            evaluated = st.prompt_tokens - st.prompt_tokens_cached
+            for name, doc, v in (
+                    ("ggq_prompt_tokens_per_second", "average prompt evaluation speed",
+                     evaluated / st.prompt_seconds if st.prompt_seconds > 0 else 0.0),
+                    ("ggq_generated_tokens_per_second", "average generation speed",
+                     st.generated_tokens / st.generation_seconds if st.generation_seconds > 0 else 0.0),
+                    ("ggq_queue_depth", "requests waiting for a slot", engine.queued()),
+                    ("ggq_slots_busy", "slots running a request", engine.busy()),
+                    ("ggq_slots_total", "slots (--parallel)", len(engine.slots))):
+                yield GaugeMetricFamily(name, doc, value=v)
+
+    registry.register(_Engine())
+
+    def count_response(scope, status: int) -> None:
+        path = scope.get("path", "")
+        endpoint = path if path in _ENDPOINTS else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        requests.labels(endpoint, str(status or 0)).inc()
+
+    return registry, count_response
 
 
 def _sse(obj) -> str:
@@ -422,7 +480,8 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
     constrained output (built from ``tok`` on first use when None)."""
     app = FastAPI(title="ggq serve", docs_url=None, redoc_url=None, openapi_url=None)
     grammars = grammars or Grammars(tok)
-    app.add_middleware(_LogAndAuth, api_key=api_key)
+    registry, count_response = _metrics(engine)
+    app.add_middleware(_LogAndAuth, api_key=api_key, on_response=count_response)
     accepted = {model_id} | set(names or ())
     created = int(created if created is not None else time.time())
 
@@ -461,6 +520,13 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             return {"status": "ok"}
         return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                             status_code=503)
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text exposition (see :func:`_metrics`)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():

@@ -125,6 +125,20 @@ def token_logprob(logits: np.ndarray, tid: int, k: int) -> TokenLogprob:
     return TokenLogprob(int(tid), float(lp[tid]), top)
 
 
+@dataclass
+class EngineStats:
+    """Totals since the server started, for ``/metrics`` (written by the worker thread only)."""
+
+    requests: int = 0                 # generation requests finished (any finish reason)
+    prompt_tokens: int = 0            # their prompt tokens (cached ones included)
+    prompt_tokens_cached: int = 0     # of which reused from the KV cache
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0       # evaluating prompts
+    generation_seconds: float = 0.0   # sampling and evaluating generated tokens
+    embedding_inputs: int = 0
+    embedding_tokens: int = 0
+
+
 class RequestHandle:
     """The caller's side of a queued request: ``async for kind, value in handle`` yields the
     engine's events; :meth:`cancel` asks the engine to stop it."""
@@ -205,10 +219,11 @@ class Slot:
     serves, its sampler and decoder state. ``start`` evaluates a prompt (reusing the cached
     prefix), ``step`` samples one token and evaluates it."""
 
-    def __init__(self, slot_id: int, model, tok: Tokenizer):
+    def __init__(self, slot_id: int, model, tok: Tokenizer, stats: EngineStats | None = None):
         self.id, self.model, self.tok = slot_id, model, tok
         self.cached: list[int] = []
         self.handle: RequestHandle | None = None
+        self.stats = stats if stats is not None else EngineStats()
 
     @property
     def busy(self) -> bool:
@@ -318,6 +333,13 @@ class Slot:
         res.text = self.matcher.text[:self.matcher.sent]
         res.finish_reason = reason
         res.t_gen = time.perf_counter() - self.t_gen0
+        st = self.stats
+        st.requests += 1
+        st.prompt_tokens += res.n_prompt
+        st.prompt_tokens_cached += res.n_cached
+        st.generated_tokens += res.n_gen
+        st.prompt_seconds += res.t_prompt
+        st.generation_seconds += res.t_gen
         self.handle = None
         h._emit("done", res)
         return False
@@ -335,7 +357,8 @@ class Engine:
         if n_slots != 1:
             raise GGQError(f"--parallel {n_slots}: only 1 slot for now (continuous batching is a later slice)")
         self.model, self.tok = model, tok
-        self.slots = [Slot(i, model, tok) for i in range(n_slots)]
+        self.stats = EngineStats()
+        self.slots = [Slot(i, model, tok, self.stats) for i in range(n_slots)]
         self._queue: queue.Queue = queue.Queue()
         self._ready = ready
         self.is_ready = threading.Event()
@@ -357,6 +380,10 @@ class Engine:
     def queued(self) -> int:
         """Requests waiting for a slot."""
         return self._queue.qsize()
+
+    def busy(self) -> int:
+        """Slots running a request."""
+        return sum(s.busy for s in self.slots)
 
     def stop(self) -> None:
         """Let the worker thread end after the current request."""
@@ -403,7 +430,8 @@ class Engine:
     def _embed(self, handle: RequestHandle) -> None:
         """Run an :class:`EmbedRequest` on the model (one slot: its cache is reset; afterwards it holds
         the last input, which a later prompt sharing a prefix with it reuses)."""
-        slot = min(self.slots, key=lambda s: len(s.cached))
+        slot = min((s for s in self.slots if not s.busy), key=lambda s: len(s.cached))
+        slot.handle = handle
         vectors = []
         try:
             for ids in handle.req.inputs:
@@ -413,6 +441,8 @@ class Engine:
                 slot.cached = []
                 vectors.append(pool(self.model.embed(ids)))
                 slot.cached = list(ids)
+                self.stats.embedding_inputs += 1
+                self.stats.embedding_tokens += len(ids)
         except GGQError as e:
             self.model.reset()
             slot.cached = []
@@ -425,6 +455,7 @@ class Engine:
             handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
             return
         finally:
+            slot.handle = None
             self.n_processed += 1
         handle._emit("done", vectors)
 
