@@ -731,3 +731,68 @@ def test_metrics(srv):
     assert g["ggq_generated_tokens_per_second"] > 0 and g["ggq_prompt_tokens_per_second"] > 0
     assert (g["ggq_queue_depth"], g["ggq_slots_busy"], g["ggq_slots_total"]) == (0, 0, 1)
     assert httpx.get(srv.url + "/metrics", timeout=60).status_code == 401  # behind the API key, as the API
+
+
+# ---------------------------------------------------------------------------- the chat page (headless Chromium)
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def page(srv):
+    """The chat page at / in headless Chromium (Debian's package) driven by Playwright."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        pg = browser.new_page()
+        pg.goto(srv.url + "/")
+        pg.fill("#apikey", KEY)
+        pg.dispatch_event("#apikey", "change")
+        yield pg
+        browser.close()
+
+
+def _assistant(page, i):
+    return page.locator(".msg.assistant").nth(i)
+
+
+def test_chat_page_streams_a_reply(srv, page):
+    assert httpx.get(srv.url + "/").status_code == 200  # the page needs no key; the API does
+    page.click("#reset")
+    page.fill("#system", SYSTEM)
+    page.fill("#temperature", "0")
+    page.fill("#input", QUESTION)
+    page.click("#send")
+    out = _assistant(page, 0)
+    seen = set()  # the text as it grew: streamed, not delivered in one piece
+    deadline = time.monotonic() + 300
+    while out.get_attribute("data-finish") is None:
+        seen.add(out.text_content())
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    text = out.text_content()
+    ref = _chat(srv, temperature=0).choices[0].message.content  # the same conversation through the API
+    assert text == ref and "Paris" in text
+    assert out.get_attribute("data-finish") in ("stop", "length")
+    assert len({s for s in seen if s and s != text}) >= 1
+    assert page.locator(".msg.user").first.text_content() == QUESTION
+    assert page.is_disabled("#stop") and page.is_enabled("#send")
+
+
+def test_chat_page_stop_button(srv, page):
+    page.click("#reset")
+    page.fill("#temperature", "0")
+    page.fill("#input", "Write a very long story about a dragon who learns to cook.")
+    page.click("#send")
+    out = _assistant(page, 0)
+    page.wait_for_function("document.querySelector('.msg.assistant').textContent.length > 10", timeout=300_000)
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('.msg.assistant').dataset.finish === 'stopped'", timeout=60_000)
+    slot = srv.engine.slots[0]
+    deadline = time.monotonic() + 60
+    while slot.busy and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not slot.busy and slot.res.finish_reason == "cancelled"
+    assert page.is_enabled("#send") and out.text_content()

@@ -2,8 +2,10 @@
 :func:`serve`, which loads a model and runs the app under uvicorn.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also as server-sent events
-with ``"stream": true``), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, and
-llama.cpp server's ``POST /tokenize`` and ``POST /detokenize``.
+with ``"stream": true``; ``response_format`` and forced tool calls constrained by llguidance,
+``tools``, ``logprobs``, ``logit_bias``), ``POST /v1/embeddings``, ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus), llama.cpp server's
+``POST /tokenize`` and ``POST /detokenize``, and a chat page at ``/``.
 
 Every error is OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a
 bad request (malformed JSON, wrong types, values out of range, a prompt longer than the context,
@@ -335,8 +337,13 @@ async def _parse(request: Request, cls):
 
 # ---------------------------------------------------------------------------- the app
 
+#: paths served without the API key: the health check and the chat page (which asks for the key)
+_OPEN = ("/health", "/")
+
+
 class _LogAndAuth:
-    """ASGI middleware: the API key check (``Authorization: Bearer KEY``; ``/health`` is open) and
+    """ASGI middleware: the API key check (``Authorization: Bearer KEY``; ``/health`` and the chat
+    page ``/`` are open) and
     one log line per request: method, path, status, prompt+completion tokens, seconds."""
 
     def __init__(self, app, api_key: str | None, on_response=None):
@@ -354,7 +361,7 @@ class _LogAndAuth:
             await send(message)
 
         try:
-            if self.api_key is not None and scope["path"] != "/health" and not self._authorized(scope):
+            if self.api_key is not None and scope["path"] not in _OPEN and not self._authorized(scope):
                 err = APIError("invalid or missing API key (Authorization: Bearer KEY)", status=401,
                                code="invalid_api_key", type="authentication_error")
                 await err.response()(scope, receive, send_status)
@@ -520,6 +527,15 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             return {"status": "ok"}
         return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                             status_code=503)
+
+    @app.get("/")
+    async def chat_page():
+        """The chat page: one static HTML file (ggq/serve/static/index.html) that streams replies from
+        ``/v1/chat/completions``; it asks for the API key when the server has one."""
+        from importlib.resources import files
+
+        page = files("ggq.serve").joinpath("static/index.html").read_bytes()
+        return Response(page, media_type="text/html; charset=utf-8")
 
     @app.get("/metrics")
     async def metrics():
