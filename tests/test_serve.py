@@ -796,3 +796,35 @@ def test_chat_page_stop_button(srv, page):
         time.sleep(0.1)
     assert not slot.busy and slot.res.finish_reason == "cancelled"
     assert page.is_enabled("#send") and out.text_content()
+
+
+@pytest.mark.parametrize("fmt,pieces,streamed,calls", [
+    ("hermes", ["Let me ", "check. <tool", "_call>\n{\"name\": \"f\", ", "\"arguments\": {}}\n</tool_call>"],
+     "Let me check. ", ["f"]),
+    ("hermes", ["a <", "b> <tool", "x"], "a <b> <toolx", []),             # a false start of the marker is text
+    ("llama3", ["  ", "{\"name\": \"f\", \"parameters\": ", "{\"x\": 1}}"], "", ["f"]),
+    ("llama3", ["The answer", " is 4."], "The answer is 4.", []),
+    ("llama3", ["{not json"], "", []),                                    # held, then sent as content at the end
+    ("mistral", ["Sure", "[TOOL_", "CALLS][{\"name\": \"g\", \"arguments\": {}}]"], "Sure", ["g"]),
+])
+def test_call_stream_holds_only_calls(fmt, pieces, streamed, calls):
+    from ggq.serve import tools as tc
+
+    cs = tc.CallStream(tc.ToolFormat(fmt, True))
+    sent = "".join(cs.push(p) for p in pieces)
+    content, got = cs.finish()
+    assert sent == streamed and [c["function"]["name"] for c in got] == calls
+    if not calls:  # nothing lost: what was held comes back as content
+        assert sent + (content or "") == "".join(pieces)
+
+
+def test_tools_auto_streamed_equals_whole(srv):
+    """tool_choice auto: the model is free; streamed and whole replies agree (text or calls)."""
+    kw = dict(messages=WEATHER_MSGS, tools=[WEATHER], temperature=0, max_tokens=80)
+    whole = _chat(srv, **kw).choices[0]
+    chunks = list(_chat(srv, stream=True, **kw))
+    text = "".join(c.delta.content or "" for ch in chunks for c in ch.choices)
+    calls = [tc for ch in chunks for c in ch.choices for tc in (c.delta.tool_calls or [])]
+    assert text == (whole.message.content or "")
+    assert [(c.function.name, c.function.arguments) for c in calls] == \
+        [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or []]

@@ -21,6 +21,7 @@ import json
 import logging
 import secrets
 import sys
+import threading
 import time
 import uuid
 from typing import Literal, Union
@@ -615,7 +616,7 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             raise APIError(str(e), param="response_format" if schema is not None else "tools",
                            code="invalid_value") from None
         return await _complete(request, req, ids, chat=True, constraint=con,
-                               tool_format=tool_format if use_tools else None)
+                               tool_format=tool_format if use_tools else None, forced=forced is not None)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -683,7 +684,8 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             data.append({"object": "embedding", "index": i, "embedding": emb})
         return {"object": "list", "data": data, "model": model_id, "usage": {"prompt_tokens": n, "total_tokens": n}}
 
-    async def _complete(request: Request, req, ids: list[int], chat: bool, constraint=None, tool_format=None):
+    async def _complete(request: Request, req, ids: list[int], chat: bool, constraint=None, tool_format=None,
+                        forced: bool = False):
         check_length(len(ids), "messages" if chat else "prompt")
         n_lp = req.n_logprobs()
         gen = GenRequest(ids, req.sampler_params(), req.limit(), req.stop_list(), req.cache_prompt,
@@ -746,7 +748,7 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             return _sse(c)
 
         async def events():
-            held: list[str] = []  # with tools: the reply, parsed for calls at the end
+            calls_stream = toolcalls.CallStream(tool_format, forced) if tool_format is not None else None
             try:
                 if chat:
                     yield chunk({"role": "assistant", "content": ""}, None)
@@ -754,9 +756,9 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
                     if kind == "logprobs":
                         pending.extend(value)
                     elif kind == "text":
-                        if tool_format is not None:
-                            held.append(value)
-                        else:
+                        if calls_stream is not None:
+                            value = calls_stream.push(value)
+                        if value:
                             yield chunk({"content": value} if chat else value, None)
                     elif kind == "error":
                         yield _sse(APIError(str(value), status=500, type="server_error").body())
@@ -764,8 +766,8 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
                     else:
                         state["tokens"] = (value.n_prompt, value.n_gen)
                         finish = value.finish_reason
-                        if tool_format is not None:
-                            content, calls = toolcalls.parse("".join(held), tool_format)
+                        if calls_stream is not None:
+                            content, calls = calls_stream.finish()
                             delta: dict = {"content": content} if content else {}
                             if calls:
                                 delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(calls)]
@@ -810,8 +812,11 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: i
     warmup = Warmup(model)
     engine = Engine(model, tok, n_slots, ready=warmup.wait)
     model_id = alias or model.path.name
+    grammars = Grammars(tok)
+    # the llguidance vocabulary (~0.2 s per 50k tokens), off the first constrained request's path
+    threading.Thread(target=lambda: grammars.lltok, name="ggq-grammars", daemon=True).start()
     app = create_app(engine, tok, template, model_id, names={model.path.name, model.path.stem}, api_key=api_key,
-                     created=int(model.path.stat().st_mtime))
+                     created=int(model.path.stat().st_mtime), grammars=grammars)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
     log.info("serving %s as %r on http://%s:%d (context %d tokens, %d slot)", model.path.name, model_id,

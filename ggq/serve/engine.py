@@ -281,6 +281,8 @@ class Slot:
                 x[ids] += np.fromiter(req.logit_bias.values(), dtype=np.float32, count=len(req.logit_bias))
             if req.constraint is not None:
                 req.constraint.apply(x)
+            if not np.isfinite(x).any():
+                raise GGQError("no token can come next: logit_bias bans every token the grammar allows")
         tid = self.sampler.sample(x)
         if req.constraint is not None:
             req.constraint.accept(tid)

@@ -236,6 +236,57 @@ def parse(text: str, fmt: ToolFormat) -> tuple[str | None, list[dict]]:
     return (content or None), calls
 
 
+_MARKERS = {HERMES: "<tool_call>", MISTRAL: "[TOOL_CALLS]"}
+
+
+class CallStream:
+    """Streams a reply's text while it cannot be part of a tool call, and holds the rest for
+    :func:`parse`: from the ``<tool_call>`` / ``[TOOL_CALLS]`` marker on (text that could be the
+    start of the marker is held until it cannot), or, for ``llama3``, the whole reply when it
+    starts with ``{`` or ``<|python_tag|>``. ``forced``: the reply is a call (constrained), hold it
+    all. :meth:`push` returns the text to send now; :meth:`finish` returns ``(content, calls)`` for
+    the held rest (content: the held text itself when it holds no call)."""
+
+    def __init__(self, fmt: ToolFormat, forced: bool = False):
+        self.fmt = fmt
+        self.text = ""
+        self.sent = 0
+        self.hold_from: int | None = 0 if forced else None
+
+    def push(self, piece: str) -> str:
+        self.text += piece
+        if self.hold_from is not None:
+            return ""
+        if self.fmt.name == LLAMA3:
+            head = self.text.lstrip()
+            if not head:
+                return ""
+            if head.startswith("{") or head.startswith("<|python_tag|>"):
+                self.hold_from = self.sent
+                return ""
+            if "<|python_tag|>".startswith(head):
+                return ""
+            out, self.sent = self.text[self.sent:], len(self.text)
+            return out
+        marker = _MARKERS[self.fmt.name]
+        i = self.text.find(marker, self.sent)
+        if i >= 0:
+            out, self.sent, self.hold_from = self.text[self.sent:i], i, i
+            return out
+        tail = self.text[self.sent:]
+        hold = next((k for k in range(min(len(marker) - 1, len(tail)), 0, -1) if marker.startswith(tail[-k:])), 0)
+        end = len(self.text) - hold
+        out, self.sent = self.text[self.sent:end], end
+        return out
+
+    def finish(self) -> tuple[str | None, list[dict]]:
+        rest = self.text[self.sent:]
+        content, calls = parse(rest, self.fmt) if self.hold_from is not None else (None, [])
+        if not calls:
+            return (rest or None), []
+        return content, calls
+
+
 def check_tools(tools: list[dict]) -> list[dict]:
     """The ``function`` objects of OpenAI ``tools``; GGQError naming the problem for a malformed
     one."""
