@@ -309,11 +309,14 @@ class Tokenizer:
             frags = out
         return frags
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               space_prefix: bool = True) -> list[int]:
         """Token ids of ``text`` (llama.cpp's ``llama_tokenize``).
 
         ``add_special``: add BOS (and EOS) as the vocabulary asks. ``parse_special``: turn the text of
         control tokens (``<|im_start|>``) into those tokens; otherwise it is tokenized as plain text.
+        ``space_prefix=False``: never add SentencePiece's space prefix (``add_space_prefix``), for
+        text that continues other text, whose bytes must stay exactly ``text``'s.
         """
         out: list[int] = []
         if add_special and self.add_bos:
@@ -326,7 +329,7 @@ class Tokenizer:
                     out.append(f)
                     prev_special = True
                     continue
-                if self.add_space_prefix and prev_special:
+                if self.add_space_prefix and prev_special and space_prefix:
                     f = " " + f
                 self._spm(f.replace(" ", "\u2581"), out)
                 prev_special = False

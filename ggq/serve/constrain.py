@@ -12,7 +12,8 @@ llama.cpp bridge builds it: the bytes :meth:`Tokenizer.token_to_piece` gives (Se
 as a space, ``<0xNN>`` as that byte, GPT-2 byte-level BPE mapped back to bytes), and for control
 tokens (and user-defined tokens written like ``<...>``) their text after a ``0xFF`` byte, which
 marks a special token that grammars name as ``<name>`` or ``<[id]>``. Tokenizing text (llguidance
-needs it to match grammar literals canonically) is ggq's own ``Tokenizer.encode``.
+needs it to match grammar literals canonically) is ggq's own ``Tokenizer.encode`` without
+SentencePiece's space prefix (the text continues the reply: its tokens must spell exactly it).
 
 JSON output is compact (llguidance's ``whitespace_flexible`` off: no whitespace between tokens,
 ``,`` and ``:`` separators) unless the schema's ``x-guidance`` says otherwise: a small model left
@@ -66,9 +67,11 @@ class _Wrapped:
         self.special_token_ids = [i for i, b in enumerate(self.tokens) if b.startswith(b"\xff")]
 
     def __call__(self, text) -> list[int]:
+        """Token ids of a piece of grammar text, spelling exactly its bytes: no SentencePiece space
+        prefix (with one, ``{`` would come back as ``▁{``, i.e. `` {``)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tok.encode(text, add_special=False, parse_special=False)
+        return self._tok.encode(text, add_special=False, parse_special=False, space_prefix=False)
 
 
 class Grammars:
