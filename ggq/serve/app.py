@@ -189,7 +189,8 @@ class ResponseFormat(_Strict):
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
-    schema_: dict | None = Field(None, alias="schema")  # llama.cpp's shorthand: {"type": "json_object", "schema": {...}}
+    #: llama.cpp's shorthand: ``{"type": "json_object", "schema": {...}}``
+    schema_: dict | None = Field(None, alias="schema")
 
     def target_schema(self) -> dict | None:
         """The JSON schema the reply must follow (None for ``text``)."""
@@ -344,8 +345,8 @@ _OPEN = ("/health", "/")
 
 class _LogAndAuth:
     """ASGI middleware: the API key check (``Authorization: Bearer KEY``; ``/health`` and the chat
-    page ``/`` are open) and
-    one log line per request: method, path, status, prompt+completion tokens, seconds."""
+    page ``/`` are open), one log line per request (method, path, status, prompt+completion tokens,
+    seconds) and ``on_response(scope, status)`` after each response (the request counter)."""
 
     def __init__(self, app, api_key: str | None, on_response=None):
         self.app, self.api_key, self.on_response = app, api_key, on_response

@@ -11,7 +11,10 @@ its history evaluates only the new turn.
 
 Decoding is written as one step per token (:meth:`Slot.step`), driven by the worker loop: the shape
 continuous batching needs later (several slots, one forward pass per step for all of them). This
-slice has one slot on one model.
+slice has one slot on one model. A step masks the logits with the request's grammar
+(:class:`ggq.serve.constrain.Constraint`, llguidance) and adds its ``logit_bias`` before sampling,
+and records log-probabilities when asked. :class:`EmbedRequest` jobs (``/v1/embeddings``) run on
+the same worker through ``Model.embed``.
 
 Events go back to the caller through :class:`RequestHandle`, an async iterator fed from the worker
 thread with ``loop.call_soon_threadsafe``: ``("text", str)`` pieces as they are produced (whole
@@ -268,7 +271,12 @@ class Slot:
 
     def step(self) -> bool:
         """Sample the next token, emit its text, evaluate it. False when the request is finished
-        (then :meth:`finish` has been called)."""
+        (then :meth:`finish` has been called).
+
+        The sampler sees the model's logits plus ``logit_bias``, with the tokens the request's
+        grammar refuses at ``-inf``; the drawn token advances the grammar. Log-probabilities are
+        taken from the model's logits as they are (before bias, mask and penalties). GGQError if
+        no token is allowed or the grammar engine fails."""
         h, res = self.handle, self.res
         if h.cancelled.is_set():
             return self.finish("cancelled")
