@@ -85,6 +85,9 @@ def test_vocabulary_bytes(name):
     tb = token_bytes(tok)
     if name == "llama-spm":
         assert tb[tok.token_to_id["<0x41>"]] == b"A" and tb[tok.token_to_id["<0x0A>"]] == b"\n"
+        # grammar text is tokenized without the space prefix: "{" is "{", not "▁{"
+        assert [tb[i] for i in tok.encode("{", add_special=False, space_prefix=False)] == [b"{"]
+        assert [tb[i] for i in tok.encode("{", add_special=False)] == [b" {"]
         assert tb[tok.token_to_id["▁the"]] == b" the"
         assert tb[tok.bos_id] == b"\xff<s>"
     else:
