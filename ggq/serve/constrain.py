@@ -130,8 +130,8 @@ class Grammars:
             raise GGQError(f"the grammar engine refused it: {one_line(msgs[0] if msgs else 'invalid grammar', 400)}")
 
     def constraint(self, grammar: str) -> "Constraint":
-        """A fresh :class:`Constraint` for one request (checks the grammar first)."""
-        self.check(grammar)
+        """A fresh :class:`Constraint` for one request. GGQError with llguidance's message if the
+        grammar does not compile (the matcher reports it instead of raising)."""
         llg = _llguidance()
         m = llg.LLMatcher(self.lltok, grammar, log_level=0)
         if m.is_error():
