@@ -124,12 +124,14 @@ class ChatTemplate:
             return cls(tpl, bos, eos, "file", where, **options)
         return cls(family_template, bos, eos, "family", where, **options)
 
-    def _render(self, messages, add_generation_prompt):
+    def _render(self, messages, add_generation_prompt, tools=None):
         return self._tpl.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                bos_token=self.bos_token, eos_token=self.eos_token, tools=None,
+                                bos_token=self.bos_token, eos_token=self.eos_token, tools=tools,
                                 documents=None, custom_tools=None, tools_in_user_message=False, **self.options)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
+        """The prompt text of ``messages``; ``tools``: OpenAI tool objects for templates that render
+        them (``tools=`` in the template, as transformers passes them)."""
         import jinja2
 
         prefix = f"{self.where}: chat template" if self.where else "chat template"
@@ -138,7 +140,7 @@ class ChatTemplate:
             if msgs is None:
                 break
             try:
-                return self._render(msgs, add_generation_prompt)
+                return self._render(msgs, add_generation_prompt, tools)
             except jinja2.exceptions.TemplateError as e:
                 err = err or f"{prefix}: {one_line(str(e), 200)}"
             except Exception as e:  # the template comes from the file: any failure in it is the file's

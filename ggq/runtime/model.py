@@ -349,6 +349,33 @@ class Model:
                 outs.append(lg[0])
         return np.concatenate(outs) if all_logits else outs[-1]
 
+    def embed(self, tokens) -> np.ndarray:
+        """Append ``tokens`` at positions n_past... (filling the KV cache as :meth:`eval` does) and
+        return their final hidden states: float32 (len(tokens), n_embd), the output norm applied
+        (what the output matrix multiplies into logits), one row per token.
+
+        GGQError as :meth:`eval` (token out of range, context full, non-finite values)."""
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if n == 0:
+            raise GGQError("embed() needs at least one token")
+        if toks.min() < 0 or toks.max() >= self.n_vocab:
+            raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
+        if self.n_past + n > self.n_ctx:
+            raise GGQError(f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}")
+        ip = self._ip.copy()
+        ip[ops.I_OUT] = -1  # ops.output: the normed hidden states instead of logits
+        out = np.empty((n, self.n_embd), np.float32)
+        for s in range(0, n, self.n_batch):
+            chunk = toks[s:s + self.n_batch]
+            h = out[s:s + chunk.shape[0]]
+            self._forward(chunk, h, True, ip)
+            if not np.isfinite(h).all():
+                raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) at "
+                               f"positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}")
+            self.n_past += chunk.shape[0]
+        return out
+
     def _forward(self, chunk, logits, all_logits, ip=None):
         self._forward_fn(chunk, self.n_past, all_logits, self.arena.args, self._vecs, self._lay,
                          self._ip if ip is None else ip, self._fp, self._inv_freq, self._rope_mscale, self._kc, self._vc,

@@ -235,7 +235,9 @@ def ffn(W, L, s, act):
 @njit(cache=True)
 def output(W, ip, fp, vecs, x, all_logits, logits):
     """logits = output(norm(x)) for every row (``all_logits``) or the last; soft-capped as
-    cap * tanh(logits / cap) when F_FINAL_SOFTCAP > 0 (Gemma 2)."""
+    cap * tanh(logits / cap) when F_FINAL_SOFTCAP > 0 (Gemma 2). With ``ip[I_OUT] < 0`` (what
+    ``Model.embed`` passes) ``logits`` is (rows, n_embd) and receives norm(x) itself, the final
+    hidden states, without the output matrix."""
     n_embd = ip[I_EMBD]
     T = x.shape[0]
     w = vec(vecs, ip[I_OUTNORM], n_embd)
@@ -245,6 +247,9 @@ def output(W, ip, fp, vecs, x, all_logits, logits):
     else:
         hf = np.empty((1, n_embd), np.float32)
         rmsnorm(x[T - 1:T], w, fp[F_EPS], hf)
+    if ip[I_OUT] < 0:
+        logits[:, :] = hf
+        return
     linear(W, ip[I_OUT], hf, act_bufs(hf.shape[0], n_embd), logits)
     cap = np.float32(fp[F_FINAL_SOFTCAP])
     if cap > 0:

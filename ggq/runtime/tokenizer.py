@@ -309,11 +309,14 @@ class Tokenizer:
             frags = out
         return frags
 
-    def encode(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = False,
+               space_prefix: bool = True) -> list[int]:
         """Token ids of ``text`` (llama.cpp's ``llama_tokenize``).
 
         ``add_special``: add BOS (and EOS) as the vocabulary asks. ``parse_special``: turn the text of
         control tokens (``<|im_start|>``) into those tokens; otherwise it is tokenized as plain text.
+        ``space_prefix=False``: never add SentencePiece's space prefix (``add_space_prefix``), for
+        text that continues other text, whose bytes must stay exactly ``text``'s.
         """
         out: list[int] = []
         if add_special and self.add_bos:
@@ -326,7 +329,7 @@ class Tokenizer:
                     out.append(f)
                     prev_special = True
                     continue
-                if self.add_space_prefix and prev_special:
+                if self.add_space_prefix and prev_special and space_prefix:
                     f = " " + f
                 self._spm(f.replace(" ", "\u2581"), out)
                 prev_special = False
@@ -442,16 +445,18 @@ class StreamDecoder:
     """Turns a stream of token ids into text, holding back bytes of an unfinished UTF-8 character.
 
     ``push(id) -> str`` returns the newly complete text (possibly ""); ``flush()`` returns what is left.
+    ``special``: control tokens give their text (as ``token_to_piece(special=True)``), else nothing.
     """
 
-    def __init__(self, tok: Tokenizer):
+    def __init__(self, tok: Tokenizer, special: bool = False):
         import codecs
 
         self.tok = tok
+        self.special = special
         self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        return self._dec.decode(self.tok.token_to_piece(token_id))
+        return self._dec.decode(self.tok.token_to_piece(token_id, self.special))
 
     def flush(self) -> str:
         return self._dec.decode(b"", final=True)

@@ -11,11 +11,15 @@ its history evaluates only the new turn.
 
 Decoding is written as one step per token (:meth:`Slot.step`), driven by the worker loop: the shape
 continuous batching needs later (several slots, one forward pass per step for all of them). This
-slice has one slot on one model.
+slice has one slot on one model. A step masks the logits with the request's grammar
+(:class:`ggq.serve.constrain.Constraint`, llguidance) and adds its ``logit_bias`` before sampling,
+and records log-probabilities when asked. :class:`EmbedRequest` jobs (``/v1/embeddings``) run on
+the same worker through ``Model.embed``.
 
 Events go back to the caller through :class:`RequestHandle`, an async iterator fed from the worker
 thread with ``loop.call_soon_threadsafe``: ``("text", str)`` pieces as they are produced (whole
-UTF-8 characters, stop strings held back until they can be ruled out) and one final
+UTF-8 characters, stop strings held back until they can be ruled out), ``("logprobs", [TokenLogprob])``
+before the text of those tokens when the request asks for them, and one final
 ``("done", GenResult)`` or ``("error", GGQError)``. :meth:`RequestHandle.cancel` (a streaming client
 went away) stops generation at the next token.
 """
@@ -28,6 +32,8 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from ggq.errors import GGQError
 from ggq.runtime.chat import common_prefix
@@ -50,6 +56,31 @@ class GenRequest:
     #: reuse the KV cache's common prefix (llama.cpp's ``cache_prompt``); False evaluates the whole
     #: prompt, so that a seed reproduces a reply bit for bit whatever the cache held before
     cache_prompt: bool = True
+    #: a grammar the reply must follow (:class:`ggq.serve.constrain.Constraint`), or None
+    constraint: object = None
+    #: token id -> value added to its logit before sampling (``-inf``: banned), OpenAI's logit_bias
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    #: None: no log-probabilities; k >= 0: each generated token's, and the k most likely ones
+    #: (log-softmax of the model's logits before bias, grammar and penalties, as llama.cpp's server)
+    n_logprobs: int | None = None
+    #: render control tokens as text (tool-call markers such as ``[TOOL_CALLS]``)
+    special_text: bool = False
+
+
+@dataclass
+class EmbedRequest:
+    """Embeddings of ``inputs`` (token id lists): each is evaluated from position 0 and its final
+    hidden states (output norm applied) are mean-pooled over its tokens and L2-normalized."""
+
+    inputs: list[list[int]]
+
+
+def pool(hidden: np.ndarray) -> np.ndarray:
+    """float32 (n_embd,): the mean over the rows of ``hidden`` (float32 (T, n_embd)), L2-normalized
+    (a zero vector stays zero)."""
+    v = hidden.astype(np.float64).mean(axis=0)
+    norm = np.linalg.norm(v)
+    return (v / norm if norm > 0 else v).astype(np.float32)
 
 
 @dataclass
@@ -65,6 +96,50 @@ class GenResult:
     n_gen: int = 0             # generated tokens (a stop string's tokens included)
     t_prompt: float = 0.0
     t_gen: float = 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` most likely ``(id, logprob)`` at its
+    position, best first."""
+
+    id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """float64 (n,) log-softmax of float32 logits (n,)."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max()
+    return x - (m + np.log(np.exp(x - m).sum()))
+
+
+def token_logprob(logits: np.ndarray, tid: int, k: int) -> TokenLogprob:
+    """:class:`TokenLogprob` of token ``tid`` under ``logits`` (float32 (n_vocab,)), with the ``k``
+    most likely tokens."""
+    lp = log_softmax(logits)
+    top: list[tuple[int, float]] = []
+    if k > 0:
+        k = min(k, lp.shape[0])
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]
+        top = [(int(i), float(lp[i])) for i in ids]
+    return TokenLogprob(int(tid), float(lp[tid]), top)
+
+
+@dataclass
+class EngineStats:
+    """Totals since the server started, for ``/metrics`` (written by the worker thread only)."""
+
+    requests: int = 0                 # generation requests finished (any finish reason)
+    prompt_tokens: int = 0            # their prompt tokens (cached ones included)
+    prompt_tokens_cached: int = 0     # of which reused from the KV cache
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0       # evaluating prompts
+    generation_seconds: float = 0.0   # sampling and evaluating generated tokens
+    embedding_inputs: int = 0
+    embedding_tokens: int = 0
 
 
 class RequestHandle:
@@ -147,10 +222,11 @@ class Slot:
     serves, its sampler and decoder state. ``start`` evaluates a prompt (reusing the cached
     prefix), ``step`` samples one token and evaluates it."""
 
-    def __init__(self, slot_id: int, model, tok: Tokenizer):
+    def __init__(self, slot_id: int, model, tok: Tokenizer, stats: EngineStats | None = None):
         self.id, self.model, self.tok = slot_id, model, tok
         self.cached: list[int] = []
         self.handle: RequestHandle | None = None
+        self.stats = stats if stats is not None else EngineStats()
 
     @property
     def busy(self) -> bool:
@@ -189,22 +265,44 @@ class Slot:
         self.sampler = Sampler(p)
         n_last = p.repeat_last_n  # -1: the whole context, as in llama.cpp
         self.sampler.accept_many(prompt if n_last < 0 else prompt[len(prompt) - n_last:] if n_last > 0 else [])
-        self.decoder = StreamDecoder(self.tok)
+        self.decoder = StreamDecoder(self.tok, special=req.special_text)
         self.matcher = _StopMatcher(req.stop)
+        self.pending_lp: list[TokenLogprob] = []
 
     def step(self) -> bool:
         """Sample the next token, emit its text, evaluate it. False when the request is finished
-        (then :meth:`finish` has been called)."""
+        (then :meth:`finish` has been called).
+
+        The sampler sees the model's logits plus ``logit_bias``, with the tokens the request's
+        grammar refuses at ``-inf``; the drawn token advances the grammar. Log-probabilities are
+        taken from the model's logits as they are (before bias, mask and penalties). GGQError if
+        no token is allowed or the grammar engine fails."""
         h, res = self.handle, self.res
         if h.cancelled.is_set():
             return self.finish("cancelled")
-        tid = self.sampler.sample(self.logits)
+        req = h.req
+        x = self.logits
+        if req.logit_bias or req.constraint is not None:
+            x = np.array(x, dtype=np.float32, copy=True)
+            if req.logit_bias:
+                ids = np.fromiter(req.logit_bias.keys(), dtype=np.int64, count=len(req.logit_bias))
+                x[ids] += np.fromiter(req.logit_bias.values(), dtype=np.float32, count=len(req.logit_bias))
+            if req.constraint is not None:
+                req.constraint.apply(x)
+            if not np.isfinite(x).any():
+                raise GGQError("no token can come next: logit_bias bans every token the grammar allows")
+        tid = self.sampler.sample(x)
+        if req.constraint is not None:
+            req.constraint.accept(tid)
         if self.tok.is_eog(tid):
             return self.finish("stop", self.decoder.flush())
+        if req.n_logprobs is not None:
+            self.pending_lp.append(token_logprob(self.logits, tid, req.n_logprobs))
         self.sampler.accept(tid)
         res.n_gen += 1
         out, hit = self.matcher.push(self.decoder.push(tid))
         if out:
+            self._emit_logprobs()
             h._emit("text", out)
         if hit:
             return self.finish("stop")
@@ -222,22 +320,36 @@ class Slot:
         self.cached.append(tid)
         return True
 
+    def _emit_logprobs(self) -> None:
+        if self.pending_lp:
+            self.handle._emit("logprobs", self.pending_lp)
+            self.pending_lp = []
+
     def finish(self, reason: str, rest: str = "") -> bool:
         """End the request with ``reason``; ``rest``: text still held by the decoder."""
         h, res = self.handle, self.res
         if rest and reason != "cancelled":
             out, hit = self.matcher.push(rest)
             if out:
+                self._emit_logprobs()
                 h._emit("text", out)
             if hit:
                 reason = "stop"
         if reason != "cancelled":  # generation ended: text held back for a stop string is text
             out = self.matcher.flush()
+            self._emit_logprobs()
             if out:
                 h._emit("text", out)
         res.text = self.matcher.text[:self.matcher.sent]
         res.finish_reason = reason
         res.t_gen = time.perf_counter() - self.t_gen0
+        st = self.stats
+        st.requests += 1
+        st.prompt_tokens += res.n_prompt
+        st.prompt_tokens_cached += res.n_cached
+        st.generated_tokens += res.n_gen
+        st.prompt_seconds += res.t_prompt
+        st.generation_seconds += res.t_gen
         self.handle = None
         h._emit("done", res)
         return False
@@ -255,7 +367,8 @@ class Engine:
         if n_slots != 1:
             raise GGQError(f"--parallel {n_slots}: only 1 slot for now (continuous batching is a later slice)")
         self.model, self.tok = model, tok
-        self.slots = [Slot(i, model, tok) for i in range(n_slots)]
+        self.stats = EngineStats()
+        self.slots = [Slot(i, model, tok, self.stats) for i in range(n_slots)]
         self._queue: queue.Queue = queue.Queue()
         self._ready = ready
         self.is_ready = threading.Event()
@@ -267,7 +380,7 @@ class Engine:
     def n_ctx(self) -> int:
         return int(self.model.n_ctx)
 
-    def submit(self, req: GenRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+    def submit(self, req: GenRequest | EmbedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``req``; iterate the returned handle (in ``loop``, default: the running one) for
         its events."""
         handle = RequestHandle(req, loop or asyncio.get_running_loop())
@@ -277,6 +390,10 @@ class Engine:
     def queued(self) -> int:
         """Requests waiting for a slot."""
         return self._queue.qsize()
+
+    def busy(self) -> int:
+        """Slots running a request."""
+        return sum(s.busy for s in self.slots)
 
     def stop(self) -> None:
         """Let the worker thread end after the current request."""
@@ -302,6 +419,9 @@ class Engine:
                 return
             if handle.cancelled.is_set():
                 continue
+            if isinstance(handle.req, EmbedRequest):
+                self._embed(handle)
+                continue
             slot = self._pick_slot(handle.req.prompt)
             try:
                 slot.start(handle)
@@ -316,6 +436,38 @@ class Engine:
                 slot.cached = []
                 handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
             self.n_processed += 1
+
+    def _embed(self, handle: RequestHandle) -> None:
+        """Run an :class:`EmbedRequest` on the model (one slot: its cache is reset; afterwards it holds
+        the last input, which a later prompt sharing a prefix with it reuses)."""
+        slot = min((s for s in self.slots if not s.busy), key=lambda s: len(s.cached))
+        slot.handle = handle
+        vectors = []
+        try:
+            for ids in handle.req.inputs:
+                if handle.cancelled.is_set():
+                    return
+                self.model.reset()
+                slot.cached = []
+                vectors.append(pool(self.model.embed(ids)))
+                slot.cached = list(ids)
+                self.stats.embedding_inputs += 1
+                self.stats.embedding_tokens += len(ids)
+        except GGQError as e:
+            self.model.reset()
+            slot.cached = []
+            handle._emit("error", e)
+            return
+        except Exception as e:
+            log.exception("embedding failed")
+            self.model.reset()
+            slot.cached = []
+            handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
+            return
+        finally:
+            slot.handle = None
+            self.n_processed += 1
+        handle._emit("done", vectors)
 
     def _fail_all(self, err: GGQError) -> None:
         while True:
