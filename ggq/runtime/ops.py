@@ -248,7 +248,7 @@ def output(W, ip, fp, vecs, x, all_logits, logits):
         hf = np.empty((1, n_embd), np.float32)
         rmsnorm(x[T - 1:T], w, fp[F_EPS], hf)
     if ip[I_OUT] < 0:
-        logits[:, :] = hf
+        copy_cols(logits, hf, 0)  # not logits[:, :] = hf: its shape-check error path costs compile time
         return
     linear(W, ip[I_OUT], hf, act_bufs(hf.shape[0], n_embd), logits)
     cap = np.float32(fp[F_FINAL_SOFTCAP])

@@ -22,6 +22,8 @@ from .repack import FAM_N5, FAM_N6, G, IQ4_NL_VALUES
 
 _LEGACY = {int(T.Q4_0): 0, int(T.Q4_1): 1, int(T.Q5_0): 2, int(T.Q5_1): 3, int(T.Q8_0): 4, int(T.IQ4_NL): 5}
 _KQ = {int(T.Q2_K): 0, int(T.Q3_K): 1, int(T.Q4_K): 2, int(T.Q5_K): 3, int(T.Q6_K): 4}
+#: float rows, moved as bit patterns: F32 as uint32, F16 and BF16 as uint16
+_FLOAT = {int(T.F32): np.uint32, int(T.F16): np.uint16, int(T.BF16): np.uint16}
 
 
 @njit(cache=True, inline="always")
@@ -197,6 +199,25 @@ def pack_k(kind, fam, raw, n_cols, q, qh, sc, mn, d, dm):
                     _put_block(codes[32 * b8:32 * b8 + 32], fam, base, rr, q, qh)
 
 
+@njit(cache=True, parallel=True)
+def pack_float(raw, w):
+    """Float rows -> the ``[group][k][G rows]`` plane of :mod:`.repack` (its ``_interleave``): ``raw``
+    uint16 or uint32 (n, n_cols) element bit patterns, n rows from a group boundary; ``w`` the same
+    dtype, the plane for exactly these rows' groups (a last group's padding rows stay as they are:
+    zero). Per group, column by column: contiguous writes, and the G rows' cache lines being read
+    stay in L1 for the next columns."""
+    n, n_cols = raw.shape
+    ng = (n + G - 1) // G
+    for g in prange(ng):
+        m = min(G, n - g * G)
+        r0 = g * G
+        base = g * n_cols * G
+        for k in range(n_cols):
+            o = base + k * G
+            for rr in range(m):
+                w[o + rr] = raw[r0 + rr, k]
+
+
 def pack_rows_fast(qtype: T, fam: int, raw: np.ndarray, n_cols: int, dst: dict[str, np.ndarray]) -> bool:
     """Repack ``raw`` into ``dst`` (as :func:`.repack.pack_rows`) with the compiled loops; False
     for a type they do not cover (the caller falls back to numpy)."""
@@ -204,6 +225,10 @@ def pack_rows_fast(qtype: T, fam: int, raw: np.ndarray, n_cols: int, dst: dict[s
     e8 = np.empty(0, np.uint8)
     e16 = np.empty(0, np.uint16)
     raw = np.ascontiguousarray(raw)
+    if qt in _FLOAT:
+        dt = _FLOAT[qt]
+        pack_float(raw.view(dt).reshape(raw.shape[0], n_cols), dst["w"].view(dt))
+        return True
     if qt in _LEGACY:
         kind = _LEGACY[qt]
         i8 = kind >= 4
@@ -219,7 +244,7 @@ def pack_rows_fast(qtype: T, fam: int, raw: np.ndarray, n_cols: int, dst: dict[s
 
 def _packer(qtype):
     qt = int(qtype)
-    return pack_legacy if qt in _LEGACY else pack_k if qt in _KQ else None
+    return pack_legacy if qt in _LEGACY else pack_k if qt in _KQ else pack_float if qt in _FLOAT else None
 
 
 def ready(qtype: T) -> bool:

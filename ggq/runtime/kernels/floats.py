@@ -327,7 +327,6 @@ def _group_decode(w, kind, g, n_rows, x, out):
     K = x.shape[1]
     base = g * K * G
     r1 = min(G, n_rows - g * G)
-    tmp = np.empty(MW, np.float32)
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = fzero_m()
     for k in range(K):
         o = base + k * G
@@ -342,6 +341,18 @@ def _group_decode(w, kind, g, n_rows, x, out):
             a6 = fma_s(a6, _ldw(w, o + 6 * MW, kind), xk)
             a7 = fma_s(a7, _ldw(w, o + 7 * MW, kind), xk)
     c0 = g * G
+    if r1 == G:  # a whole group: straight vector stores (no buffer to allocate per group and token)
+        store_f(out, c0, a0)
+        store_f(out, c0 + MW, a1)
+        store_f(out, c0 + 2 * MW, a2)
+        store_f(out, c0 + 3 * MW, a3)
+        if MW == 8:
+            store_f(out, c0 + 4 * MW, a4)
+            store_f(out, c0 + 5 * MW, a5)
+            store_f(out, c0 + 6 * MW, a6)
+            store_f(out, c0 + 7 * MW, a7)
+        return
+    tmp = np.empty(MW, np.float32)
     for i in range(G // MW):
         a = a0 if i == 0 else a1 if i == 1 else a2 if i == 2 else a3 if i == 3 else a4 if i == 4 else a5 if i == 5 else a6 if i == 6 else a7
         lo, hi = c0 + i * MW, min(c0 + (i + 1) * MW, c0 + r1)
