@@ -257,10 +257,17 @@ def test_qlora_over_bitsandbytes_nf4(cache_dir, stories_dir, tmp_path):
     print(f"QLoRA over NF4 vs PEFT on the dequantized base: llama.cpp + adapter {e_lc:.2e}, ggq --lora {e_g:.2e}, "
           f"convert --lora {e_m:.2e}")
     assert max(e_lc, e_g, e_m) < 1e-4
-    default = convert(nf4, tmp_path / "nf4-merged-default.gguf", progress=False, loras=[str(adapter)])
-    e_d = _rms(_ggq_logits(default), peft) / spread
-    print(f"QLoRA merged into the default Q4_K_M mix: {e_d:.3f}")
-    assert e_d < 0.2
+    # the default type (Q4_K_M): merging before quantization against llama.cpp / ggq applying the
+    # adapter to the default GGUF of the bitsandbytes base
+    merged_d = convert(nf4, tmp_path / "nf4-merged-default.gguf", progress=False, loras=[str(adapter)])
+    base_d = convert(nf4, tmp_path / "nf4-default.gguf", progress=False)
+    e_md = _rms(_ggq_logits(merged_d), peft) / spread
+    e_lcd = _rms(_llama_cpp_logits(base_d, a), peft) / spread
+    e_gd = _rms(_ggq_logits(base_d, [(str(a), 1.0)]), peft) / spread
+    e_mlc = _rms(_llama_cpp_logits(merged_d), peft) / spread
+    print(f"QLoRA, default Q4_K_M: convert --lora in ggq {e_md:.3f} / in llama.cpp {e_mlc:.3f}; Q4_K_M base + "
+          f"adapter: llama.cpp {e_lcd:.3f}, ggq --lora {e_gd:.3f}")
+    assert e_md <= 1.5 * e_lcd and e_gd <= 1.5 * e_lcd
 
 
 # ------------------------------------------------------------------------ (f) hostile adapters
