@@ -209,8 +209,10 @@ _CACHE_TYPE = click.option(
 _LORA_OPTIONS = [
     click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
                  help="GGUF LoRA adapter merged into the weights at load (repeatable; SCALE default 1)."),
-    click.option("--lora-type", "lora_type", type=click.Choice(["same", "f32"]), default="same", show_default=True,
-                 help="Type of the merged tensors: the base tensor's (quantized ones requantized) or f32 (exact)."),
+    click.option("--lora-type", "lora_type", type=click.Choice(["same", "f32", "f16", "q8_0"]), default="same",
+                 show_default=True,
+                 help="Type of the tensors an adapter changes: the base tensor's (quantized ones requantized), "
+                      "or f32 (exact), f16, q8_0 (less error than requantizing a 4-bit base)."),
 ]
 
 

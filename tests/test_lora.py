@@ -265,9 +265,10 @@ def test_qlora_over_bitsandbytes_nf4(cache_dir, stories_dir, tmp_path):
     e_lcd = _rms(_llama_cpp_logits(base_d, a), peft) / spread
     e_gd = _rms(_ggq_logits(base_d, [(str(a), 1.0)]), peft) / spread
     e_mlc = _rms(_llama_cpp_logits(merged_d), peft) / spread
+    e_g8 = _rms(_ggq_logits(base_d, [(str(a), 1.0)], "q8_0"), peft) / spread
     print(f"QLoRA, default Q4_K_M: convert --lora in ggq {e_md:.3f} / in llama.cpp {e_mlc:.3f}; Q4_K_M base + "
-          f"adapter: llama.cpp {e_lcd:.3f}, ggq --lora {e_gd:.3f}")
-    assert e_md <= 1.5 * e_lcd and e_gd <= 1.5 * e_lcd
+          f"adapter: llama.cpp {e_lcd:.3f}, ggq --lora {e_gd:.3f}, ggq --lora-type q8_0 {e_g8:.3f}")
+    assert e_md <= 1.5 * e_lcd and e_gd <= 1.5 * e_lcd and e_g8 <= 1.1 * e_lcd
 
 
 # ------------------------------------------------------------------------ (f) hostile adapters
@@ -342,6 +343,14 @@ def test_adapter_for_another_base(stories_dir, peft_dirs, adapters, tmp_path):
                                   "-o", str(tmp_path / "x.gguf")])
     _clean_error(r, "but the base weight")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_serve_lora_error(bases, tmp_path):
+    """`ggq serve --lora` loads the adapter before listening: a bad one is a one-line error."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF")
+    r = CliRunner().invoke(main, ["serve", str(bases["F32"]), "--port", "0", "--lora", str(bad)])
+    _clean_error(r, "bad.gguf")
 
 
 def test_bad_lora_options(bases, adapters, tmp_path):

@@ -355,7 +355,8 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
         line = report.summary(qinfo)
         if line:
-            print(f"ggq: {line}", file=sys.stderr)
+            merged = " (against the weights merged with the --lora adapters)" if loras else ""
+            print(f"ggq: {line}{merged}", file=sys.stderr)
         if import_report is not None:
             report.write_tsv(qinfo, import_report)
     return out_p

@@ -14,7 +14,10 @@ GGUF opened by :func:`ggq.runtime.loader.open_gguf`, replacing the adapted tenso
   weights once, quantized types are requantized by ggq's own quantizer (:mod:`ggq.quants`; a type
   it cannot write, such as IQ4_NL, falls back to F32). Memory and speed are those of the base file;
   the requantization adds about the type's own rounding error again (``specs/imports.md``).
-* ``"f32"``: every merged tensor in F32 (exact merge, more memory, float kernels for those matrices).
+* ``"f32"``: every merged tensor in F32 (exact merge, more memory, float kernels for those matrices);
+* ``"f16"``, ``"q8_0"``: every merged tensor in that type (Q8_0 needs rows of a multiple of 32
+  weights, else F32): a middle way for 4-bit bases, whose requantization error is about as large
+  as a typical adapter's change (``specs/imports.md``).
 
 llama.cpp instead keeps ``A`` and ``B`` apart and adds ``scale * alpha / r * (x A^T) B^T`` to each
 product; merging gives the same function (exactly up to float rounding for an F32 base).
@@ -42,7 +45,8 @@ from ggq.errors import GGQError, show
 
 T = GGMLQuantizationType
 
-LORA_TYPES = ("same", "f32")
+#: --lora-type values -> the ggml type of merged tensors (None: the base tensor's own)
+LORA_TYPES = {"same": None, "f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}
 
 
 def read_adapter(path, base_arch: str | None = None) -> Adapter:
@@ -140,7 +144,9 @@ def apply_adapters(gf, specs: list[tuple[str, float]], lora_type: str = "same") 
             raise GGQError(f"{gf.path.name}: cannot dequantize {name} of type {t.qtype.name} to apply an adapter "
                            f"({e})") from None
         merged = merge(w, adapters, name)
-        qt = t.qtype if lora_type == "same" else T.F32
+        qt = LORA_TYPES[lora_type] or t.qtype
+        if qt == T.Q8_0 and t.ne[0] % 32:
+            qt = T.F32
         if not quants.supported(qt):
             fallback.add(qt.name)
             qt = T.F32

@@ -213,8 +213,8 @@ class Model:
         """Load the GGUF at ``path``. ``kv_type``: the KV cache's element type, ``"f32"`` (exact) or
         ``"f16"`` (half the memory, as llama.cpp's default cache). ``loras``: GGUF LoRA adapters
         ``(file, scale)`` merged into the weights at load (:mod:`ggq.runtime.lora`; the file is not
-        changed), the merged tensors stored as ``lora_type`` says (``"same"``: the base tensor's type,
-        ``"f32"``). GGQError for a missing/malformed file or adapter, an unsupported arch/type or an
+        changed), the merged tensors stored as ``lora_type`` says (``"same"``: the base tensor's type;
+        ``"f32"``, ``"f16"``, ``"q8_0"``). GGQError for a missing/malformed file or adapter, an unsupported arch/type or an
         unknown ``kv_type``."""
         self = cls()
         t0 = time.perf_counter()
