@@ -47,6 +47,8 @@ T = GGMLQuantizationType
 
 #: --lora-type values -> the ggml type of merged tensors (None: the base tensor's own)
 LORA_TYPES = {"same": None, "f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}
+#: types ggq's quantizers cannot read but the runtime runs: dequantized by gguf-py to merge (kept in F32)
+_GGUF_DEQUANT = (T.IQ4_NL,)
 
 
 def read_adapter(path, base_arch: str | None = None) -> Adapter:
@@ -109,8 +111,9 @@ def read_adapter(path, base_arch: str | None = None) -> Adapter:
 def apply_adapters(gf, specs: list[tuple[str, float]], lora_type: str = "same") -> list[Adapter]:
     """Merge the adapters ``specs`` (``(path, scale)``) into the opened base GGUF ``gf``: every
     adapted tensor of ``gf.tensors`` is replaced by an in-memory
-    :class:`~ggq.runtime.loader.TensorInfo` (``offset = -1``) holding the merged weights in the type
-    ``lora_type`` chooses (module docstring). Returns the adapters. GGQError for an invalid adapter,
+    :class:`~ggq.runtime.loader.TensorInfo` (``offset = -1``) of the type ``lora_type`` chooses
+    (module docstring) whose ``raw`` is a :class:`MergedRows`: the merged block bytes, made when the
+    loader repacks the tensor. Everything is validated here, before any merging. Returns the adapters. GGQError for an invalid adapter,
     a scale that is not finite, an unknown ``lora_type``, or an adapter that does not fit the base."""
     from ggq import quants
     from ggq.runtime.loader import TensorInfo
@@ -138,25 +141,67 @@ def apply_adapters(gf, specs: list[tuple[str, float]], lora_type: str = "same") 
     fallback = set()
     for name in targets:
         t = gf.tensors[name]
-        try:
-            w = quants.dequantize(np.asarray(t.raw), t.qtype).reshape(t.ne[1], t.ne[0])
-        except (NotImplementedError, ValueError) as e:
-            raise GGQError(f"{gf.path.name}: cannot dequantize {name} of type {t.qtype.name} to apply an adapter "
-                           f"({e})") from None
-        merged = merge(w, adapters, name)
-        qt = LORA_TYPES[lora_type] or t.qtype
+        if not quants.supported(t.qtype) and t.qtype not in _GGUF_DEQUANT:
+            raise GGQError(f"{gf.path.name}: cannot apply an adapter to {name}: ggq cannot dequantize its type "
+                           f"{t.qtype.name}")
+        qt = t.qtype if LORA_TYPES[lora_type] is None else LORA_TYPES[lora_type]  # (T.F32 is 0: falsy)
         if qt == T.Q8_0 and t.ne[0] % 32:
             qt = T.F32
         if not quants.supported(qt):
             fallback.add(qt.name)
             qt = T.F32
-        data = quants.quantize(merged, qt)
-        raw = np.ascontiguousarray(data).view(np.uint8).reshape(t.ne[1], -1)
-        gf.tensors[name] = TensorInfo(name, qt, tuple(t.ne), -1, raw.nbytes, raw)
+        n_out, n_in = int(t.ne[1]), int(t.ne[0])
+        row_bytes = quants.row_bytes(qt, n_in)
+        raw = MergedRows((n_out, row_bytes), lambda t=t, qt=qt: _merged_bytes(t, qt, adapters))
+        gf.tensors[name] = TensorInfo(name, qt, tuple(t.ne), -1, n_out * row_bytes, raw)
     if fallback:
         print(f"ggq: note: ggq cannot write {', '.join(sorted(fallback))}; tensors of that type merged with an "
               "adapter are kept in F32", file=sys.stderr)
     return [ad for ad, _ in adapters]
 
 
-__all__ = ["read_adapter", "apply_adapters", "LORA_TYPES"]
+def _merged_bytes(t, qt: T, adapters) -> np.ndarray:
+    """The block bytes (uint8 ``(n_out, row_bytes)``) of base tensor ``t`` merged with ``adapters``
+    (float32 merge, :func:`ggq.convert.lora.merge`) and stored as ``qt``."""
+    from ggq import quants
+
+    raw = np.asarray(t.raw)
+    if quants.supported(t.qtype):
+        w = quants.dequantize(raw, t.qtype)
+    else:  # IQ4_NL and the like: gguf-py's reference dequantizer
+        from gguf.quants import dequantize
+
+        w = dequantize(raw, t.qtype).astype(np.float32)
+    w = w.reshape(t.ne[1], t.ne[0])
+    data = quants.quantize(merge(w, adapters, t.name), qt)
+    return np.ascontiguousarray(data).view(np.uint8).reshape(t.ne[1], -1)
+
+
+class MergedRows:
+    """The block bytes of a merged tensor, made on first use and dropped by :meth:`release`: the
+    loader repacks the tensors one by one, so only one merged tensor is in memory at a time (not
+    a second copy of every adapted matrix). Indexing and ``np.asarray`` give the uint8
+    ``shape`` array."""
+
+    def __init__(self, shape: tuple[int, int], make):
+        self.shape = shape
+        self._make = make
+        self._data: np.ndarray | None = None
+
+    def _get(self) -> np.ndarray:
+        if self._data is None:
+            self._data = self._make()
+        return self._data
+
+    def __getitem__(self, key):
+        return self._get()[key]
+
+    def __array__(self, dtype=None, copy=None):
+        a = self._get()
+        return a if dtype is None else a.astype(dtype)
+
+    def release(self) -> None:
+        self._data = None
+
+
+__all__ = ["read_adapter", "apply_adapters", "LORA_TYPES", "MergedRows"]

@@ -256,6 +256,8 @@ class Model:
                         release_range(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
 
                 arena.fill(j, part.raw, row0=row0, release=release)
+                if part.offset < 0:  # a merged adapter tensor (ggq.runtime.lora.MergedRows): free it
+                    part.raw.release()
                 row0 += part.n_rows
         release_range(mm, 0, gf.size)  # the header (vocabulary) and the vectors are read and copied too
         self.arena = arena
