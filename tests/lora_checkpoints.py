@@ -83,6 +83,20 @@ def adapter(cache: Path, stories: Path, name: str) -> Path:
     return _save_adapter(LlamaForCausalLM.from_pretrained(b, dtype=torch.float32), d, kw, std, seed)
 
 
+def smollm2_adapter(cache: Path, smollm2: Path) -> Path:
+    """A rank-8 adapter on all seven projections of the real SmolLM2-135M-Instruct checkpoint
+    (30 layers, 9 heads / 3 KV heads, hidden 576)."""
+    d = root(cache) / "smollm2-main"
+    if (d / "adapter_config.json").exists():
+        return d
+    import torch
+    from transformers import LlamaForCausalLM
+
+    d.parent.mkdir(parents=True, exist_ok=True)
+    model = LlamaForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    return _save_adapter(model, d, dict(r=8, lora_alpha=16, target_modules=ALL), 0.01, 5)
+
+
 def qlora(cache: Path, stories: Path) -> tuple[Path, Path]:
     """(bitsandbytes NF4 checkpoint, PEFT adapter made over it loaded in 4 bits)."""
     nf4 = bc.build(cache, stories, "nf4")
