@@ -261,6 +261,19 @@ def test_convert_merge_matches_peft_merged(peft_dirs, work, tmp_path):
     assert e_g < 1e-4 and e_lc < 1e-4
 
 
+def test_convert_merge_from_gguf_adapter(peft_dirs, adapters, tmp_path):
+    """`convert --lora` takes a GGUF adapter too: the same file as from the PEFT folder (F32 adapter)."""
+    a = convert(peft_dirs["base"], tmp_path / "a.gguf", qtype="F16", progress=False, loras=[f"{peft_dirs['main']}:0.7"])
+    b = convert(peft_dirs["base"], tmp_path / "b.gguf", qtype="F16", progress=False,
+                loras=[f"{adapters['main', 'f32']}:0.7"])
+    ta = {t.name: t.data.tobytes() for t in gguf.GGUFReader(a).tensors}
+    tb = {t.name: t.data.tobytes() for t in gguf.GGUFReader(b).tensors}
+    assert ta == tb
+    plain = convert(peft_dirs["base"], tmp_path / "p.gguf", qtype="F16", progress=False)
+    tp = {t.name: t.data.tobytes() for t in gguf.GGUFReader(plain).tensors}
+    assert tp["blk.0.attn_q.weight"] != ta["blk.0.attn_q.weight"] and tp["output_norm.weight"] == ta["output_norm.weight"]
+
+
 # ------------------------------------------------------------------------ (e) QLoRA
 
 @pytest.mark.slow
