@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 from gguf import GGMLQuantizationType
