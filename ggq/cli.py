@@ -82,14 +82,17 @@ def main():
 @click.option("--allow-requantize", is_flag=True, help="Allow a quantized GGUF input (its error adds up).")
 @click.option("--import-report", type=click.Path(dir_okay=False), default=None,
               help="Quantized checkpoints: write each tensor's error against the checkpoint's own dequantization (TSV).")
+@click.option("--lora", "loras", multiple=True, metavar="ADAPTER[:SCALE]",
+              help="Merge a LoRA adapter (PEFT folder or GGUF adapter) into the weights before quantizing: "
+                   "W += SCALE * alpha/r * B @ A in float32 (repeatable; SCALE default 1).")
 def convert(src, out, qtype, force, output_tensor_type, token_embedding_type, tensor_types, imatrix, allow_requantize,
-            import_report):
+            import_report, loras):
     """Convert a Hugging Face checkpoint (folder or hub id), or a GGUF file, to a GGUF file."""
     from ggq.convert.pipeline import convert as run_convert
 
     overrides = _overrides(output_tensor_type, token_embedding_type, tensor_types)
     path = run_convert(src, out, qtype=qtype, force=force, progress=True, overrides=overrides, imatrix=imatrix,
-                       allow_requantize=allow_requantize, import_report=import_report)
+                       allow_requantize=allow_requantize, import_report=import_report, loras=list(loras))
     click.echo(f"wrote {path}")
 
 
@@ -111,6 +114,24 @@ def _overrides(output_tensor_type, token_embedding_type, tensor_types):
         token_embedding_type=parse_ggml_type(token_embedding_type) if token_embedding_type else None,
         tensor_types=pairs,
     )
+
+
+@main.command("convert-lora")
+@click.argument("adapter_dir", type=click.Path(file_okay=False))
+@click.option("--base", default=None, metavar="BASE",
+              help="The base model's Hugging Face checkpoint (folder or hub id; its config and tensor names are "
+                   "used). Default: adapter_config.json's base_model_name_or_path.")
+@click.option("-o", "--outfile", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output GGUF path (default: <adapter folder>-<OUTTYPE>.gguf in the current folder).")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"], case_sensitive=False), default="f16",
+              show_default=True, help="Type of the lora_a/lora_b tensors (q8_0 where rows allow, else f16).")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+def convert_lora(adapter_dir, base, out, outtype, force):
+    """Convert a PEFT LoRA adapter folder to llama.cpp's GGUF LoRA format (ggq/llama.cpp --lora FILE)."""
+    from ggq.convert.lora import convert_lora as run
+
+    path = run(adapter_dir, base, out, outtype, force=force)
+    click.echo(f"wrote {path}")
 
 
 @main.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -185,6 +206,22 @@ _CACHE_TYPE = click.option(
     help="KV cache element type (llama.cpp's -ctk/-ctv; f32 is exact, f16 half the memory).")
 
 
+_LORA_OPTIONS = [
+    click.option("--lora", "loras", multiple=True, metavar="FILE[:SCALE]",
+                 help="GGUF LoRA adapter merged into the weights at load (repeatable; SCALE default 1)."),
+    click.option("--lora-type", "lora_type", type=click.Choice(["same", "f32", "f16", "q8_0"]), default="same",
+                 show_default=True,
+                 help="Type of the tensors an adapter changes: the base tensor's (quantized ones requantized), "
+                      "or f32 (exact), f16, q8_0 (less error than requantizing a 4-bit base)."),
+]
+
+
+def _lora_specs(loras) -> list[tuple[str, float]]:
+    from ggq.convert.lora import parse_lora_spec
+
+    return [parse_lora_spec(s) for s in loras]
+
+
 def _sampling_options(f):
     """Sampling and runtime options shared by ``run`` and ``generate`` (llama.cpp's names and defaults)."""
     opts = [
@@ -208,6 +245,7 @@ def _sampling_options(f):
                      help="Thinking models (Qwen 3): answer without thinking (enable_thinking=false)."),
         click.option("--hide-think", "hide_think", is_flag=True,
                      help="Do not print a reply's <think> block (shown dimmed on a terminal otherwise)."),
+        *_LORA_OPTIONS,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -226,7 +264,7 @@ def _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, se
 @click.option("-s", "--system", default=None, help="System prompt.")
 @_sampling_options
 def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p, repeat_penalty,
-        repeat_last_n, seed, verbose, no_think, hide_think):
+        repeat_last_n, seed, verbose, no_think, hide_think, loras, lora_type):
     """Chat with a GGUF model (default: SmolLM2-135M-Instruct, fetched on first use).
 
     Type a message and press Enter; /reset clears the conversation, /exit or Ctrl-D quits,
@@ -240,7 +278,8 @@ def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, to
         model = str(default_model_path())
     run_chat(model, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
              system=system, n_predict=n_predict, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
-             kv_type=cache_type, no_think=no_think, hide_think=hide_think)
+             kv_type=cache_type, no_think=no_think, hide_think=hide_think, loras=_lora_specs(loras),
+             lora_type=lora_type)
 
 
 @main.command()
@@ -250,7 +289,7 @@ def run(model, system, ctx_size, threads, cache_type, n_predict, temp, top_k, to
 @click.option("-s", "--system", default=None, help="System prompt (with --chat).")
 @_sampling_options
 def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predict, temp, top_k, top_p, min_p,
-             repeat_penalty, repeat_last_n, seed, verbose, no_think, hide_think):
+             repeat_penalty, repeat_last_n, seed, verbose, no_think, hide_think, loras, lora_type):
     """Print the continuation of a prompt (for scripts and pipes).
 
     The prompt is -p's text, else standard input (one trailing newline dropped). The raw text is
@@ -266,7 +305,8 @@ def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predi
             prompt = prompt[:-1]
     run_generate(model, prompt, _sampler_params(temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed),
                  n_predict=n_predict, chat=chat, system=system, n_ctx=ctx_size, n_threads=threads, verbose=verbose,
-                 kv_type=cache_type, no_think=no_think, hide_think=hide_think)
+                 kv_type=cache_type, no_think=no_think, hide_think=hide_think, loras=_lora_specs(loras),
+                 lora_type=lora_type)
 
 
 # ---------------------------------------------------------------- serve (OpenAI-compatible server)
@@ -283,7 +323,9 @@ def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predi
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
 @click.option("--alias", default=None, help="Model id the API reports (default: the file name).")
 @_CACHE_TYPE
-def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_type):
+@_LORA_OPTIONS[0]
+@_LORA_OPTIONS[1]
+def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_type, loras, lora_type):
     """Serve a GGUF model over an OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
 
     Endpoints: /v1/chat/completions, /v1/completions (streaming too), /v1/models, /health,
@@ -296,7 +338,7 @@ def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_
 
         model = str(default_model_path())
     run_serve(model, host=host, port=port, n_slots=parallel, n_ctx=ctx_size, n_threads=threads, api_key=api_key,
-              alias=alias, kv_type=cache_type)
+              alias=alias, kv_type=cache_type, loras=_lora_specs(loras), lora_type=lora_type)
 
 
 # ---------------------------------------------------------------- perplexity (quality)

@@ -3,6 +3,7 @@
 * :func:`llama_cpp_source` downloads the llama-cpp-python source package with pip (PyPI only) and
   returns the vendored llama.cpp folder, which holds ``convert_hf_to_gguf.py`` and its own gguf-py.
 * :func:`convert_hf` runs that converter on a Hugging Face folder (``outtype`` f32/f16/bf16/q8_0).
+* :func:`convert_lora` runs its ``convert_lora_to_gguf.py`` on a PEFT LoRA folder against a base folder.
 * :func:`quantize_file` runs ``llama_model_quantize`` (the C library behind ``llama-quantize``).
 * :func:`ggml_lib` opens ``libggml-base`` with ctypes; :func:`ggml_quantize` calls its
   ``ggml_quantize_chunk`` on a float32 array (optionally with an imatrix) and returns the block bytes.
@@ -52,6 +53,16 @@ def convert_hf(model_dir: Path, out: Path, outtype: str = "f16", cache: Path = D
     env = dict(os.environ, PYTHONPATH=f"{src / 'gguf-py'}{os.pathsep}{src}", NO_LOCAL_GGUF="")
     subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir), "--outfile", str(out),
                     "--outtype", outtype], check=True, env=env, capture_output=True)
+    return Path(out)
+
+
+def convert_lora(adapter_dir: Path, base_dir: Path, out: Path, outtype: str = "f16", cache: Path = DEFAULT_CACHE) -> Path:
+    """Convert the PEFT adapter ``adapter_dir`` with llama.cpp's ``convert_lora_to_gguf.py`` (``--base
+    base_dir``; its own gguf-py on the path)."""
+    src = llama_cpp_source(cache)
+    env = dict(os.environ, PYTHONPATH=f"{src / 'gguf-py'}{os.pathsep}{src}", NO_LOCAL_GGUF="")
+    subprocess.run([sys.executable, str(src / "convert_lora_to_gguf.py"), str(adapter_dir), "--base", str(base_dir),
+                    "--outfile", str(out), "--outtype", outtype], check=True, env=env, capture_output=True)
     return Path(out)
 
 

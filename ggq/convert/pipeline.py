@@ -53,6 +53,7 @@ class PlannedTensor:
     data: np.ndarray | None = None  # for generated tensors (rope_freqs)
     qtype: T = T.F32
     native_used: bool = False  # an imported quantized tensor's codes were kept (TensorSource.native)
+    lora: list | None = None  # (Adapter, scale) pairs merged into this tensor (ggq.convert.lora), or None
 
     @property
     def ne(self) -> tuple[int, ...]:
@@ -174,13 +175,17 @@ def _values(p: PlannedTensor) -> np.ndarray:
     arr = _rows(p, arr)
     if tuple(arr.shape) != p.shape:
         raise GGQError(f"{src.origin}: tensor {show(src.name)} has shape {arr.shape}, expected {p.shape}")
+    if p.lora:
+        from ggq.convert.lora import merge
+
+        arr = merge(arr, p.lora, p.name)  # float32, GGUF row order like the adapter's lora_b
     return arr
 
 
 def _native(p: PlannedTensor) -> np.ndarray | None:
     """Block bytes an imported quantized tensor (GPTQ/AWQ) keeps in ``p.qtype``, or None."""
     src = p.source
-    if src is None or src.native is None or (p.rule is not None and p.rule.add):
+    if src is None or src.native is None or (p.rule is not None and p.rule.add) or p.lora:
         return None
     raw = src.native(p.qtype)
     return None if raw is None else _rows(p, raw)
@@ -216,7 +221,8 @@ def default_output(model_dir: Path, type_name: str) -> Path:
 
 def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = None, force: bool = False,
             progress: bool = True, overrides=None, imatrix: str | Path | None = None,
-            allow_requantize: bool = False, import_report: str | Path | None = None) -> Path:
+            allow_requantize: bool = False, import_report: str | Path | None = None,
+            loras: list[str] | None = None) -> Path:
     """Convert the checkpoint ``src`` (folder, hub id, or a ``.gguf`` file) to the GGUF file ``out``.
 
     ``qtype``: a file type name (``F16``, ``Q8_0``, ``Q4_K_M``, ...), default: the checkpoint's own
@@ -224,6 +230,9 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     :class:`ggq.convert.mixes.MixOverrides`; ``imatrix``: an imatrix file for the K-quants.
     ``import_report``: for a quantized checkpoint (GPTQ, AWQ, bitsandbytes, ...), a file to write the
     per-tensor error table to (:mod:`ggq.convert.quantized.report`; a one-line summary is always printed).
+    ``loras``: ``ADAPTER[:SCALE]`` specs (PEFT folders or GGUF adapters) merged into the weights in
+    float32 before quantization (:func:`ggq.convert.lora.merge`); a quantized checkpoint is
+    dequantized first (QLoRA), and its merged tensors no longer keep their codes.
     Returns the output path. Raises GGQError for any bad input; never leaves a partial ``out``.
     """
     src_s = str(src)
@@ -232,6 +241,9 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
         if qtype is None:
             raise GGQError(f"{src_s}: converting a GGUF file needs --type")
+        if loras:
+            raise GGQError(f"{src_s}: --lora needs a Hugging Face checkpoint; for a GGUF model pass the adapter to "
+                           "ggq run/generate/serve --lora")
         out_p = Path(out) if out else Path.cwd() / f"{Path(src_s).stem}-{parse_type(qtype)}.gguf"
         return requantize(src_s, out_p, qtype, allow_requantize=allow_requantize, overrides=overrides,
                           imatrix=imatrix, force=force, progress=progress)
@@ -265,6 +277,8 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
     validate.check_sizes(hp, {n: t.shape for n, t in ck.tensors.items()}, where)
     planned = plan_checkpoint(ck, fam, hp)
     validate.check_plan(planned, fam, hp, where)
+    if loras:
+        _attach_loras(planned, loras, model_dir, fam)
     emb = next(p for p in planned if p.name == "token_embd.weight")
     if emb.source is not None and emb.source.shape[0] != hp.vocab_size:
         raise GGQError(f"{where}: vocab_size is {hp.vocab_size} but {emb.source.name} has {emb.source.shape[0]} rows")
@@ -341,10 +355,29 @@ def convert(src: str | Path, out: str | Path | None = None, qtype: str | None = 
 
         line = report.summary(qinfo)
         if line:
-            print(f"ggq: {line}", file=sys.stderr)
+            merged = " (against the weights merged with the --lora adapters)" if loras else ""
+            print(f"ggq: {line}{merged}", file=sys.stderr)
         if import_report is not None:
             report.write_tsv(qinfo, import_report)
     return out_p
+
+
+def _attach_loras(planned: list[PlannedTensor], specs: list[str], model_dir: Path, fam: Family) -> None:
+    """Read the ``--lora`` adapters and mark the planned tensors they adapt (GGQError for an adapter
+    tensor the plan does not hold, or of another shape)."""
+    from ggq.convert.lora import load_for_convert
+
+    adapters = load_for_convert(specs, model_dir, fam.name)
+    by_name = {p.name: p for p in planned}
+    for ad, scale in adapters:
+        for name, pair in ad.pairs.items():
+            p = by_name.get(name)
+            if p is None or p.source is None:
+                raise GGQError(f"{ad.path}: the adapter's tensor {name} is not in the converted model")
+            want = (pair.b.shape[0], pair.a.shape[1])
+            if p.shape != want:
+                raise GGQError(f"{ad.path}: {name}: lora_b @ lora_a is {list(want)}, the model's tensor is {list(p.shape)}")
+            p.lora = (p.lora or []) + [(ad, scale)]
 
 
 def _produce_weighted(p: PlannedTensor, weights: np.ndarray) -> np.ndarray:

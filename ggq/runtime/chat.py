@@ -580,12 +580,15 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
 
 # ---------------------------------------------------------------------- entry points for the CLI
 
-def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16"):
-    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``) and its tokenizer:
+def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16", loras=None,
+         lora_type: str = "same"):
+    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``; LoRA adapters ``loras``,
+    ``(file, scale)`` pairs merged at load as ``lora_type`` says) and its tokenizer:
     ``(model, tokenizer)``. Raises GGQError on a bad file."""
     from ggq.runtime.model import Model
 
-    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
+    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, loras=loras,
+                       lora_type=lora_type)
     tok = Tokenizer.from_metadata(model.metadata, source=str(model_path))
     return model, tok
 
@@ -603,11 +606,12 @@ def _chat_setup(model, tok, params, system, n_predict, no_think: bool, hide_thin
 
 def run_chat(model_path: str, params: SamplerParams, system: str | None = None, n_predict: int = -1,
              n_ctx: int | None = None, n_threads: int | None = None, verbose: bool = False,
-             kv_type: str = "f16", no_think: bool = False, hide_think: bool = False) -> None:
-    """``ggq run``: interactive chat with the model at ``model_path``."""
+             kv_type: str = "f16", no_think: bool = False, hide_think: bool = False, loras=None,
+             lora_type: str = "same") -> None:
+    """``ggq run``: interactive chat with the model at ``model_path`` (LoRA adapters ``loras``)."""
     from pathlib import Path
 
-    model, tok = load(model_path, n_ctx, n_threads, kv_type)
+    model, tok = load(model_path, n_ctx, n_threads, kv_type, loras, lora_type)
     session = _chat_setup(model, tok, params, system, n_predict, no_think, hide_think)
     if session.template.origin == "plain":
         sys.stderr.write("ggq: this file has no chat template; using a plain 'User:/Assistant:' layout\n")
@@ -622,9 +626,10 @@ def run_chat(model_path: str, params: SamplerParams, system: str | None = None, 
 def run_generate(model_path: str, prompt: str, params: SamplerParams, n_predict: int = -1, chat: bool = False,
                  system: str | None = None, n_ctx: int | None = None, n_threads: int | None = None,
                  verbose: bool = False, kv_type: str = "f16", no_think: bool = False,
-                 hide_think: bool = False) -> None:
-    """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout."""
-    model, tok = load(model_path, n_ctx, n_threads, kv_type)
+                 hide_think: bool = False, loras=None, lora_type: str = "same") -> None:
+    """``ggq generate``: print the continuation of ``prompt`` (or the chat reply with ``chat``) to stdout
+    (LoRA adapters ``loras``)."""
+    model, tok = load(model_path, n_ctx, n_threads, kv_type, loras, lora_type)
     out = sys.stdout
     warmup = Warmup(model)
     warmup.wait(announce_after=1.0)  # a status line while Numba compiles (first run)

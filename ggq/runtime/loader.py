@@ -26,7 +26,7 @@ class TensorInfo:
     name: str
     qtype: GGMLQuantizationType
     ne: tuple[int, ...]
-    offset: int  # absolute byte offset in the file
+    offset: int  # absolute byte offset in the file; -1 for an in-memory tensor (a merged LoRA adapter)
     nbytes: int
     raw: np.ndarray = field(repr=False)  # uint8 (n_rows, row_bytes) view of the memmap
 

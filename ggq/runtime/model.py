@@ -208,15 +208,24 @@ class Model:
     n_batch = 512
 
     @classmethod
-    def load(cls, path, n_ctx: int | None = None, n_threads: int | None = None, kv_type: str = "f32") -> "Model":
+    def load(cls, path, n_ctx: int | None = None, n_threads: int | None = None, kv_type: str = "f32",
+             loras: list[tuple[str, float]] | None = None, lora_type: str = "same") -> "Model":
         """Load the GGUF at ``path``. ``kv_type``: the KV cache's element type, ``"f32"`` (exact) or
-        ``"f16"`` (half the memory, as llama.cpp's default cache). GGQError for a missing/malformed
-        file, an unsupported arch/type or an unknown ``kv_type``."""
+        ``"f16"`` (half the memory, as llama.cpp's default cache). ``loras``: GGUF LoRA adapters
+        ``(file, scale)`` merged into the weights at load (:mod:`ggq.runtime.lora`; the file is not
+        changed), the merged tensors stored as ``lora_type`` says (``"same"``: the base tensor's type;
+        ``"f32"``, ``"f16"``, ``"q8_0"``). GGQError for a missing/malformed file or adapter, an unsupported arch/type or an
+        unknown ``kv_type``."""
         self = cls()
         t0 = time.perf_counter()
         if kv_type not in KV_TYPES:
             raise GGQError(f"unknown KV cache type {kv_type!r} (valid: {', '.join(KV_TYPES)})")
         gf = open_gguf(path)
+        self.adapters = []
+        if loras:
+            from ggq.runtime.lora import apply_adapters
+
+            self.adapters = apply_adapters(gf, list(loras), lora_type)
         self.path = gf.path
         self._gf = gf
         self.metadata = gf.metadata
@@ -243,9 +252,12 @@ class Model:
                 row_bytes = part.nbytes // part.n_rows
 
                 def release(r0, r1, part=part, row_bytes=row_bytes):
-                    release_range(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
+                    if part.offset >= 0:  # not a merged adapter tensor (in memory, offset -1)
+                        release_range(mm, part.offset + r0 * row_bytes, (r1 - r0) * row_bytes)
 
                 arena.fill(j, part.raw, row0=row0, release=release)
+                if part.offset < 0:  # a merged adapter tensor (ggq.runtime.lora.MergedRows): free it
+                    part.raw.release()
                 row0 += part.n_rows
         release_range(mm, 0, gf.size)  # the header (vocabulary) and the vectors are read and copied too
         self.arena = arena

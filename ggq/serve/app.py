@@ -794,9 +794,10 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 1, n_ctx: int | None = None,
           n_threads: int | None = None, api_key: str | None = None, alias: str | None = None,
-          kv_type: str = "f16") -> None:
+          kv_type: str = "f16", loras=None, lora_type: str = "same") -> None:
     """``ggq serve``: load the GGUF at ``model_path`` and answer the OpenAI API on ``host:port``
-    until Ctrl-C. Raises GGQError on a bad file or options."""
+    until Ctrl-C (LoRA adapters ``loras``, ``(file, scale)``, merged at load). Raises GGQError on a bad
+    file or options."""
     import uvicorn
 
     from ggq.runtime.chat import Warmup, load
@@ -808,7 +809,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: i
     if api_key is not None and not api_key.strip():
         raise GGQError("--api-key must not be empty")
     _setup_logging()
-    model, tok = load(model_path, n_ctx, n_threads, kv_type)
+    model, tok = load(model_path, n_ctx, n_threads, kv_type, loras, lora_type)
     template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name)
     warmup = Warmup(model)
     engine = Engine(model, tok, n_slots, ready=warmup.wait)
