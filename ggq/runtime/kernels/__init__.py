@@ -21,7 +21,7 @@ from numba import njit
 from .act import quantize_act, quantize_act_par
 from .fastpack import pack_rows_fast
 from .fastpack import ready as fastpack_ready
-from .floats import K_BF16, K_F16, K_F32, bf16_to_f32, f16_to_f32, mm_float
+from .floats import K_BF16, K_F16, bf16_to_f32, f16_to_f32, mm_f32, mm_half
 from .int8 import mm_i8
 from .nib import mm_nib
 from .repack import (C_COLS, C_FAM, C_GS, C_KIND, C_MOFF, C_OD, C_ODM, C_OMN, C_OQ, C_OQH, C_OSC, C_QT, C_ROWS,
@@ -46,10 +46,10 @@ def matmul(m, mats, u8, i8, f32, u16, h16, x, xq, xd, xs16, xs32, out):
     n_pad = (n_rows + G - 1) // G * G
     if fam == FAM_F32:
         if f32 is not None:
-            mm_float(f32[oq:oq + n_pad * n_cols], K_F32, n_rows, x, out)
+            mm_f32(f32[oq:oq + n_pad * n_cols], n_rows, x, out)
     elif fam == FAM_F16 or fam == FAM_BF16:
         if h16 is not None:
-            mm_float(h16[oq:oq + n_pad * n_cols], K_BF16 if fam == FAM_BF16 else K_F16, n_rows, x, out)
+            mm_half(h16[oq:oq + n_pad * n_cols], K_BF16 if fam == FAM_BF16 else K_F16, n_rows, x, out)
     elif fam == FAM_I8:
         if i8 is not None and u16 is not None:
             mm_i8(i8, u16, mats[m], xq, xd, out)

@@ -361,26 +361,35 @@ def _group_decode(w, kind, g, n_rows, x, out):
 
 
 @njit(cache=True, parallel=True, fastmath=True)
-def mm_float(w, kind, n_rows, x, out):
-    """out[t, r] = sum_k W[r, k] * x[t, k] for a float matrix: ``w`` its plane (float32 for F32,
-    uint16 bit patterns for F16/BF16, ``kind`` K_F32/K_F16/K_BF16) in the [group][k][G rows]
-    layout, ``x`` float32 (T, K), ``out`` float32 (T, n_rows). Parallel over 64-row groups; the
-    weights are converted as they are loaded (``vcvtph2ps``; BF16 a shift) and multiplied in
-    float32 (llama.cpp rounds the activations to F16 for F16 weights; float32 is more accurate)."""
+def mm_f32(w, n_rows, x, out):
+    """out[t, r] = sum_k W[r, k] * x[t, k] for an F32 matrix: ``w`` its float32 plane in the
+    [group][k][G rows] layout, ``x`` float32 (T, K), ``out`` float32 (T, n_rows). Parallel over
+    64-row groups. A function of its own (not a ``kind`` of :func:`mm_half`): a file compiles only
+    the tile loops of its own element types, which are most of a float file's first-run compile."""
     ng = (n_rows + G - 1) // G
     if x.shape[0] == 1:
         for g in prange(ng):
-            if kind == K_F16:  # one inlined copy per kind: no branch per load
-                _group_decode(w, K_F16, g, n_rows, x, out)
-            elif kind == K_BF16:
-                _group_decode(w, K_BF16, g, n_rows, x, out)
-            else:
-                _group_decode(w, K_F32, g, n_rows, x, out)
+            _group_decode(w, K_F32, g, n_rows, x, out)
     else:
         for g in prange(ng):
-            if kind == K_F16:
-                _group_rows(w, K_F16, g, n_rows, x, out)
-            elif kind == K_BF16:
+            _group_rows(w, K_F32, g, n_rows, x, out)
+
+
+@njit(cache=True, parallel=True, fastmath=True)
+def mm_half(w, kind, n_rows, x, out):
+    """As :func:`mm_f32` for F16 (``kind`` K_F16) or BF16 (K_BF16) matrices: ``w`` their uint16 bit
+    patterns, converted as they are loaded (``vcvtph2ps``; BF16 a shift) and multiplied in float32
+    (llama.cpp rounds the activations to F16 for F16 weights; float32 is more accurate)."""
+    ng = (n_rows + G - 1) // G
+    if x.shape[0] == 1:
+        for g in prange(ng):
+            if kind == K_BF16:  # one inlined copy per kind: no branch per load
+                _group_decode(w, K_BF16, g, n_rows, x, out)
+            else:
+                _group_decode(w, K_F16, g, n_rows, x, out)
+    else:
+        for g in prange(ng):
+            if kind == K_BF16:
                 _group_rows(w, K_BF16, g, n_rows, x, out)
             else:
-                _group_rows(w, K_F32, g, n_rows, x, out)
+                _group_rows(w, K_F16, g, n_rows, x, out)

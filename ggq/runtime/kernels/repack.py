@@ -36,7 +36,7 @@ of three *kinds*:
 The float scale of a K-quant sub-block (fp16 d times a 6/8-bit scale) is exact in float32, so the
 repacked weights equal ``gguf.quants.dequantize`` bit for bit. Float rows (F32, F16/BF16 kept as
 uint16 bit patterns, converted in the kernel) are interleaved the same way, ``[group][k][G]``: one
-vector load is column ``k`` of 8 or 16 consecutive rows (:func:`.floats.mm_float`).
+vector load is column ``k`` of 8 or 16 consecutive rows (:func:`.floats.mm_f32`, :func:`.floats.mm_half`).
 """
 
 from __future__ import annotations

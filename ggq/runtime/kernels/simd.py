@@ -310,7 +310,7 @@ load_bytes, bcast4, load_f, izero, fzero = (_L8[k] for k in ("load_bytes", "bcas
 load_hf, load_u8f, load_s8f, load_kv = (_L8[k] for k in ("load_hf", "load_u8f", "load_s8f", "load_kv"))
 load_bytes_m, bcast4_m, load_f_m, izero_m, fzero_m = (_LM[k] for k in ("load_bytes", "bcast4", "load_f", "izero", "fzero"))
 load_hf_m, load_u8f_m, load_s8f_m = (_LM[k] for k in ("load_hf", "load_u8f", "load_s8f"))
-#: float weight loads of MW lanes (:func:`.floats.mm_float`): F32 or F16 (the KV load), BF16
+#: float weight loads of MW lanes (:func:`.floats.mm_f32`, :func:`.floats.mm_half`): F32 or F16 (the KV load), BF16
 load_w_m, load_bf_m = _LM["load_kv"], _LM["load_bf"]
 
 
