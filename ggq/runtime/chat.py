@@ -580,12 +580,12 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
 
 # ---------------------------------------------------------------------- entry points for the CLI
 
-def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16"):
-    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``) and its tokenizer:
-    ``(model, tokenizer)``. Raises GGQError on a bad file."""
+def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16", n_seq: int = 1):
+    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``; ``n_seq`` sequences) and its
+    tokenizer: ``(model, tokenizer)``. Raises GGQError on a bad file."""
     from ggq.runtime.model import Model
 
-    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type)
+    model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, n_seq=n_seq)
     tok = Tokenizer.from_metadata(model.metadata, source=str(model_path))
     return model, tok
 
