@@ -534,26 +534,32 @@ class Engine:
             slot.order = self._admitted
 
     def _prefill_step(self) -> None:
-        """One chunk (``prompt_chunk`` tokens) of the prompt of the earliest admitted slot still
-        reading its prompt. The chunks do not depend on what other slots do, so a request's logits
-        (and its greedy reply) are the same alone or among others."""
-        reading = [s for s in self.slots if s.busy and s.todo]
-        if not reading:
-            return
-        slot = min(reading, key=lambda s: s.order)
-        if slot.handle.cancelled.is_set():
-            slot.finish("cancelled")
-            self.n_processed += 1
-            return
-        try:
-            slot.prefill(self.prompt_chunk)
-        except GGQError as e:
-            slot.fail(e)
-            self.n_processed += 1
-        except Exception as e:  # a bug: report it to this request, keep serving
-            log.exception("prompt evaluation failed")
-            slot.fail(GGQError(f"internal error: {type(e).__name__}: {e}"))
-            self.n_processed += 1
+        """Prompt chunks of the slots still reading their prompt, earliest admitted first, up to
+        ``prompt_chunk`` tokens in all (at least one chunk): a slot's next chunk is always its next
+        ``prompt_chunk`` tokens (or the rest), whatever the other slots do, so a request's logits
+        (and its greedy reply) are the same alone or among others; several short prompts are read
+        in one step."""
+        budget = self.prompt_chunk
+        for slot in sorted((s for s in self.slots if s.busy and s.todo), key=lambda s: s.order):
+            n = min(len(slot.todo), self.prompt_chunk)
+            if n > budget and budget < self.prompt_chunk:
+                break
+            budget -= n
+            if slot.handle.cancelled.is_set():
+                slot.finish("cancelled")
+                self.n_processed += 1
+                continue
+            try:
+                slot.prefill(self.prompt_chunk)
+            except GGQError as e:
+                slot.fail(e)
+                self.n_processed += 1
+            except Exception as e:  # a bug: report it to this request, keep serving
+                log.exception("prompt evaluation failed")
+                slot.fail(GGQError(f"internal error: {type(e).__name__}: {e}"))
+                self.n_processed += 1
+            if budget <= 0:
+                break
 
     def _decode_step(self) -> None:
         """Sample every generating slot's next token, then evaluate them all in one forward call."""
