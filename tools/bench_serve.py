@@ -64,8 +64,9 @@ def _start(cmd: list[str], url: str, env: dict, timeout: float = 900) -> subproc
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:4]} exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
+        try:  # ggq: /health (503 while compiling); llama_cpp.server has no /health: /v1/models
+            h = httpx.get(url + "/health", timeout=5).status_code
+            if h == 200 or (h == 404 and httpx.get(url + "/v1/models", timeout=5).status_code == 200):
                 return proc
         except httpx.TransportError:
             pass
