@@ -133,7 +133,7 @@ def test_models_and_health(srv):
     assert [m.id for m in models.data] == [srv.model_id]
     assert srv.client.models.retrieve(srv.model_id).id == srv.model_id
     r = httpx.get(srv.url + "/health")  # no key needed
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "slots_idle": 1, "slots_processing": 0}
 
 
 def test_chat_non_streaming_text_and_usage(srv):

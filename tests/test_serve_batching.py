@@ -212,6 +212,8 @@ def test_queue_full_gives_503_with_retry_after(bsrv):
         _wait(lambda: bsrv.engine.queued() == MAX_QUEUE, what="the queue to fill")
         g = _gauges(bsrv)
         assert (g["ggq_slots_busy"], g["ggq_queue_depth"]) == (N_SLOTS, MAX_QUEUE)
+        health = httpx.get(bsrv.url + "/health").json()
+        assert (health["slots_idle"], health["slots_processing"]) == (0, N_SLOTS)
         r = httpx.post(bsrv.url + "/v1/completions", json={"model": "smol", "prompt": "Hi", "max_tokens": 2},
                        headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
@@ -240,7 +242,7 @@ def test_parallel_slots_have_their_own_kv_regions(bsrv):
     one = 2 * m.n_layer * m.n_kv * N_CTX * m.head_dim * 2  # K and V, fp16, one sequence
     assert m.n_seq == N_SLOTS and m.kv_cache_bytes == N_SLOTS * one
     assert [s.model.index for s in bsrv.engine.slots] == list(range(N_SLOTS))
-    assert httpx.get(bsrv.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(bsrv.url + "/health").json() == {"status": "ok", "slots_idle": N_SLOTS, "slots_processing": 0}
     assert _gauges(bsrv)["ggq_slots_total"] == N_SLOTS
 
 

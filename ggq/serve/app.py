@@ -534,9 +534,11 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
 
     @app.get("/health")
     async def health():
-        """200 when the model is ready, 503 while it loads or compiles (llama.cpp's shape)."""
+        """200 when the model is ready, with the idle and busy slots (llama.cpp's ``slots_idle``,
+        ``slots_processing``); 503 while it loads or compiles (llama.cpp's shape)."""
         if engine.is_ready.is_set():
-            return {"status": "ok"}
+            busy = engine.busy()
+            return {"status": "ok", "slots_idle": len(engine.slots) - busy, "slots_processing": busy}
         return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                             status_code=503)
 
