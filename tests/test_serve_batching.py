@@ -174,6 +174,28 @@ def test_request_joins_while_others_generate(bsrv):
     _idle(bsrv)
 
 
+def test_long_prompt_read_in_chunks_while_others_decode(bsrv):
+    """A prompt of ~300 tokens (three 128-token chunks, read one chunk per step between the decode
+    steps of two running streams) gives the same reply as alone, and the streams keep decoding
+    meanwhile."""
+    _idle(bsrv)
+    text = " ".join(f"Item {i}: a red apple, a green pear." for i in range(30)) + " Which fruits were listed?"
+    assert len(bsrv.tok.encode(text, True, True)) > 2 * 128 + 10
+    alone = _ask(bsrv, "text", text, max_tokens=16)
+    streams = [_open_stream(bsrv, q) for q in ("Tell me a long story about a fox.", "Describe the ocean at length.")]
+    try:
+        for _, lines in streams:
+            next(line for line in lines if '"content": "' in line and '"role"' not in line)
+        n0 = [s.res.n_gen for s in bsrv.engine.slots if s.busy]
+        assert _ask(bsrv, "text", text, max_tokens=16) == alone
+        n1 = [s.res.n_gen for s in bsrv.engine.slots if s.busy]
+        assert len(n0) == len(n1) == 2 and all(b > a for a, b in zip(n0, n1))
+    finally:
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+    _idle(bsrv)
+
+
 def test_cancel_frees_the_slot_and_metrics(bsrv):
     _idle(bsrv)
     cm, _ = _open_stream(bsrv, "Write a very long poem.")
