@@ -315,17 +315,19 @@ def generate(model, prompt, chat, system, ctx_size, threads, cache_type, n_predi
 @click.argument("model", required=False, type=click.Path(dir_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback by default).")
 @click.option("--port", type=int, default=8080, show_default=True, help="TCP port.")
-@click.option("-np", "--parallel", type=int, default=1, show_default=True,
-              help="Slots (sequences served at once); 1 until continuous batching lands.")
+@click.option("-np", "--parallel", type=int, default=4, show_default=True,
+              help="Slots: requests decoded together, one KV cache of --ctx-size tokens each.")
 @click.option("-c", "--ctx-size", "ctx_size", type=int, default=None,
-              help="Context size in tokens (default: the runtime's, like llama.cpp's 4096).")
+              help="Context size in tokens per slot (default: the runtime's, like llama.cpp's 4096).")
+@click.option("--queue-size", "queue_size", type=int, default=64, show_default=True,
+              help="Requests that may wait for a free slot; beyond them: 503 with Retry-After.")
 @click.option("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores).")
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
 @click.option("--alias", default=None, help="Model id the API reports (default: the file name).")
 @_CACHE_TYPE
 @_LORA_OPTIONS[0]
 @_LORA_OPTIONS[1]
-def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_type, loras, lora_type):
+def serve(model, host, port, parallel, ctx_size, queue_size, threads, api_key, alias, cache_type, loras, lora_type):
     """Serve a GGUF model over an OpenAI-compatible HTTP API (default model: SmolLM2-135M-Instruct).
 
     Endpoints: /v1/chat/completions, /v1/completions (streaming too), /v1/models, /health,
@@ -338,7 +340,7 @@ def serve(model, host, port, parallel, ctx_size, threads, api_key, alias, cache_
 
         model = str(default_model_path())
     run_serve(model, host=host, port=port, n_slots=parallel, n_ctx=ctx_size, n_threads=threads, api_key=api_key,
-              alias=alias, kv_type=cache_type, loras=_lora_specs(loras), lora_type=lora_type)
+              alias=alias, kv_type=cache_type, max_queue=queue_size, loras=_lora_specs(loras), lora_type=lora_type)
 
 
 # ---------------------------------------------------------------- perplexity (quality)

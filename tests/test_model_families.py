@@ -190,6 +190,18 @@ def test_float_file_matches_transformers(ckpts, tmp_path, name):
     model.eval(toks[:20])
     step = np.stack([model.eval([t]) for t in toks[20:]])
     np.testing.assert_allclose(step, got[20:], atol=2e-3 * np.abs(got).max())
+    # a batched decode step over three sequences at positions 20, 45, 71 (inside and past the
+    # window) gives each position's prompt logits too, and eval's of that token alone
+    multi = Model.load(path, n_ctx=256, n_seq=3)
+    ends = [20, 45, 71]
+    for i, e in enumerate(ends):
+        multi.eval(toks[:e], seq=i)
+    batch = multi.decode_batch([toks[e] for e in ends], [0, 1, 2])
+    np.testing.assert_allclose(batch, got[ends], atol=2e-3 * np.abs(got).max())
+    for i, e in enumerate(ends):
+        model.reset()
+        model.eval(toks[:e])
+        np.testing.assert_allclose(batch[i], model.eval([toks[e]]), atol=1e-5 * np.abs(got).max())
 
 
 @pytest.fixture(scope="module")

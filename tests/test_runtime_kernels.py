@@ -265,16 +265,18 @@ def test_prompt_attention_matches_numpy(hd, window, kv, pos0):
     k = rs.randn(pos0 + T, n_kv * hd).astype(np.float32)
     v = rs.randn(pos0 + T, n_kv * hd).astype(np.float32)
     dt = ops.KV_TYPES[kv]
-    kc = np.zeros((1, n_kv, n_ctx // ops.KT, hd, ops.KT), dt)
-    vc = np.zeros((1, n_kv, n_ctx, hd), dt)
+    kc = np.zeros((1, 1, n_kv, n_ctx // ops.KT, hd, ops.KT), dt)  # one sequence, one layer
+    vc = np.zeros((1, 1, n_kv, n_ctx, hd), dt)
     ip = np.zeros(ops.N_I, np.int64)
     ip[ops.I_HEAD], ip[ops.I_KV], ip[ops.I_HD], ip[ops.I_SWA_WINDOW] = n_head, n_kv, hd, window
     fp = np.zeros(ops.N_F)
     fp[ops.F_ATTN_SCALE] = 1 / np.sqrt(hd)
     if pos0:  # earlier positions, stored by a first batch
-        ops.attention(0, q[:pos0], k[:pos0], v[:pos0], kc, vc, 0, ip, fp, window > 0, np.zeros((pos0, n_head * hd), np.float32))
+        ops.attention(0, q[:pos0], k[:pos0], v[:pos0], kc, vc, np.arange(pos0), np.zeros(pos0, np.int64), ip, fp,
+                      window > 0, np.zeros((pos0, n_head * hd), np.float32))
     out = np.zeros((T, n_head * hd), np.float32)
-    ops.attention(0, q[pos0:], k[pos0:], v[pos0:], kc, vc, pos0, ip, fp, window > 0, out)
+    ops.attention(0, q[pos0:], k[pos0:], v[pos0:], kc, vc, np.arange(pos0, pos0 + T), np.zeros(T, np.int64), ip, fp,
+                  window > 0, out)
     kk = (k.astype(np.float16) if kv == "f16" else k).astype(np.float64)
     vv = (v.astype(np.float16) if kv == "f16" else v).astype(np.float64)
     ref = np.zeros((T, n_head * hd))

@@ -120,3 +120,21 @@ def test_against_llamacpp_sampler_chain():
     llama_cpp.llama_sampler_free(chain)
     ids, _ = Sampler(temp=0.7, top_k=50, top_p=0.9, min_p=0.05).candidates(logits)
     assert sorted(ids.tolist()) == ref
+
+
+def test_top_k_ids_equal_a_full_partition():
+    """The prefiltered top-k (values within 8 of the maximum first) selects the same ids as a
+    partition of the whole vector: peaked and flat logits, banned (-inf) tokens, k near n."""
+    from ggq.runtime.sampler import _top_k_ids
+
+    rs = np.random.RandomState(5)
+    for case in range(60):
+        n = int(rs.choice([50, 1000, 49152]))
+        x = (rs.randn(n) * rs.choice([0.5, 3.0, 20.0])).astype(np.float32)
+        if case % 3 == 0:
+            x[rs.randint(0, n, n // 3)] = -np.inf
+        k = int(min(n - 1, rs.choice([1, 5, 40, n // 2])))
+        got = set(_top_k_ids(x, k).tolist())
+        ref = np.sort(x)[::-1][:k]
+        assert len(got) == k and np.array_equal(np.sort(x[list(got)])[::-1], ref)
+

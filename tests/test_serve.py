@@ -133,7 +133,7 @@ def test_models_and_health(srv):
     assert [m.id for m in models.data] == [srv.model_id]
     assert srv.client.models.retrieve(srv.model_id).id == srv.model_id
     r = httpx.get(srv.url + "/health")  # no key needed
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.json() == {"status": "ok", "slots_idle": 1, "slots_processing": 0}
 
 
 def test_chat_non_streaming_text_and_usage(srv):
@@ -389,7 +389,8 @@ def test_bad_requests_through_the_client_and_server_survives(srv):
 
 def test_cli_refuses_bad_options(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    for args, msg in ((["--parallel", "2"], "--parallel 2"), (["--port", "70000"], "--port 70000")):
+    for args, msg in ((["--parallel", "0"], "--parallel 0"), (["--port", "70000"], "--port 70000"),
+                      (["--queue-size", "-1"], "--queue-size -1")):
         r = subprocess.run([sys.executable, "-m", "ggq.cli", "serve", str(tmp_path / "x.gguf"), *args],
                            capture_output=True, text=True, env=env, timeout=120)
         assert r.returncode == 1 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -54,8 +54,8 @@ _MULTIMODAL_PARTS = ("visual.", "vision.", "audio.", "talker.", "vision_", "audi
                      "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector.")
 
 #: the arguments every family's ``forward`` takes, in order (see :mod:`ggq.runtime.ops`)
-FORWARD_SIGNATURE = ("tokens", "pos0", "all_logits", "W", "vecs", "lay", "ip", "fp", "inv_freq", "mscale", "kc", "vc",
-                     "logits")
+FORWARD_SIGNATURE = ("tokens", "pos", "seq", "all_logits", "W", "vecs", "lay", "ip", "fp", "inv_freq", "mscale",
+                     "kc", "vc", "logits")
 
 
 @dataclass(frozen=True)

@@ -54,15 +54,16 @@ from ggq.runtime.rope import rope_frequencies
 
 
 @njit(cache=True, fastmath=True)
-def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc, vc, logits):
-    """The Gemma 2 / Gemma 3 graph for ``tokens`` (int64 (T,)) at positions pos0..: fills the KV
-    cache and ``logits`` (float32 (T or 1, n_vocab)). Layers without attn_q_norm (Gemma 2) skip
-    the per-head norms; F_ATTN_SOFTCAP / F_FINAL_SOFTCAP are 0 where a model has no soft-capping."""
+def forward(tokens, pos, seq, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc, vc, logits):
+    """The Gemma 2 / Gemma 3 graph for ``tokens`` (int64 (T,)) at positions ``pos`` of sequences
+    ``seq`` (int64 (T,) each, as :func:`ggq.models.llama.forward`): fills the KV cache and
+    ``logits`` (float32 (T or 1, n_vocab)). Layers without attn_q_norm (Gemma 2) skip the per-head
+    norms; F_ATTN_SOFTCAP / F_FINAL_SOFTCAP are 0 where a model has no soft-capping."""
     T = tokens.shape[0]
     n_embd, hd, eps = ip[I_EMBD], ip[I_HD], fp[ops.F_EPS]
     s = ops.scratch(T, ip)
     x = ops.embed(W, ip, tokens, fp[ops.F_EMBD_SCALE])              # token embeddings * sqrt(n_embd)
-    cos, sin = ops.rope_tables(T, ip[I_ROT], pos0, inv_freq, mscale)
+    cos, sin = ops.rope_tables(T, ip[I_ROT], pos, inv_freq, mscale)
     for l in range(ip[I_LAYER]):
         L = lay[l]
         ops.rmsnorm(x, ops.vec(vecs, L[L_ATTN_NORM], n_embd), eps, s.h)  # attention norm
@@ -72,7 +73,7 @@ def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc
             ops.head_rmsnorm(s.k, ip[I_KV], hd, ops.vec(vecs, L[L_K_NORM], hd), eps)
         ops.rope(s.q, ip[I_HEAD], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])   # the layer kind's rope
         ops.rope(s.k, ip[I_KV], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
-        ops.attention(l, s.q, s.k, s.v, kc, vc, pos0, ip, fp, L[L_SWA] == 1, s.att)
+        ops.attention(l, s.q, s.k, s.v, kc, vc, pos, seq, ip, fp, L[L_SWA] == 1, s.att)
         ops.linear(W, L[L_WO], s.att, s.aa, s.o)                    # attention output
         ops.rmsnorm(s.o, ops.vec(vecs, L[L_POST_ATTN_NORM], n_embd), eps, s.o)  # post-attention norm
         ops.add_rows(x, s.o)

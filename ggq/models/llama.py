@@ -31,16 +31,17 @@ from ggq.runtime.ops import (I_EMBD, I_HD, I_HEAD, I_KV, I_LAYER, I_ROT, L_ATTN_
 
 
 @njit(cache=True, fastmath=True)
-def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc, vc, logits):
-    """The llama graph for ``tokens`` (int64 (T,)) at positions pos0..: fills the KV cache and
-    ``logits`` (float32 (T or 1, n_vocab)). Also Qwen 2's (biases, NEOX rope), Qwen 3's (per-head
+def forward(tokens, pos, seq, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc, vc, logits):
+    """The llama graph for ``tokens`` (int64 (T,)) at positions ``pos`` of sequences ``seq`` (int64
+    (T,) each: a prompt batch of one sequence, or one token of each of several sequences): fills
+    the KV cache and ``logits`` (float32 (T or 1, n_vocab)). Also Qwen 2's (biases, NEOX rope), Qwen 3's (per-head
     Q/K RMSNorm before rope, where the layer has attn_q_norm) and Phi-3's (fused Q|K|V and
     gate|up, LongRoPE factors in ``inv_freq``): the ops take those from the layer table."""
     T = tokens.shape[0]
     n_embd, hd, eps = ip[I_EMBD], ip[I_HD], fp[ops.F_EPS]
     s = ops.scratch(T, ip)
     x = ops.embed(W, ip, tokens, 1.0)                               # token embeddings
-    cos, sin = ops.rope_tables(T, ip[I_ROT], pos0, inv_freq, mscale)
+    cos, sin = ops.rope_tables(T, ip[I_ROT], pos, inv_freq, mscale)
     for l in range(ip[I_LAYER]):
         L = lay[l]
         ops.rmsnorm(x, ops.vec(vecs, L[L_ATTN_NORM], n_embd), eps, s.h)  # attention norm
@@ -50,7 +51,7 @@ def forward(tokens, pos0, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale, kc
             ops.head_rmsnorm(s.k, ip[I_KV], hd, ops.vec(vecs, L[L_K_NORM], hd), eps)
         ops.rope(s.q, ip[I_HEAD], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
         ops.rope(s.k, ip[I_KV], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
-        ops.attention(l, s.q, s.k, s.v, kc, vc, pos0, ip, fp, False, s.att)
+        ops.attention(l, s.q, s.k, s.v, kc, vc, pos, seq, ip, fp, False, s.att)
         ops.linear(W, L[L_WO], s.att, s.aa, s.o)                    # attention output
         ops.add_rows(x, s.o)
         ops.rmsnorm(x, ops.vec(vecs, L[L_FFN_NORM], n_embd), eps, s.h)   # FFN norm

@@ -581,14 +581,14 @@ def chat_loop(session: ChatSession, name: str = "", verbose: bool = False, inp=N
 # ---------------------------------------------------------------------- entry points for the CLI
 
 def load(model_path: str, n_ctx: int | None, n_threads: int | None, kv_type: str = "f16", loras=None,
-         lora_type: str = "same"):
-    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``; LoRA adapters ``loras``,
-    ``(file, scale)`` pairs merged at load as ``lora_type`` says) and its tokenizer:
-    ``(model, tokenizer)``. Raises GGQError on a bad file."""
+         lora_type: str = "same", n_seq: int = 1):
+    """Load a model (KV cache elements ``kv_type``, ``f16`` or ``f32``; ``n_seq`` sequences; LoRA
+    adapters ``loras``, ``(file, scale)`` pairs merged at load as ``lora_type`` says) and its
+    tokenizer: ``(model, tokenizer)``. Raises GGQError on a bad file."""
     from ggq.runtime.model import Model
 
     model = Model.load(model_path, n_ctx=n_ctx, n_threads=n_threads, kv_type=kv_type, loras=loras,
-                       lora_type=lora_type)
+                       lora_type=lora_type, n_seq=n_seq)
     tok = Tokenizer.from_metadata(model.metadata, source=str(model_path))
     return model, tok
 

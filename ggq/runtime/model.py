@@ -8,6 +8,12 @@ is done) and allocates a KV cache. ``Model.eval(tokens)`` runs the tokens at pos
 ``n_past...`` through the family's compiled ``forward``, which loops over all layers with the ops
 of :mod:`ggq.runtime.ops`. Prompt batches go through the same call with T rows (matrix-matrix
 kernels); a single token is the decode path.
+
+Several sequences: ``Model.load(path, n_seq=N)`` allocates N KV cache regions (N times the memory
+of one). ``eval``, ``embed``, ``truncate``, ``reset`` and ``n_past`` work on sequence 0, or on
+sequence ``i`` through ``seq=i`` or the view ``Model.seq(i)``; ``decode_batch(tokens, seqs)``
+appends one token to each of several sequences in one forward call (every matrix product runs
+once over the weights for all of them: what ``ggq serve`` does for its busy slots).
 """
 
 from __future__ import annotations
@@ -200,26 +206,30 @@ def plan_model(gf, n_ctx: int | None = None, check_types: bool = True) -> ModelP
 class Model:
     """A GGUF model ready to run: see the module docstring and ``specs/runtime.md``.
 
-    Attributes: ``arch``, ``family`` (:class:`ggq.models.base.Family`), ``n_vocab``, ``n_ctx``,
-    ``metadata`` (GGUF key -> value), ``n_past`` (tokens in the KV
-    cache), ``path``, ``load_seconds``.
+    Attributes: ``arch``, ``family`` (:class:`ggq.models.base.Family`), ``n_vocab``, ``n_ctx``
+    (per sequence), ``n_seq`` (KV cache regions), ``metadata`` (GGUF key -> value), ``n_past``
+    (tokens in sequence 0's KV cache; :meth:`past` for any), ``path``, ``load_seconds``.
     """
 
     n_batch = 512
 
     @classmethod
     def load(cls, path, n_ctx: int | None = None, n_threads: int | None = None, kv_type: str = "f32",
-             loras: list[tuple[str, float]] | None = None, lora_type: str = "same") -> "Model":
+             loras: list[tuple[str, float]] | None = None, lora_type: str = "same", n_seq: int = 1) -> "Model":
         """Load the GGUF at ``path``. ``kv_type``: the KV cache's element type, ``"f32"`` (exact) or
         ``"f16"`` (half the memory, as llama.cpp's default cache). ``loras``: GGUF LoRA adapters
         ``(file, scale)`` merged into the weights at load (:mod:`ggq.runtime.lora`; the file is not
         changed), the merged tensors stored as ``lora_type`` says (``"same"``: the base tensor's type;
-        ``"f32"``, ``"f16"``, ``"q8_0"``). GGQError for a missing/malformed file or adapter, an unsupported arch/type or an
-        unknown ``kv_type``."""
+        ``"f32"``, ``"f16"``, ``"q8_0"``). ``n_seq``: KV cache regions of ``n_ctx`` positions each
+        (sequences decoded together by :meth:`decode_batch`). GGQError for a missing/malformed file or
+        adapter, an unsupported arch/type, an unknown ``kv_type`` or ``n_seq`` < 1."""
         self = cls()
         t0 = time.perf_counter()
         if kv_type not in KV_TYPES:
             raise GGQError(f"unknown KV cache type {kv_type!r} (valid: {', '.join(KV_TYPES)})")
+        if not 1 <= int(n_seq) <= 4096:
+            raise GGQError(f"the number of sequences must be between 1 and 4096, not {n_seq}")
+        n_seq = int(n_seq)
         gf = open_gguf(path)
         self.adapters = []
         if loras:
@@ -267,16 +277,19 @@ class Model:
         self._fp = rp.float_params()
         self._forward_fn = fam.forward
         self.kv_type = kv_type
-        # K in tiles of KT positions [kv head][tile][dim][position], V [kv head][position][dim]
+        # per sequence: K in tiles of KT positions [layer][kv head][tile][dim][position],
+        # V [layer][kv head][position][dim]
         n_kvh, hd = self.n_kv, self.head_dim
+        self.n_seq = n_seq
         try:
-            self._kc = np.zeros((n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
-            self._vc = np.zeros((n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
+            self._kc = np.zeros((n_seq, n_layer, n_kvh, -(-self.n_ctx // KT), hd, KT), KV_TYPES[kv_type])
+            self._vc = np.zeros((n_seq, n_layer, n_kvh, self.n_ctx, hd), KV_TYPES[kv_type])
         except (MemoryError, ValueError):
-            gib = 2 * n_layer * n_kvh * self.n_ctx * hd * np.dtype(KV_TYPES[kv_type]).itemsize / 2**30
-            raise GGQError(f"{name}: cannot allocate a KV cache of {gib:.1f} GiB for a context of {self.n_ctx} "
+            gib = 2 * n_seq * n_layer * n_kvh * self.n_ctx * hd * np.dtype(KV_TYPES[kv_type]).itemsize / 2**30
+            what = f"{n_seq} sequences of {self.n_ctx}" if n_seq > 1 else f"a context of {self.n_ctx}"
+            raise GGQError(f"{name}: cannot allocate a KV cache of {gib:.1f} GiB for {what} "
                            f"tokens (use a smaller --ctx-size)") from None
-        self.n_past = 0
+        self._past = [0] * n_seq
         if n_threads:
             numba.set_num_threads(max(1, min(int(n_threads), numba.config.NUMBA_NUM_THREADS)))
         self.n_threads = numba.get_num_threads()
@@ -285,15 +298,38 @@ class Model:
         return self
 
     # ------------------------------------------------------------------ KV cache control
-    def reset(self) -> None:
-        """Forget all tokens (n_past = 0)."""
-        self.n_past = 0
+    @property
+    def n_past(self) -> int:
+        """Tokens in sequence 0's KV cache."""
+        return self._past[0]
 
-    def truncate(self, n_past: int) -> None:
-        """Keep the first ``n_past`` tokens of the KV cache (0 <= n_past <= self.n_past)."""
-        if not 0 <= n_past <= self.n_past:
-            raise GGQError(f"cannot truncate the KV cache to {n_past} tokens (it holds {self.n_past})")
-        self.n_past = int(n_past)
+    @n_past.setter
+    def n_past(self, n: int) -> None:
+        self._past[0] = int(n)
+
+    def past(self, seq: int = 0) -> int:
+        """Tokens in sequence ``seq``'s KV cache."""
+        return self._past[self._check_seq(seq)]
+
+    def _check_seq(self, seq) -> int:
+        if isinstance(seq, bool) or not isinstance(seq, (int, np.integer)) or not 0 <= seq < self.n_seq:
+            raise GGQError(f"sequence {seq!r} out of range 0..{self.n_seq - 1}")
+        return int(seq)
+
+    def seq(self, i: int) -> "Sequence":
+        """A view of sequence ``i``: :class:`Sequence`, with this model's single-sequence API."""
+        return Sequence(self, self._check_seq(i))
+
+    def reset(self, seq: int = 0) -> None:
+        """Forget all tokens of sequence ``seq`` (its n_past = 0)."""
+        self._past[self._check_seq(seq)] = 0
+
+    def truncate(self, n_past: int, seq: int = 0) -> None:
+        """Keep the first ``n_past`` tokens of sequence ``seq``'s KV cache (0 <= n_past <= its n_past)."""
+        s = self._check_seq(seq)
+        if not 0 <= n_past <= self._past[s]:
+            raise GGQError(f"cannot truncate the KV cache to {n_past} tokens (it holds {self._past[s]})")
+        self._past[s] = int(n_past)
 
     def warmup(self, repackers: bool = True) -> None:
         """Compile the forward pass for this file's types (or load it from Numba's on-disk cache):
@@ -326,20 +362,22 @@ class Model:
         return self._kc.nbytes + self._vc.nbytes
 
     # ------------------------------------------------------------------ evaluation
-    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
-        """Append ``tokens`` at positions n_past...; return float32 logits of the last token
-        (n_vocab,), or of every token (len(tokens), n_vocab) with ``all_logits``.
+    def eval(self, tokens, all_logits: bool = False, seq: int = 0) -> np.ndarray:
+        """Append ``tokens`` to sequence ``seq`` at its positions n_past...; return float32 logits of
+        the last token (n_vocab,), or of every token (len(tokens), n_vocab) with ``all_logits``.
 
-        GGQError if a token id is out of range, the context would overflow n_ctx, or the logits
-        are not finite (NaN or infinity: the model's values overflow; the sampler cannot use them)."""
+        GGQError if a token id is out of range, the context would overflow n_ctx, the sequence
+        does not exist, or the logits are not finite (NaN or infinity: the model's values
+        overflow; the sampler cannot use them)."""
+        seq = self._check_seq(seq)
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
             raise GGQError("eval() needs at least one token")
         if toks.min() < 0 or toks.max() >= self.n_vocab:
             raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
-        if self.n_past + n > self.n_ctx:
-            raise GGQError(f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}")
+        if self._past[seq] + n > self.n_ctx:
+            raise GGQError(f"context full: {self._past[seq]} + {n} tokens exceed n_ctx={self.n_ctx}")
         outs = []
         for s in range(0, n, self.n_batch):
             chunk = toks[s:s + self.n_batch]
@@ -348,52 +386,97 @@ class Model:
                 lg = np.empty((1, self.n_vocab), np.float32)
             else:
                 lg = np.empty((chunk.shape[0] if all_logits else 1, self.n_vocab), np.float32)
-            self._forward(chunk, lg, all_logits)
+            self._forward(chunk, lg, all_logits, seq=seq)
             if not np.isfinite(lg).all():  # overflowing weights or activations: NaN/inf logits
-                where = self._first_non_finite_layer(chunk, all_logits)
+                where = self._first_non_finite_layer(chunk, all_logits, seq)
+                p = self._past[seq]
                 raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) "
-                               f"{where} at positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}; its "
+                               f"{where} at positions {p}..{p + chunk.shape[0] - 1}; its "
                                f"weights or hyper-parameters overflow float32")
-            self.n_past += chunk.shape[0]
+            self._past[seq] += chunk.shape[0]
             if all_logits:
                 outs.append(lg)
             elif last:
                 outs.append(lg[0])
         return np.concatenate(outs) if all_logits else outs[-1]
 
-    def embed(self, tokens) -> np.ndarray:
-        """Append ``tokens`` at positions n_past... (filling the KV cache as :meth:`eval` does) and
-        return their final hidden states: float32 (len(tokens), n_embd), the output norm applied
-        (what the output matrix multiplies into logits), one row per token.
+    def embed(self, tokens, seq: int = 0) -> np.ndarray:
+        """Append ``tokens`` to sequence ``seq`` at its positions n_past... (filling the KV cache as
+        :meth:`eval` does) and return their final hidden states: float32 (len(tokens), n_embd), the
+        output norm applied (what the output matrix multiplies into logits), one row per token.
 
         GGQError as :meth:`eval` (token out of range, context full, non-finite values)."""
+        seq = self._check_seq(seq)
         toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
         n = toks.shape[0]
         if n == 0:
             raise GGQError("embed() needs at least one token")
         if toks.min() < 0 or toks.max() >= self.n_vocab:
             raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
-        if self.n_past + n > self.n_ctx:
-            raise GGQError(f"context full: {self.n_past} + {n} tokens exceed n_ctx={self.n_ctx}")
+        if self._past[seq] + n > self.n_ctx:
+            raise GGQError(f"context full: {self._past[seq]} + {n} tokens exceed n_ctx={self.n_ctx}")
         ip = self._ip.copy()
         ip[ops.I_OUT] = -1  # ops.output: the normed hidden states instead of logits
         out = np.empty((n, self.n_embd), np.float32)
         for s in range(0, n, self.n_batch):
             chunk = toks[s:s + self.n_batch]
             h = out[s:s + chunk.shape[0]]
-            self._forward(chunk, h, True, ip)
+            self._forward(chunk, h, True, ip, seq)
             if not np.isfinite(h).all():
+                p = self._past[seq]
                 raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) at "
-                               f"positions {self.n_past}..{self.n_past + chunk.shape[0] - 1}")
-            self.n_past += chunk.shape[0]
+                               f"positions {p}..{p + chunk.shape[0] - 1}")
+            self._past[seq] += chunk.shape[0]
         return out
 
-    def _forward(self, chunk, logits, all_logits, ip=None):
-        self._forward_fn(chunk, self.n_past, all_logits, self.arena.args, self._vecs, self._lay,
-                         self._ip if ip is None else ip, self._fp, self._inv_freq, self._rope_mscale, self._kc, self._vc,
-                         logits)
+    def decode_batch(self, tokens, seqs) -> np.ndarray:
+        """Append one token to each of several sequences in one forward call: ``tokens[i]`` goes to
+        sequence ``seqs[i]`` at its position n_past (int64-convertible (n,) each, the sequences
+        distinct). Returns float32 logits (n, n_vocab), row i for tokens[i]; each sequence's n_past
+        grows by one.
 
-    def _first_non_finite_layer(self, chunk, all_logits) -> str:
+        Every matrix product runs with T = n rows (one pass over the weights for all sequences),
+        rope turns each row by its own position, K and V are stored in each sequence's cache at its
+        position, and each row attends to its own sequence's cache (the decode attention path).
+        The logits equal :meth:`eval` of that token alone on that sequence: bit for bit with the
+        integer kernels (each row's arithmetic does not depend on the other rows), to float32
+        rounding with F32/F16/BF16 weights (their single-row kernel sums in another order).
+
+        GGQError (nothing appended) for lengths that differ, no tokens, a repeated or unknown
+        sequence, a token id out of range, a full context, or non-finite logits."""
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        sq = np.asarray(seqs, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if n == 0 or sq.shape[0] != n:
+            raise GGQError(f"decode_batch() needs one sequence per token and at least one token "
+                           f"({n} tokens, {sq.shape[0]} sequences)")
+        if toks.min() < 0 or toks.max() >= self.n_vocab:
+            raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
+        if sq.min() < 0 or sq.max() >= self.n_seq or np.unique(sq).shape[0] != n:
+            raise GGQError(f"decode_batch(): sequences must be distinct and in 0..{self.n_seq - 1}")
+        pos = np.array([self._past[s] for s in sq], np.int64)
+        if pos.max() >= self.n_ctx:
+            s = int(sq[pos.argmax()])
+            raise GGQError(f"context full: sequence {s} holds {self._past[s]} tokens, n_ctx={self.n_ctx}")
+        lg = np.empty((n, self.n_vocab), np.float32)
+        self._forward_fn(toks, pos, sq, True, self.arena.args, self._vecs, self._lay, self._ip, self._fp,
+                         self._inv_freq, self._rope_mscale, self._kc, self._vc, lg)
+        if not np.isfinite(lg).all():
+            bad = [int(sq[i]) for i in range(n) if not np.isfinite(lg[i]).all()]
+            raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) for "
+                           f"sequence(s) {bad}; its weights or hyper-parameters overflow float32")
+        for s in sq:
+            self._past[s] += 1
+        return lg
+
+    def _forward(self, chunk, logits, all_logits, ip=None, seq=0):
+        T = chunk.shape[0]
+        p0 = self._past[seq]
+        self._forward_fn(chunk, np.arange(p0, p0 + T, dtype=np.int64), np.full(T, seq, np.int64), all_logits,
+                         self.arena.args, self._vecs, self._lay, self._ip if ip is None else ip, self._fp,
+                         self._inv_freq, self._rope_mscale, self._kc, self._vc, logits)
+
+    def _first_non_finite_layer(self, chunk, all_logits, seq=0) -> str:
         """Where a batch whose logits were not finite first went wrong, for the error message: the
         batch is run again through its first k layers only (then the output norm and head),
         bisecting k, about log2(n_layer) passes on this error path only; "at layer N" is the first
@@ -404,13 +487,13 @@ class Model:
         ip = self._ip.copy()
         lo, hi = 0, self.n_layer  # logits finite after lo layers (or lo = 0 unknown), not after hi
         ip[ops.I_LAYER] = 0
-        self._forward(chunk, lg, all_logits, ip)
+        self._forward(chunk, lg, all_logits, ip, seq)
         if not np.isfinite(lg).all():
             return "in the token embeddings"
         while hi - lo > 1:
             mid = (lo + hi) // 2
             ip[ops.I_LAYER] = mid
-            self._forward(chunk, lg, all_logits, ip)
+            self._forward(chunk, lg, all_logits, ip, seq)
             if np.isfinite(lg).all():
                 lo = mid
             else:
@@ -418,7 +501,34 @@ class Model:
         return f"at layer {hi - 1} (blk.{hi - 1})"
 
     def __repr__(self):
-        return f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} n_past={self.n_past}>"
+        return (f"<ggq Model {self.path.name} arch={self.arch} n_vocab={self.n_vocab} n_ctx={self.n_ctx} "
+                f"n_seq={self.n_seq} n_past={self._past}>")
+
+
+class Sequence:
+    """Sequence ``index`` of ``model`` (:meth:`Model.seq`) with the single-sequence API of
+    :class:`Model`: ``eval``, ``embed``, ``truncate``, ``reset``, ``n_past``, and the model's
+    ``n_ctx``, ``n_vocab``, ``n_embd``, ``path``. What ``ggq serve``'s slots hold."""
+
+    def __init__(self, model: Model, index: int):
+        self.model, self.index = model, index
+        self.n_ctx, self.n_vocab, self.n_embd, self.path = model.n_ctx, model.n_vocab, model.n_embd, model.path
+
+    @property
+    def n_past(self) -> int:
+        return self.model.past(self.index)
+
+    def eval(self, tokens, all_logits: bool = False) -> np.ndarray:
+        return self.model.eval(tokens, all_logits, seq=self.index)
+
+    def embed(self, tokens) -> np.ndarray:
+        return self.model.embed(tokens, seq=self.index)
+
+    def truncate(self, n_past: int) -> None:
+        self.model.truncate(n_past, seq=self.index)
+
+    def reset(self) -> None:
+        self.model.reset(seq=self.index)
 
 
 _BLK = re.compile(r"blk\.(\d+)\.")

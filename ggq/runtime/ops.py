@@ -15,8 +15,11 @@ Shared data every forward receives (built by :class:`ggq.runtime.model.Model`):
 * ``ip``: int64 hyper-parameters (``I_*``), ``fp``: float64 ones (``F_*``);
 * ``inv_freq`` float64 ``(n_kinds, n_rot/2)`` and ``mscale`` float64 ``(n_kinds,)``: the rope
   kinds (:mod:`ggq.runtime.rope`; Gemma 3 has one for local and one for global layers);
-* ``kc`` ``(n_layer, n_kv*hd, n_ctx)`` (K transposed: [dim][position]) and ``vc``
-  ``(n_layer, n_ctx, n_kv*hd)``: the KV cache, float32 or fp16 bits as uint16.
+* ``kc`` ``(n_seq, n_layer, n_kv, n_ctx / KT, hd, KT)`` (K in tiles of KT positions,
+  [dim][position]) and ``vc`` ``(n_seq, n_layer, n_kv, n_ctx, hd)``: the KV cache of each of
+  ``n_seq`` sequences, float32 or fp16 bits as uint16;
+* ``pos``, ``seq``: int64 (T,): each token's position and sequence (a prompt batch: pos0, pos0 + 1,
+  ... of one sequence; a batched decode step: one token of each of several sequences).
 """
 
 from __future__ import annotations
@@ -353,10 +356,11 @@ def glu_fused(gu, n_ff, act):
 
 
 @njit(cache=True)
-def rope_tables(T, n_rot, pos0, inv_freq, mscale):
-    """cos and sin (float32 (n_kinds, T, n_rot // 2) each) of positions pos0.. for every rope kind
-    and dim pair: pair ``i`` at position ``p`` turns by ``p * inv_freq[kind, i]``, both times
-    ``mscale[kind]`` (:mod:`.rope`). Computed once per forward call, shared by all layers."""
+def rope_tables(T, n_rot, pos, inv_freq, mscale):
+    """cos and sin (float32 (n_kinds, T, n_rot // 2) each) of the positions ``pos`` (int64 (T,):
+    token t's position; a prompt batch has pos0, pos0 + 1, ...) for every rope kind and dim pair:
+    pair ``i`` at position ``p`` turns by ``p * inv_freq[kind, i]``, both times ``mscale[kind]``
+    (:mod:`.rope`). Computed once per forward call, shared by all layers."""
     half = n_rot // 2
     nk = inv_freq.shape[0]
     cos = np.empty((nk, T, half), np.float32)
@@ -364,7 +368,7 @@ def rope_tables(T, n_rot, pos0, inv_freq, mscale):
     for r in range(nk):
         for t in range(T):
             for i in range(half):
-                th = (pos0 + t) * inv_freq[r, i]
+                th = pos[t] * inv_freq[r, i]
                 cos[r, t, i] = np.float32(math.cos(th) * mscale[r])
                 sin[r, t, i] = np.float32(math.sin(th) * mscale[r])
     return cos, sin
@@ -551,9 +555,10 @@ def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, p
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # 1 / tot: NaN/inf scores give NaN, not ZeroDivisionError
-def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    """One decoded token (q (1, n_head*hd)): work items of (KV head, span of ``_DEC_SPAN``
-    positions), in parallel once the context pays for a parallel region, then each head's partial
+def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out, par=True):
+    """One decoded token (q (1, n_head*hd)) at position ``pos0``: work items of (KV head, span of
+    ``_DEC_SPAN`` positions), in parallel (``par``, False inside another parallel loop) once the
+    context pays for a parallel region, then each head's partial
     softmaxes merged (rescaled by exp(max_i - max)), as flash-decoding does. Each KV head's keys and
     values are read once for all the query heads of its group."""
     grp = n_head // n_kv
@@ -564,7 +569,7 @@ def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
     pm = np.empty((nit, grp), np.float32)
     pl = np.empty((nit, grp), np.float32)
     po = np.empty((nit, grp, hd), np.float32)
-    if n_head * (n - lo) * hd < 65536:
+    if not par or n_head * (n - lo) * hd < 65536:
         for it in range(nit):
             _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
     else:
@@ -755,24 +760,73 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
                 _batch_item_any(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
 
 
+@njit(cache=True)
+def _one_run(pos, seq):
+    """Whether the tokens are one run of consecutive positions of one sequence (a prompt batch or a
+    single decoded token): seq[t] == seq[0] and pos[t] == pos[0] + t."""
+    for t in range(pos.shape[0]):
+        if seq[t] != seq[0] or pos[t] != pos[0] + t:
+            return False
+    return True
+
+
+@njit(cache=True, parallel=True)
+def _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out):
+    for t in prange(q.shape[0]):
+        s = seq[t]
+        _attention_decode(q[t:t + 1], kc[s, l], vc[s, l], pos[t], n_head, n_kv, hd, scale, cap, window,
+                          out[t:t + 1], False)
+
+
+@njit(cache=True)
+def _attention_tokens(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out):
+    """Tokens of several sequences (a batched decode step, :meth:`Model.decode_batch`): each token
+    ``t`` attends to the cached positions <= pos[t] of its own sequence seq[t] (its K and V already
+    stored) with the decode path (:func:`_attention_decode`), tokens in parallel once the total work
+    pays for a parallel region."""
+    work = 0
+    for t in range(q.shape[0]):
+        work += n_head * (pos[t] + 1) * hd
+    if work < 65536 or q.shape[0] == 1:
+        for t in range(q.shape[0]):
+            s = seq[t]
+            _attention_decode(q[t:t + 1], kc[s, l], vc[s, l], pos[t], n_head, n_kv, hd, scale, cap, window,
+                              out[t:t + 1], q.shape[0] == 1)
+    else:
+        _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out)
+
+
 @njit(cache=True, fastmath=True)
-def attention(l, q, k, v, kc, vc, pos0, ip, fp, swa, out):
-    """Causal grouped-query attention of layer ``l``: store k, v (T, n_kv*hd) at positions pos0..
-    in the KV cache, then out (T, n_head*hd) = softmax(scale * q K^T) V over the cached positions,
-    with attention soft-capping (F_ATTN_SOFTCAP > 0) and, when ``swa``, a sliding window of
-    I_SWA_WINDOW positions. Prompt batches of >= 4 tokens as causal float matrix products per
-    (chunk of tokens, head); decoding one token at a time by (KV head, span of positions) items
-    merged flash-decoding style, in parallel unless the work is too small to pay for a parallel
-    region. ``kc[l]``: [kv head][tile of KT positions][dim][position], ``vc[l]``: [kv head][position][dim]."""
-    kcl = kc[l]
-    vcl = vc[l]
-    _kv_store_t(kcl, pos0, k)
-    _kv_store(vcl, pos0, v)
+def attention(l, q, k, v, kc, vc, pos, seq, ip, fp, swa, out):
+    """Causal grouped-query attention of layer ``l`` for tokens at positions ``pos`` of sequences
+    ``seq`` (int64 (T,) each): store k, v (T, n_kv*hd) in the KV cache of each token's sequence at
+    its position, then out (T, n_head*hd) = softmax(scale * q K^T) V over the cached positions up
+    to each token's own, with attention soft-capping (F_ATTN_SOFTCAP > 0) and, when ``swa``, a
+    sliding window of I_SWA_WINDOW positions.
+
+    One run of consecutive positions of one sequence (:func:`_one_run`): prompt batches of >= 4
+    tokens as causal float matrix products per (chunk of tokens, head); decoding one token at a
+    time by (KV head, span of positions) items merged flash-decoding style, in parallel unless the
+    work is too small to pay for a parallel region. Tokens of several sequences or positions
+    (a batched decode step): each token by the decode path over its own sequence
+    (:func:`_attention_tokens`). ``kc[s, l]``: [kv head][tile of KT positions][dim][position],
+    ``vc[s, l]``: [kv head][position][dim]."""
     n_head, n_kv, hd = ip[I_HEAD], ip[I_KV], ip[I_HD]
     scale = np.float32(fp[F_ATTN_SCALE])
     cap = np.float32(fp[F_ATTN_SOFTCAP])
     window = ip[I_SWA_WINDOW] if swa else 0
     T = q.shape[0]
+    if not _one_run(pos, seq):
+        for t in range(T):
+            _kv_store_t(kc[seq[t], l], pos[t], k[t:t + 1])
+            _kv_store(vc[seq[t], l], pos[t], v[t:t + 1])
+        _attention_tokens(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out)
+        return
+    pos0 = pos[0]
+    kcl = kc[seq[0], l]
+    vcl = vc[seq[0], l]
+    _kv_store_t(kcl, pos0, k)
+    _kv_store(vcl, pos0, v)
     if T >= 4:
         _attention_batch(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
     else:  # decoding (and batches of 2-3 tokens, one token at a time; their K, V are all stored)

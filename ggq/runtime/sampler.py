@@ -99,7 +99,7 @@ class Sampler:
         # top-k (sorted best first; llama.cpp sorts here too)
         k = n if p.top_k <= 0 else min(p.top_k, n)
         if k < n:
-            ids = np.argpartition(-x, k - 1)[:k]
+            ids = _top_k_ids(x, k)
         else:
             ids = np.arange(n)
         ids = ids[np.argsort(-x[ids], kind="stable")]
@@ -130,3 +130,17 @@ class Sampler:
         u = self.rng.random()
         i = int(np.searchsorted(np.cumsum(pr), u, side="right"))
         return int(ids[min(i, len(ids) - 1)])
+
+
+def _top_k_ids(x: np.ndarray, k: int) -> np.ndarray:
+    """The ids of the ``k`` largest values of ``x`` (float32 (n,), 0 < k < n), in no order; ties at
+    the k-th value broken arbitrarily (as ``np.argpartition``). Exact and faster on a vocabulary:
+    when at least k values lie within 8 of the maximum (the usual case for logits), only those
+    are partitioned (one comparison pass instead of a partition of all n), else all of ``x``."""
+    m = x.max()
+    if np.isfinite(m):  # -inf (banned, masked) values are never near; a NaN maximum takes the full path
+        near = np.flatnonzero(x >= m - np.float32(8.0))
+        if k <= near.shape[0] < x.shape[0] // 4:
+            return near[np.argpartition(-x[near], k - 1)[:k]]
+    return np.argpartition(-x, k - 1)[:k]
+

@@ -38,7 +38,7 @@ from ggq.runtime.sampler import SamplerParams
 from ggq.runtime.tokenizer import Tokenizer
 from ggq.serve import tools as toolcalls
 from ggq.serve.constrain import Grammars
-from ggq.serve.engine import EmbedRequest, Engine, GenRequest, GenResult, TokenLogprob
+from ggq.serve.engine import EmbedRequest, Engine, GenRequest, GenResult, QueueFull, TokenLogprob
 
 log = logging.getLogger("ggq.serve")
 
@@ -49,15 +49,16 @@ class APIError(Exception):
     """An error answered as OpenAI's JSON error object with HTTP ``status``."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", headers: dict | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "tuple"}
@@ -513,6 +514,15 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
             raise APIError(f"model {one_line(name, 100)!r} is not served here (this server serves {model_id!r})",
                            status=404, param="model", code="model_not_found")
 
+    def submit(job):
+        """``engine.submit(job)``; 503 with ``Retry-After`` when the queue is full (every slot busy
+        and ``max_queue`` requests waiting)."""
+        try:
+            return engine.submit(job)
+        except QueueFull as e:
+            raise APIError(f"the server is busy: {e}; retry later", status=503, type="unavailable_error",
+                           code="server_busy", headers={"Retry-After": "1"}) from None
+
     def check_length(n: int, param: str) -> None:
         if n >= engine.n_ctx:
             raise APIError(f"the prompt is {n} tokens, the context holds {engine.n_ctx} (ggq serve --ctx-size)",
@@ -524,9 +534,11 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
 
     @app.get("/health")
     async def health():
-        """200 when the model is ready, 503 while it loads or compiles (llama.cpp's shape)."""
+        """200 when the model is ready, with the idle and busy slots (llama.cpp's ``slots_idle``,
+        ``slots_processing``); 503 while it loads or compiles (llama.cpp's shape)."""
         if engine.is_ready.is_set():
-            return {"status": "ok"}
+            busy = engine.busy()
+            return {"status": "ok", "slots_idle": len(engine.slots) - busy, "slots_processing": busy}
         return JSONResponse({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}},
                             status_code=503)
 
@@ -668,7 +680,7 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
                 ids = list(item)
             check_length(len(ids), "input")
             inputs.append(ids)
-        handle = engine.submit(EmbedRequest(inputs))
+        handle = submit(EmbedRequest(inputs))
         try:
             async for kind, value in handle:
                 if kind == "error":
@@ -692,7 +704,7 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
         gen = GenRequest(ids, req.sampler_params(), req.limit(), req.stop_list(), req.cache_prompt,
                          constraint=constraint, logit_bias=req.bias_map(tok.n_vocab), n_logprobs=n_lp,
                          special_text=bool(tool_format and tool_format.special_text))
-        handle = engine.submit(gen)
+        handle = submit(gen)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         now = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -792,27 +804,30 @@ def create_app(engine: Engine, tok: Tokenizer, template: ChatTemplate, model_id:
 
 # ---------------------------------------------------------------------------- ggq serve
 
-def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 1, n_ctx: int | None = None,
+def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: int = 4, n_ctx: int | None = None,
           n_threads: int | None = None, api_key: str | None = None, alias: str | None = None,
-          kv_type: str = "f16", loras=None, lora_type: str = "same") -> None:
-    """``ggq serve``: load the GGUF at ``model_path`` and answer the OpenAI API on ``host:port``
-    until Ctrl-C (LoRA adapters ``loras``, ``(file, scale)``, merged at load). Raises GGQError on a bad
-    file or options."""
+          kv_type: str = "f16", max_queue: int = 64, loras=None, lora_type: str = "same") -> None:
+    """``ggq serve``: load the GGUF at ``model_path`` with ``n_slots`` KV cache regions of ``n_ctx``
+    tokens each (LoRA adapters ``loras``, ``(file, scale)``, merged at load) and answer the OpenAI
+    API on ``host:port`` until Ctrl-C; at most ``max_queue`` requests wait for a slot (then 503).
+    Raises GGQError on a bad file or options."""
     import uvicorn
 
     from ggq.runtime.chat import Warmup, load
 
     if not 0 <= port < 65536:
         raise GGQError(f"--port {port}: must be between 0 and 65535")
-    if n_slots != 1:
-        raise GGQError(f"--parallel {n_slots}: only 1 slot for now (continuous batching is a later slice)")
+    if not 1 <= n_slots <= 256:
+        raise GGQError(f"--parallel {n_slots}: must be between 1 and 256")
+    if max_queue < 0:
+        raise GGQError(f"--queue-size {max_queue}: must be >= 0")
     if api_key is not None and not api_key.strip():
         raise GGQError("--api-key must not be empty")
     _setup_logging()
-    model, tok = load(model_path, n_ctx, n_threads, kv_type, loras, lora_type)
+    model, tok = load(model_path, n_ctx, n_threads, kv_type, loras, lora_type, n_seq=n_slots)
     template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name)
     warmup = Warmup(model)
-    engine = Engine(model, tok, n_slots, ready=warmup.wait)
+    engine = Engine(model, tok, n_slots, ready=warmup.wait, max_queue=max_queue)
     model_id = alias or model.path.name
     grammars = Grammars(tok)
     # the llguidance vocabulary (~0.2 s per 50k tokens), off the first constrained request's path
@@ -821,8 +836,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8080, n_slots: i
                      created=int(model.path.stat().st_mtime), grammars=grammars)
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
-    log.info("serving %s as %r on http://%s:%d (context %d tokens, %d slot)", model.path.name, model_id,
-             host, port, engine.n_ctx, n_slots)
+    log.info("serving %s as %r on http://%s:%d (%d slot%s of %d tokens, KV cache %.0f MiB)", model.path.name,
+             model_id, host, port, n_slots, "s" if n_slots > 1 else "", engine.n_ctx, model.kv_cache_bytes / 2**20)
     config = uvicorn.Config(app, host=host, port=port, access_log=False, log_level="warning", lifespan="off")
     uvicorn.Server(config).run()
     engine.stop()

@@ -1,20 +1,24 @@
 """The generation engine behind ``ggq serve``: a queue of requests, slots, one worker thread.
 
 One :class:`Engine` owns the model. Requests (:class:`GenRequest`: prompt tokens, sampler
-settings, token limit, stop strings) are put on a queue; a single worker thread takes them one at a
-time and runs each on a :class:`Slot`. The Numba forward pass therefore never runs from two threads
-at once, and the asyncio event loop of the HTTP server never waits on it.
+settings, token limit, stop strings) are put on a bounded queue (:class:`QueueFull` beyond it); a
+single worker thread runs them on ``n_slots`` :class:`Slot` s, each a sequence of the model (its own
+KV cache region, ``Model.load(..., n_seq=n_slots)``). The Numba forward pass therefore never runs
+from two threads at once, and the asyncio event loop of the HTTP server never waits on it.
 
-A slot remembers the tokens that are in its KV cache. A new request keeps the longest common prefix
-of its prompt with them (``Model.truncate``) and evaluates only the rest, so a chat that resends
-its history evaluates only the new turn.
+Continuous batching: each step of the worker loop (1) admits waiting requests into free slots,
+each into the free slot whose cached tokens share the longest prefix with its prompt (the prefix is
+kept, ``truncate``; only the rest is evaluated), (2) evaluates one chunk of at most
+``prompt_chunk`` prompt tokens of the earliest admitted slot still reading its prompt (a long
+prompt does not stall the decoding slots for long), (3) samples the next token of every generating
+slot with its own sampler, grammar mask, logit_bias and stop strings, and evaluates all these
+tokens in ONE forward call (``Model.decode_batch``: every matrix product runs once over the weights
+for all slots). Finished and cancelled requests leave between steps; new ones join between steps.
 
-Decoding is written as one step per token (:meth:`Slot.step`), driven by the worker loop: the shape
-continuous batching needs later (several slots, one forward pass per step for all of them). This
-slice has one slot on one model. A step masks the logits with the request's grammar
+A slot's sampling masks the logits with the request's grammar
 (:class:`ggq.serve.constrain.Constraint`, llguidance) and adds its ``logit_bias`` before sampling,
 and records log-probabilities when asked. :class:`EmbedRequest` jobs (``/v1/embeddings``) run on
-the same worker through ``Model.embed``.
+the same worker through ``Model.embed`` on a free slot, between steps.
 
 Events go back to the caller through :class:`RequestHandle`, an async iterator fed from the worker
 thread with ``loop.call_soon_threadsafe``: ``("text", str)`` pieces as they are produced (whole
@@ -27,8 +31,8 @@ went away) stops generation at the next token.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -217,24 +221,48 @@ class _StopMatcher:
         return out
 
 
+class QueueFull(GGQError):
+    """:meth:`Engine.submit` when ``max_queue`` requests already wait for a slot (HTTP 503)."""
+
+
 class Slot:
-    """One sequence being decoded on ``model``: its KV cache contents (``cached``), the request it
-    serves, its sampler and decoder state. ``start`` evaluates a prompt (reusing the cached
-    prefix), ``step`` samples one token and evaluates it."""
+    """One sequence of the model (``model.seq(index)``, its own KV cache region): the tokens in its
+    KV cache (``cached``), the request it serves, its sampler and decoder state.
+
+    :meth:`begin` takes a request (keeps the cached prefix, leaves the rest of the prompt in
+    ``todo``), :meth:`prefill` evaluates the next chunk of it, :meth:`sample` draws the next token
+    (or finishes the request), :meth:`accept` records that token with the logits of its
+    evaluation (done for all generating slots at once by the engine); :meth:`step` is sample +
+    evaluate for this slot alone."""
 
     def __init__(self, slot_id: int, model, tok: Tokenizer, stats: EngineStats | None = None):
-        self.id, self.model, self.tok = slot_id, model, tok
+        self.id, self.tok = slot_id, tok
+        self.model = model.seq(slot_id) if hasattr(model, "seq") else model  # its sequence's view
         self.cached: list[int] = []
         self.handle: RequestHandle | None = None
+        self.todo: list[int] = []   # prompt tokens not evaluated yet
+        self.logits = None
+        self.order = 0              # admission order (the earliest prefills first)
         self.stats = stats if stats is not None else EngineStats()
 
     @property
     def busy(self) -> bool:
         return self.handle is not None
 
+    @property
+    def generating(self) -> bool:
+        """Busy with the whole prompt evaluated: the next :meth:`sample` can run."""
+        return self.handle is not None and not self.todo
+
     def start(self, handle: RequestHandle) -> None:
-        """Take ``handle``'s request: keep the shared prefix of the KV cache, evaluate the rest of
-        the prompt. Raises GGQError (the slot is then free again)."""
+        """:meth:`begin` and all of the prompt at once."""
+        self.begin(handle)
+        while self.todo:
+            self.prefill(len(self.todo))
+
+    def begin(self, handle: RequestHandle) -> None:
+        """Take ``handle``'s request: keep the shared prefix of the KV cache; the rest of the prompt
+        is left in ``todo`` for :meth:`prefill`. Raises GGQError (the slot is then free again)."""
         req = handle.req
         prompt = req.prompt
         n_ctx = int(self.model.n_ctx)
@@ -251,16 +279,7 @@ class Slot:
         self.model.truncate(keep)
         self.cached = list(prompt[:keep])
         self.res.n_cached = keep
-        t0 = time.perf_counter()
-        try:
-            self.logits = self.model.eval(prompt[keep:])
-        except BaseException:
-            self.model.reset()
-            self.cached, self.handle = [], None
-            raise
-        self.cached = list(prompt)
-        self.res.t_prompt = time.perf_counter() - t0
-        self.t_gen0 = time.perf_counter()
+        self.todo = list(prompt[keep:])
         p = req.params
         self.sampler = Sampler(p)
         n_last = p.repeat_last_n  # -1: the whole context, as in llama.cpp
@@ -269,9 +288,31 @@ class Slot:
         self.matcher = _StopMatcher(req.stop)
         self.pending_lp: list[TokenLogprob] = []
 
-    def step(self) -> bool:
-        """Sample the next token, emit its text, evaluate it. False when the request is finished
-        (then :meth:`finish` has been called).
+    def prefill(self, n: int) -> None:
+        """Evaluate the next ``n`` (at most) prompt tokens; after the last, ``logits`` are the
+        prompt's and the generation clock starts. GGQError: the slot's cache is cleared (the
+        caller ends the request)."""
+        chunk, rest = self.todo[:n], self.todo[n:]
+        t0 = time.perf_counter()
+        try:
+            self.logits = self.model.eval(chunk)
+        except BaseException:
+            self.clear()
+            raise
+        self.res.t_prompt += time.perf_counter() - t0
+        self.cached += chunk
+        self.todo = rest
+        if not rest:
+            self.t_gen0 = time.perf_counter()
+
+    def clear(self) -> None:
+        """Forget the KV cache's contents (after an error)."""
+        self.model.reset()
+        self.cached, self.todo = [], []
+
+    def sample(self) -> int | None:
+        """Sample the next token and emit its text; return the token to evaluate next, or None when
+        the request is finished (then :meth:`finish` has been called).
 
         The sampler sees the model's logits plus ``logit_bias``, with the tokens the request's
         grammar refuses at ``-inf``; the drawn token advances the grammar. Log-probabilities are
@@ -311,13 +352,24 @@ class Slot:
             return self.finish("length", self.decoder.flush())
         if h.cancelled.is_set():
             return self.finish("cancelled")
-        try:
-            self.logits = self.model.eval([tid])
-        except BaseException:
-            self.model.reset()
-            self.cached = []
-            raise
+        return tid
+
+    def accept(self, tid: int, logits: np.ndarray) -> None:
+        """``tid`` (from :meth:`sample`) was evaluated in this slot's sequence with ``logits``."""
         self.cached.append(tid)
+        self.logits = logits
+
+    def step(self) -> bool:
+        """:meth:`sample`, then evaluate the token on this slot alone. False when the request is finished."""
+        tid = self.sample()
+        if tid is None:
+            return False
+        try:
+            logits = self.model.eval([tid])
+        except BaseException:
+            self.clear()
+            raise
+        self.accept(tid, logits)
         return True
 
     def _emit_logprobs(self) -> None:
@@ -325,8 +377,16 @@ class Slot:
             self.handle._emit("logprobs", self.pending_lp)
             self.pending_lp = []
 
-    def finish(self, reason: str, rest: str = "") -> bool:
-        """End the request with ``reason``; ``rest``: text still held by the decoder."""
+    def fail(self, err: GGQError) -> None:
+        """End the request with ``err`` (an ``("error", err)`` event); the slot is free again."""
+        h = self.handle
+        self.handle, self.todo = None, []
+        if h is not None:
+            h._emit("error", err)
+
+    def finish(self, reason: str, rest: str = "") -> None:
+        """End the request with ``reason``; ``rest``: text still held by the decoder. Returns None
+        (what :meth:`sample` returns for a finished request)."""
         h, res = self.handle, self.res
         if rest and reason != "cancelled":
             out, hit = self.matcher.push(rest)
@@ -342,7 +402,7 @@ class Slot:
                 h._emit("text", out)
         res.text = self.matcher.text[:self.matcher.sent]
         res.finish_reason = reason
-        res.t_gen = time.perf_counter() - self.t_gen0
+        res.t_gen = time.perf_counter() - self.t_gen0 if not self.todo else 0.0
         st = self.stats
         st.requests += 1
         st.prompt_tokens += res.n_prompt
@@ -350,29 +410,42 @@ class Slot:
         st.generated_tokens += res.n_gen
         st.prompt_seconds += res.t_prompt
         st.generation_seconds += res.t_gen
-        self.handle = None
+        self.handle, self.todo = None, []
         h._emit("done", res)
-        return False
+        return None
 
 
 class Engine:
-    """Serves generation requests on ``model`` with ``n_slots`` slots (1 in this slice: one KV
-    cache, requests one at a time) from one worker thread.
+    """Serves generation requests on ``model`` with ``n_slots`` slots (sequences of the model, which
+    must have been loaded with ``n_seq >= n_slots``) from one worker thread, batching the decoding
+    slots into one forward call per step (module docstring).
 
     ``ready``: a callable returning when the model is compiled (e.g. :meth:`Warmup.wait`), run by the
-    worker before the first request.
+    worker before the first request. ``max_queue``: requests that may wait for a slot
+    (:meth:`submit` raises :class:`QueueFull` beyond). ``prompt_chunk``: prompt tokens evaluated
+    per step while other slots decode. GGQError for n_slots < 1 or more slots than sequences.
     """
 
-    def __init__(self, model, tok: Tokenizer, n_slots: int = 1, ready=None):
-        if n_slots != 1:
-            raise GGQError(f"--parallel {n_slots}: only 1 slot for now (continuous batching is a later slice)")
+    def __init__(self, model, tok: Tokenizer, n_slots: int = 1, ready=None, max_queue: int = 64,
+                 prompt_chunk: int = 128):
+        n_seq = int(getattr(model, "n_seq", 1))
+        if not 1 <= n_slots <= n_seq:
+            raise GGQError(f"{n_slots} slots need a model loaded with at least as many sequences (it has {n_seq})")
+        if max_queue < 0 or prompt_chunk < 1:
+            raise GGQError(f"invalid queue size {max_queue} or prompt chunk {prompt_chunk}")
         self.model, self.tok = model, tok
         self.stats = EngineStats()
         self.slots = [Slot(i, model, tok, self.stats) for i in range(n_slots)]
-        self._queue: queue.Queue = queue.Queue()
+        self.max_queue, self.prompt_chunk = max_queue, prompt_chunk
+        self._waiting: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._admitted = 0
         self._ready = ready
         self.is_ready = threading.Event()
         self.n_processed = 0
+        self.n_batches = 0          # batched decode steps (forward calls)
+        self.n_batched_tokens = 0   # tokens they decoded
         self._thread = threading.Thread(target=self._run, name="ggq-engine", daemon=True)
         self._thread.start()
 
@@ -382,27 +455,41 @@ class Engine:
 
     def submit(self, req: GenRequest | EmbedRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue ``req``; iterate the returned handle (in ``loop``, default: the running one) for
-        its events."""
+        its events. :class:`QueueFull` when ``max_queue`` requests already wait for a slot."""
         handle = RequestHandle(req, loop or asyncio.get_running_loop())
-        self._queue.put(handle)
+        with self._cv:
+            waiting = sum(not h.cancelled.is_set() for h in self._waiting)
+            if waiting >= self.max_queue and not self._has_free_slot():
+                raise QueueFull(f"all {len(self.slots)} slots are busy and {waiting} requests are waiting")
+            self._waiting.append(handle)
+            self._cv.notify()
         return handle
+
+    def _has_free_slot(self) -> bool:
+        free = sum(not s.busy for s in self.slots)
+        return free > len(self._waiting)
 
     def queued(self) -> int:
         """Requests waiting for a slot."""
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def busy(self) -> int:
         """Slots running a request."""
         return sum(s.busy for s in self.slots)
 
     def stop(self) -> None:
-        """Let the worker thread end after the current request."""
-        self._queue.put(None)
+        """Let the worker thread end (after the current step; requests still running get no more events)."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
 
-    def _pick_slot(self, prompt: list[int]) -> Slot:
-        """The free slot whose cache shares the longest prefix with ``prompt``."""
+    def _pick_slot(self, req: GenRequest) -> Slot:
+        """The free slot whose cache shares the longest prefix with the prompt (any slot when the
+        request does not reuse its cache, ``cache_prompt`` false); among equals the least recently
+        used, so that a conversation's cache survives other requests sharing only, say, the
+        template's system prompt."""
         free = [s for s in self.slots if not s.busy]
-        return max(free, key=lambda s: common_prefix(s.cached, prompt))
+        return max(free, key=lambda s: (common_prefix(s.cached, req.prompt) if req.cache_prompt else 0, -s.order))
 
     def _run(self) -> None:
         if self._ready is not None:
@@ -414,32 +501,111 @@ class Engine:
                 return
         self.is_ready.set()
         while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
+            with self._cv:
+                while not self._stopping and not self._waiting and not any(s.busy for s in self.slots):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+            self._admit()
+            self._prefill_step()
+            self._decode_step()
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (cancelled ones are dropped; embeddings run now)."""
+        while True:
+            with self._cv:
+                if not self._waiting or all(s.busy for s in self.slots):
+                    return
+                handle = self._waiting.popleft()
             if handle.cancelled.is_set():
                 continue
             if isinstance(handle.req, EmbedRequest):
                 self._embed(handle)
                 continue
-            slot = self._pick_slot(handle.req.prompt)
+            slot = self._pick_slot(handle.req)
             try:
-                slot.start(handle)
-                while slot.step():
-                    pass
+                slot.begin(handle)
             except GGQError as e:
-                slot.handle = None
+                slot.handle, slot.todo = None, []
                 handle._emit("error", e)
+                self.n_processed += 1
+                continue
+            self._admitted += 1
+            slot.order = self._admitted
+
+    def _prefill_step(self) -> None:
+        """Prompt chunks of the slots still reading their prompt, earliest admitted first, up to
+        ``prompt_chunk`` tokens in all (at least one chunk): a slot's next chunk is always its next
+        ``prompt_chunk`` tokens (or the rest), whatever the other slots do, so a request's logits
+        (and its greedy reply) are the same alone or among others; several short prompts are read
+        in one step."""
+        budget = self.prompt_chunk
+        for slot in sorted((s for s in self.slots if s.busy and s.todo), key=lambda s: s.order):
+            n = min(len(slot.todo), self.prompt_chunk)
+            if n > budget and budget < self.prompt_chunk:
+                break
+            budget -= n
+            if slot.handle.cancelled.is_set():
+                slot.finish("cancelled")
+                self.n_processed += 1
+                continue
+            try:
+                slot.prefill(self.prompt_chunk)
+            except GGQError as e:
+                slot.fail(e)
+                self.n_processed += 1
             except Exception as e:  # a bug: report it to this request, keep serving
-                log.exception("generation failed")
-                slot.handle = None
-                slot.cached = []
-                handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
-            self.n_processed += 1
+                log.exception("prompt evaluation failed")
+                slot.fail(GGQError(f"internal error: {type(e).__name__}: {e}"))
+                self.n_processed += 1
+            if budget <= 0:
+                break
+
+    def _decode_step(self) -> None:
+        """Sample every generating slot's next token, then evaluate them all in one forward call."""
+        batch: list[tuple[Slot, int]] = []
+        for slot in self.slots:
+            if not slot.generating:
+                continue
+            try:
+                tid = slot.sample()
+            except GGQError as e:
+                slot.fail(e)
+                tid = None
+            except Exception as e:
+                log.exception("sampling failed")
+                slot.fail(GGQError(f"internal error: {type(e).__name__}: {e}"))
+                tid = None
+            if tid is None:
+                self.n_processed += 1
+            else:
+                batch.append((slot, tid))
+        if not batch:
+            return
+        try:
+            if len(batch) == 1:
+                slot, tid = batch[0]
+                rows = [slot.model.eval([tid])]
+            else:
+                lg = self.model.decode_batch([t for _, t in batch], [s.id for s, _ in batch])
+                rows = list(lg)
+        except Exception as e:
+            if not isinstance(e, GGQError):
+                log.exception("batched decoding failed")
+                e = GGQError(f"internal error: {type(e).__name__}: {e}")
+            for slot, _ in batch:
+                slot.clear()
+                slot.fail(e)
+                self.n_processed += 1
+            return
+        self.n_batches += 1
+        self.n_batched_tokens += len(batch)
+        for (slot, tid), row in zip(batch, rows):
+            slot.accept(tid, row)
 
     def _embed(self, handle: RequestHandle) -> None:
-        """Run an :class:`EmbedRequest` on the model (one slot: its cache is reset; afterwards it holds
-        the last input, which a later prompt sharing a prefix with it reuses)."""
+        """Run an :class:`EmbedRequest` on a free slot, whole, between steps (its cache is reset;
+        afterwards it holds the last input, which a later prompt sharing a prefix with it reuses)."""
         slot = min((s for s in self.slots if not s.busy), key=lambda s: len(s.cached))
         slot.handle = handle
         vectors = []
@@ -447,21 +613,18 @@ class Engine:
             for ids in handle.req.inputs:
                 if handle.cancelled.is_set():
                     return
-                self.model.reset()
-                slot.cached = []
-                vectors.append(pool(self.model.embed(ids)))
+                slot.clear()
+                vectors.append(pool(slot.model.embed(ids)))
                 slot.cached = list(ids)
                 self.stats.embedding_inputs += 1
                 self.stats.embedding_tokens += len(ids)
         except GGQError as e:
-            self.model.reset()
-            slot.cached = []
+            slot.clear()
             handle._emit("error", e)
             return
         except Exception as e:
             log.exception("embedding failed")
-            self.model.reset()
-            slot.cached = []
+            slot.clear()
             handle._emit("error", GGQError(f"internal error: {type(e).__name__}: {e}"))
             return
         finally:
@@ -471,7 +634,10 @@ class Engine:
 
     def _fail_all(self, err: GGQError) -> None:
         while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
+            with self._cv:
+                while not self._stopping and not self._waiting:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                handle = self._waiting.popleft()
             handle._emit("error", err)
