@@ -5,6 +5,7 @@ Tokenizer and Hugging Face's ``tokenizers`` on the checkpoint's tokenizer.json."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -35,19 +36,10 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-
-@pytest.fixture(scope="module")
-def srv(smollm2_gguf):
-    from ggq.runtime.chat import ChatTemplate, Warmup, load
-    from ggq.serve.app import create_app
-    from ggq.serve.engine import Engine
-
-    model, tok = load(str(smollm2_gguf), N_CTX, None, "f16")
-    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name)
-    warmup = Warmup(model)
-    engine = Engine(model, tok, 1, ready=warmup.wait)
-    model_id = "smol"
-    app = create_app(engine, tok, template, model_id, names={model.path.name}, api_key=KEY)
+@contextlib.contextmanager
+def running_server(app):
+    """Run ``app`` under uvicorn on a free loopback port in a thread until the block ends; yields
+    ``(url, openai client)`` once ``/health`` answers 200 (the forward pass has compiled)."""
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            access_log=False, lifespan="off"))
@@ -63,11 +55,29 @@ def srv(smollm2_gguf):
             pass
         assert time.monotonic() < deadline, "the server did not get ready"
         time.sleep(0.5)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
-    yield SimpleNamespace(url=url, client=client, model_id=model_id, engine=engine, tok=tok, template=template,
-                          path=smollm2_gguf)
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield url, openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+
+@pytest.fixture(scope="module")
+def srv(smollm2_gguf):
+    from ggq.runtime.chat import ChatTemplate, Warmup, load
+    from ggq.serve.app import create_app
+    from ggq.serve.engine import Engine
+
+    model, tok = load(str(smollm2_gguf), N_CTX, None, "f16")
+    template = ChatTemplate.for_model(model.metadata, tok, model.family.chat_template, model.path.name)
+    warmup = Warmup(model)
+    engine = Engine(model, tok, 1, ready=warmup.wait)
+    model_id = "smol"
+    app = create_app(engine, tok, template, model_id, names={model.path.name}, api_key=KEY)
+    with running_server(app) as (url, client):
+        yield SimpleNamespace(url=url, client=client, model_id=model_id, engine=engine, tok=tok, template=template,
+                              path=smollm2_gguf)
     engine.stop()
     warmup.finish()
 

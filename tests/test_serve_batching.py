@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_serve import KEY, _free_port
+from test_serve import KEY, running_server
 
 pytestmark = pytest.mark.slow
 
@@ -42,25 +42,8 @@ def bsrv(smollm2_gguf):
     warmup = Warmup(model)
     engine = Engine(model, tok, N_SLOTS, ready=warmup.wait, max_queue=MAX_QUEUE)
     app = create_app(engine, tok, template, "smol", names={model.path.name}, api_key=KEY)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 900  # a cold Numba cache compiles for a while on a busy machine
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not get ready"
-        time.sleep(0.5)
-    client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=300)
-    yield SimpleNamespace(url=url, client=client, engine=engine, tok=tok, model=model)
-    server.should_exit = True
-    thread.join(30)
+    with running_server(app) as (url, client):
+        yield SimpleNamespace(url=url, client=client, engine=engine, tok=tok, model=model)
     engine.stop()
     warmup.finish()
 

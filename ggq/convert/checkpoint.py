@@ -212,11 +212,12 @@ class Checkpoint:
         return {"float16": "F16", "bfloat16": "BF16"}.get(dt, "F32")
 
 
-def read_config(model_dir: Path) -> dict:
-    """Parse ``model_dir/config.json``; GGQError if missing or not a JSON object."""
-    p = model_dir / "config.json"
+def read_json_object(folder: Path, name: str, what: str) -> dict:
+    """Parse ``folder/name`` as a JSON object; GGQError (one line naming the file) if it is missing
+    (``what``: the kind of folder that should hold it), unreadable, not JSON or not an object."""
+    p = folder / name
     if not p.is_file():
-        raise GGQError(f"{model_dir}: no config.json (not a Hugging Face checkpoint folder)")
+        raise GGQError(f"{folder}: no {name} (not {what})")
     try:
         cfg = json.loads(p.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
@@ -224,7 +225,13 @@ def read_config(model_dir: Path) -> dict:
     except OSError as e:
         raise GGQError(f"{p}: cannot read ({e.strerror or e})") from None
     if not isinstance(cfg, dict):
-        raise GGQError(f"{p}: invalid config (not a JSON object)")
+        raise GGQError(f"{p}: invalid {name} (not a JSON object)")
+    return cfg
+
+
+def read_config(model_dir: Path) -> dict:
+    """Parse ``model_dir/config.json``; GGQError if missing or not a JSON object."""
+    cfg = read_json_object(model_dir, "config.json", "a Hugging Face checkpoint folder")
     # Like llama.cpp's converter, read the config through transformers when it knows the model type:
     # that fills in defaults (head_dim, rope_parameters, ...) the JSON may omit.
     try:

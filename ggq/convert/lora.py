@@ -38,7 +38,6 @@ map or whose shape differs, non-finite ``lora_alpha`` or weights.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -114,15 +113,10 @@ def parse_lora_spec(spec: str, option: str = "--lora") -> tuple[str, float]:
 # ------------------------------------------------------------------------ reading a PEFT folder
 
 def _read_config(d: Path) -> dict:
+    from ggq.convert.checkpoint import read_json_object
+
     p = d / "adapter_config.json"
-    if not p.is_file():
-        raise GGQError(f"{d}: no adapter_config.json (not a PEFT adapter folder)")
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise GGQError(f"{p}: invalid JSON ({show(str(e))})") from None
-    if not isinstance(cfg, dict):
-        raise GGQError(f"{p}: not a JSON object")
+    cfg = read_json_object(d, "adapter_config.json", "a PEFT adapter folder")
     ptype = cfg.get("peft_type")
     if not isinstance(ptype, str) or ptype.upper() != "LORA":
         raise GGQError(f"{p}: peft_type {show(ptype)} is not LORA (only LoRA adapters convert)")
