@@ -316,6 +316,20 @@ class Model:
             raise GGQError(f"sequence {seq!r} out of range 0..{self.n_seq - 1}")
         return int(seq)
 
+    def _check_append(self, tokens, seq, caller: str):
+        """``(seq, token ids int64 (n,))`` for appending ``tokens`` to sequence ``seq``; GGQError for
+        no tokens, an id outside the vocabulary or a context that would overflow n_ctx."""
+        seq = self._check_seq(seq)
+        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        n = toks.shape[0]
+        if n == 0:
+            raise GGQError(f"{caller}() needs at least one token")
+        if toks.min() < 0 or toks.max() >= self.n_vocab:
+            raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
+        if self._past[seq] + n > self.n_ctx:
+            raise GGQError(f"context full: {self._past[seq]} + {n} tokens exceed n_ctx={self.n_ctx}")
+        return seq, toks
+
     def seq(self, i: int) -> "Sequence":
         """A view of sequence ``i``: :class:`Sequence`, with this model's single-sequence API."""
         return Sequence(self, self._check_seq(i))
@@ -369,15 +383,8 @@ class Model:
         GGQError if a token id is out of range, the context would overflow n_ctx, the sequence
         does not exist, or the logits are not finite (NaN or infinity: the model's values
         overflow; the sampler cannot use them)."""
-        seq = self._check_seq(seq)
-        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        seq, toks = self._check_append(tokens, seq, "eval")
         n = toks.shape[0]
-        if n == 0:
-            raise GGQError("eval() needs at least one token")
-        if toks.min() < 0 or toks.max() >= self.n_vocab:
-            raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
-        if self._past[seq] + n > self.n_ctx:
-            raise GGQError(f"context full: {self._past[seq]} + {n} tokens exceed n_ctx={self.n_ctx}")
         outs = []
         for s in range(0, n, self.n_batch):
             chunk = toks[s:s + self.n_batch]
@@ -406,15 +413,8 @@ class Model:
         output norm applied (what the output matrix multiplies into logits), one row per token.
 
         GGQError as :meth:`eval` (token out of range, context full, non-finite values)."""
-        seq = self._check_seq(seq)
-        toks = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        seq, toks = self._check_append(tokens, seq, "embed")
         n = toks.shape[0]
-        if n == 0:
-            raise GGQError("embed() needs at least one token")
-        if toks.min() < 0 or toks.max() >= self.n_vocab:
-            raise GGQError(f"token id out of range 0..{self.n_vocab - 1}")
-        if self._past[seq] + n > self.n_ctx:
-            raise GGQError(f"context full: {self._past[seq]} + {n} tokens exceed n_ctx={self.n_ctx}")
         ip = self._ip.copy()
         ip[ops.I_OUT] = -1  # ops.output: the normed hidden states instead of logits
         out = np.empty((n, self.n_embd), np.float32)
