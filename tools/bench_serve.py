@@ -53,6 +53,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import httpx
 
@@ -85,7 +86,7 @@ class Server:
     request body, and once started its process, URL, model id and log file."""
 
     name: str
-    cmd: object  # port -> list[str]
+    cmd: Callable[[int], list[str]]  # port -> command line
     extra: dict = field(default_factory=dict)
     proc: subprocess.Popen | None = None
     url: str = ""
@@ -124,9 +125,10 @@ class Server:
     def rss_mb(self) -> float:
         """The server process's resident memory in MiB (``VmRSS``), NaN if unreadable."""
         try:
-            for line in open(f"/proc/{self.proc.pid}/status"):
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+            with open(f"/proc/{self.proc.pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
         except OSError:
             pass
         return float("nan")
@@ -225,7 +227,7 @@ def table(rows: list[dict], base: str) -> str:
     at the same number of clients and to each server's first number of clients."""
     by = {(r["server"], r["clients"]): r for r in rows}
     first: dict[str, float] = {}
-    out = ["| server | clients | aggregate tok/s | vs 1st row | per request tok/s | TTFT p50 / p95 s | "
+    out = ["| server | clients | aggregate tok/s | vs its first | per request tok/s | TTFT p50 / p95 s | "
            f"aggregate vs {base} | TTFT p50 vs {base} | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = by.get((base, r["clients"]))
@@ -298,7 +300,7 @@ def soak(srv: Server, seconds: float, clients: int, n: int, bias: dict, every: f
         return min(rss, key=lambda s: abs(s[0] - t))[1]
 
     return {"server": srv.name, "seconds": wall, "clients": clients, **counts, "tokens_per_s": counts["tokens"] / wall,
-            "rss_start_mib": rss[0][1], "rss_1min_mib": at(60), "rss_middle_mib": at(wall / 2),
+            "rss_start_mib": rss[0][1], "rss_1min_mib": at(60) if wall > 60 else float("nan"), "rss_middle_mib": at(wall / 2),
             "rss_end_mib": rss[-1][1],
             "rss_max_mib": max(s[1] for s in rss), "rss": rss, "first_errors": errors,
             "server_alive": srv.proc.poll() is None}
