@@ -35,7 +35,8 @@ it), in the middle and at the end. Usage::
     python tools/bench_serve.py model.gguf --threads 2 --soak 600
 
 ``--llama-server`` takes ``native`` (default) or ``avx2``, built by ``tools/llama_bench.py`` (about
-10 minutes the first time), or a binary's path. Shared machines: run nothing else meanwhile;
+10 minutes the first time), or a binary's path. ``--llama-cpp`` needs llama-cpp-python's
+``[server]`` extra (sse-starlette, starlette-context, pydantic-settings). Shared machines: run nothing else meanwhile;
 compare ratios from one run only.
 """
 
