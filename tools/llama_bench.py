@@ -1,14 +1,16 @@
 """llama.cpp's own ``llama-bench`` (C++, no Python in its loop): built once, run on GGUF files.
 
 :func:`build` downloads the llama-cpp-python 0.3.36 source package with pip (PyPI only), extracts
-its vendored llama.cpp and builds the ``llama-bench`` and ``llama-completion`` (the one-shot
-command line, for the time to first token) targets with cmake into
-``.cache/llama-bench/<flavour>`` (``native``: ``-DGGML_NATIVE=ON``; ``avx2``: ``-DGGML_NATIVE=OFF
--DGGML_AVX2=ON -DGGML_AVX512=OFF``, for the AVX2-only comparison). About 10 minutes on 2 cores the
-first time; later calls return the cached binary. :func:`run` runs it on one file and returns
-prompt and decode tokens/s.
+its vendored llama.cpp and builds the ``llama-bench``, ``llama-completion`` (the one-shot
+command line, for the time to first token) and ``llama-server`` (its HTTP server, for
+``tools/bench_serve.py``; built without the web UI, whose assets would be downloaded) targets with
+cmake into ``.cache/llama-bench/<flavour>`` (``native``: ``-DGGML_NATIVE=ON``; ``avx2``:
+``-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF``, for the AVX2-only comparison). About 10
+minutes on 2 cores the first time; later calls return the cached binaries and build only the
+targets still missing (a build directory from before ``llama-server`` gets just that one).
+:func:`run` runs ``llama-bench`` on one file and returns prompt and decode tokens/s.
 
-    python tools/llama_bench.py [native|avx2]        # builds if needed, prints the binary's path
+    python tools/llama_bench.py [native|avx2]        # builds if needed, prints the binaries' directory
 
 Nothing from llama.cpp is committed to this repository.
 """
@@ -45,19 +47,32 @@ def _source(cache: Path) -> Path:
     return next(cache.glob("llama_cpp_python-*/vendor/llama.cpp/CMakeLists.txt")).parent
 
 
-def build(flavour: str = "native", cache: Path = CACHE) -> Path:
-    """Path of the ``llama-bench`` binary of ``flavour`` (built on first use)."""
+TARGETS = ("llama-bench", "llama-completion", "llama-server")
+
+
+def _run(cmd: list[str]) -> None:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+
+
+def build(flavour: str = "native", cache: Path = CACHE, targets: tuple[str, ...] = TARGETS) -> Path:
+    """Path of the ``llama-bench`` binary of ``flavour``; the ``targets`` missing from its
+    directory (by default all of :data:`TARGETS`) are built first."""
     src = _source(Path(cache))
     out = src / f"build-{flavour}"
-    binary = out / "bin" / "llama-bench"
-    if binary.exists() and (out / "bin" / "llama-completion").exists():
-        return binary
-    subprocess.run(["cmake", "-B", str(out), "-S", str(src), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    *FLAVOURS[flavour]], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(out), "--target", "llama-bench", "llama-completion", "-j2"], check=True,
-                   capture_output=True)
-    return binary
+    missing = [t for t in targets if not (out / "bin" / t).exists()]
+    if missing:
+        _run(["cmake", "-B", str(out), "-S", str(src), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
+              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
+              "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", *FLAVOURS[flavour]])
+        _run(["cmake", "--build", str(out), "--target", *missing, "-j2"])
+    return out / "bin" / "llama-bench"
+
+
+def server(flavour: str = "native", cache: Path = CACHE) -> Path:
+    """Path of the ``llama-server`` binary of ``flavour`` (built on first use)."""
+    return build(flavour, cache, targets=("llama-server",)).parent / "llama-server"
 
 
 def run(binary: Path, path: Path, n_prompt: int, n_gen: int, threads: int, reps: int = 3,
@@ -86,4 +101,4 @@ def cpu_flags() -> str:
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1] if len(sys.argv) > 1 else "native"))
+    print(build(sys.argv[1] if len(sys.argv) > 1 else "native").parent)
