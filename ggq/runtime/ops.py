@@ -32,7 +32,7 @@ from numba import njit, prange, types
 from numba.extending import overload
 
 from ggq.runtime.kernels import C_FAM, get_row, matmul, quantize_act, quantize_act_par
-from ggq.runtime.kernels.floats import causal_rows_times_x, f16_to_f32, f32_to_f16
+from ggq.runtime.kernels.floats import f16_to_f32, f32_to_f16
 from ggq.runtime.kernels.mathf import expf
 from ggq.runtime.kernels.simd import W, add_v, at, fma_s, fzero, load_kv, store_f
 from ggq.runtime.kernels.repack import FAM_N4
@@ -599,47 +599,6 @@ _ATT_CHUNK = 64
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
-def _batch_item_any(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
-    """Chunk ``c`` of prompt tokens, head ``h`` (:func:`_attention_batch`) for head dims that are not a multiple of 16:
-    the chunk's keys and values converted to float32, then scalar 4 x 4 register tiles."""
-    T = q.shape[0]
-    grp = n_head // n_kv
-    kvh = h // grp
-    t0 = c * _ATT_CHUNK
-    tn = min(T, t0 + _ATT_CHUNK) - t0
-    p0 = _first_key(pos0 + t0, window)
-    nk = pos0 + t0 + tn - p0  # keys p0 .. pos0 + t0 + tn - 1
-    kf = np.empty((nk, hd), np.float32)
-    vt = np.empty((hd, nk), np.float32)
-    for p in range(nk):
-        pp = p0 + p
-        for d in range(hd):
-            kf[p, d] = kv_value(kc[kvh, pp // KT, d, pp % KT])
-    for p in range(nk):
-        for d in range(hd):
-            vt[d, p] = kv_value(vc[kvh, p0 + p, d])
-    qh = np.empty((tn, hd), np.float32)
-    for t in range(tn):
-        for d in range(hd):
-            qh[t, d] = q[t0 + t, h * hd + d]
-    s = np.empty((tn, nk), np.float32)
-    base = pos0 + t0 - p0  # token t of the chunk sees keys [lo, base + t + 1)
-    causal_rows_times_x(kf, qh, s, base, False)  # s[t, p] = k_p . q_t
-    for t in range(tn):
-        m = base + t + 1
-        lo = _first_key(pos0 + t0 + t, window) - p0
-        _softmax(s[t, lo:m], scale, cap)
-        s[t, :lo] = 0.0
-        s[t, m:] = 0.0
-    o = np.empty((tn, hd), np.float32)
-    causal_rows_times_x(vt, s, o, base, True)  # o[t, d] = sum_p v_p[d] * s[t, p]
-    for t in range(tn):
-        for d in range(hd):
-            out[t0 + t, h * hd + d] = o[t, d]
-
-
-
-@njit(cache=True, fastmath=True, error_model="numpy")  # _softmax's 1 / tot: as _attention_decode
 def _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out):
     """Chunk ``c`` of prompt tokens, head ``h`` (:func:`_attention_batch`), read
     straight from the cache (fp16 converted in the load, :func:`~ggq.runtime.kernels.simd.load_kv`).
@@ -648,7 +607,8 @@ def _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
     dim adds one broadcast query value times 16 positions (8 FMAs per 2 loads, no horizontal sums);
     only the positions up to a tile's last token are computed. After the causal softmax,
     O = P V in tiles of 4 tokens x 16 dims (V rows are [position][dim]), over each tile's visible
-    positions only. ``hd`` a multiple of 16 (else :func:`_batch_item_any`)."""
+    positions only; the last ``hd % 16`` dims (head dims that are not a multiple of 16) one at a
+    time, summed in the same order."""
     T = q.shape[0]
     grp = n_head // n_kv
     kvh = h // grp
@@ -709,7 +669,7 @@ def _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
         plo = _first_key(pos0 + t0 + tt, window) - pa
         phi = min(pe, pos0 + t0 + tt + 4) - pa
         so = tt * nk
-        for dv in range(0, hd, 16):
+        for dv in range(0, hd - hd % 16, 16):
             a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = fzero()
             vb = (kvh * n_ctx + pa) * hd + dv
             for p in range(plo, phi):
@@ -736,6 +696,12 @@ def _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out
             if tt + 3 < tn:
                 store_f(out, oo + 3 * ld, a3)
                 store_f(out, oo + 3 * ld + 8, b3)
+        for d in range(hd - hd % 16, hd):
+            for i in range(min(4, tn - tt)):
+                acc = np.float32(0.0)
+                for p in range(plo, phi):
+                    acc += kv_value(vc[kvh, pa + p, d]) * s[so + i * nk + p]
+                out[t0 + tt + i, h * hd + d] = acc
 
 
 @njit(cache=True, parallel=True)
@@ -743,7 +709,7 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
     """Prompt batches: per head and chunk of ``_ATT_CHUNK`` tokens, S = Q K^T, a causal softmax,
     O = P V as float products in register tiles that skip the masked keys (about half the work of
     the full products), parallel over (chunk, head) items: :func:`_batch_item` reads the cache
-    directly; head dims that are not a multiple of 16 take :func:`_batch_item_any`. Only the keys
+    directly. Only the keys
     the chunk sees are read (with a sliding window, from the first token's first visible key)."""
     nch = (q.shape[0] + _ATT_CHUNK - 1) // _ATT_CHUNK
     # chunk c sees c + 1 chunks of keys: an item takes chunks j and nch - 1 - j of one head, so
@@ -754,10 +720,7 @@ def _attention_batch(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
         j = it // n_head
         for k in range(2 if nch - 1 - j > j else 1):
             c = j if k == 0 else nch - 1 - j
-            if hd % 16 == 0:
-                _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
-            else:
-                _batch_item_any(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
+            _batch_item(c, h, q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out)
 
 
 @njit(cache=True)
