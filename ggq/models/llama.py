@@ -27,7 +27,7 @@ from ggq.convert import vocab
 from ggq.models.base import Family
 from ggq.runtime import ops
 from ggq.runtime.ops import (I_EMBD, I_HD, I_HEAD, I_KV, I_LAYER, I_ROT, L_ATTN_NORM, L_FFN_NORM, L_K_NORM, L_Q_NORM,
-                             L_ROPE, L_WO)
+                             L_ROPE, L_SWA, L_WO)
 
 
 @njit(cache=True, fastmath=True)
@@ -51,7 +51,7 @@ def forward(tokens, pos, seq, all_logits, W, vecs, lay, ip, fp, inv_freq, mscale
             ops.head_rmsnorm(s.k, ip[I_KV], hd, ops.vec(vecs, L[L_K_NORM], hd), eps)
         ops.rope(s.q, ip[I_HEAD], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
         ops.rope(s.k, ip[I_KV], ip, cos[L[L_ROPE]], sin[L[L_ROPE]])
-        ops.attention(l, s.q, s.k, s.v, kc, vc, pos, seq, ip, fp, False, s.att)
+        ops.attention(l, s.q, s.k, s.v, kc, vc, pos, seq, ip, fp, L[L_SWA] == 1, s.att)
         ops.linear(W, L[L_WO], s.att, s.aa, s.o)                    # attention output
         ops.add_rows(x, s.o)
         ops.rmsnorm(x, ops.vec(vecs, L[L_FFN_NORM], n_embd), eps, s.h)   # FFN norm

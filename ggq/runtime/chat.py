@@ -261,8 +261,8 @@ class Warmup:
         threading.Thread(target=self._run, name="ggq-warmup", daemon=True).start()
 
     def _run(self):
-        try:
-            self.model.warmup(repackers=False)
+        try:  # on a first run: ready once the model can run, the forward still compiling
+            self.model.warmup(repackers=False, wait=False)
         except BaseException as e:  # re-raised by wait() in the caller's thread
             self.error = e
         finally:
@@ -271,14 +271,20 @@ class Warmup:
             self.model.compile_repackers()
         except Exception:  # an optimisation only: the next load falls back to numpy
             pass
+        try:
+            if self.error is None:
+                self.model.finish_compile()  # first run: the compiled forward, once the helper has it
+        except Exception:  # the Python-level forward keeps working
+            pass
         finally:
             self.finished.set()
 
     def finish(self) -> None:
-        """Before the process exits: wait for the background compile of the repackers (first run
-        only; they make the next load of a large file several times faster)."""
+        """Before the process exits: wait for the background compile of the forward pass and the
+        repackers (first run only; they make the next start and the next load of a large file
+        several times faster)."""
         if not self.finished.wait(0.2):
-            self.err.write("ggq: finishing the one-time compile of the weight repackers...\n")
+            self.err.write("ggq: finishing the one-time compile of the forward pass and weight repackers...\n")
             self.err.flush()
             self.finished.wait()
 

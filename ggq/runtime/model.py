@@ -30,7 +30,7 @@ from gguf import GGMLQuantizationType as T
 from ggq import models
 from ggq.errors import GGQError, show
 from ggq.models.base import Metadata, RunParams
-from ggq.runtime import ops
+from ggq.runtime import firstrun, ops
 from ggq.runtime.kernels import SUPPORTED_TYPES, WeightArena
 from ggq.runtime.loader import open_gguf
 from ggq.runtime.memory import release_range
@@ -276,6 +276,7 @@ class Model:
         self._ip = rp.int_params(self.n_vocab, i_emb, i_onorm, i_out)
         self._fp = rp.float_params()
         self._forward_fn = fam.forward
+        self._first_run = None  # a firstrun.FirstRun while the forward compiles (warmup)
         self.kv_type = kv_type
         # per sequence: K in tiles of KT positions [layer][kv head][tile][dim][position],
         # V [layer][kv head][position][dim]
@@ -345,15 +346,43 @@ class Model:
             raise GGQError(f"cannot truncate the KV cache to {n_past} tokens (it holds {self._past[s]})")
         self._past[s] = int(n_past)
 
-    def warmup(self, repackers: bool = True) -> None:
+    def warmup(self, repackers: bool = True, wait: bool = True) -> None:
         """Compile the forward pass for this file's types (or load it from Numba's on-disk cache):
         one decode step at position 0, then the cache is cleared; the compiled code covers every
         batch size. Then the compiled load-time repackers of its types, for the next load. Safe to
-        run in a background thread while nothing else uses the model."""
+        run in a background thread while nothing else uses the model.
+
+        When the forward is not in the cache (a fresh install, a new ggq) it is compiled on two
+        cores (:mod:`ggq.runtime.firstrun`): the attention and the whole forward in a second
+        process, the other ops here. With ``wait`` False this returns as soon as the model can
+        run (its forward then runs as Python over the compiled ops, with the same results) and
+        :meth:`finish_compile` later switches to the compiled forward; with ``wait`` True it
+        returns with the compiled forward in use."""
+        fwd = self.family.forward
+        if self._forward_fn is fwd and self._first_run is None:
+            i1 = np.zeros(1, np.int64)
+            sig = firstrun.signature(self._forward_args(i1, i1, i1, False, self._ip,
+                                                        np.empty((1, self.n_vocab), np.float32)))
+            if firstrun.load_cached(fwd, sig) is False:
+                q = np.empty((1, self.n_head * self.head_dim), np.float32)
+                kv = np.empty((1, self.n_kv * self.head_dim), np.float32)
+                att = firstrun.signature((0, q, kv, kv, self._kc, self._vc, i1, i1, self._ip, self._fp, False, q))
+                self._first_run = firstrun.FirstRun(fwd, sig, att)
+                self._forward_fn = self._first_run.python_forward
         self.eval([0])
         self.reset()
+        if wait:
+            self.finish_compile()
         if repackers:
             self.compile_repackers()
+
+    def finish_compile(self) -> None:
+        """After :meth:`warmup` with ``wait`` False on a first run: wait until the helper process
+        has compiled the forward, load it and use it from the next batch on (no-op otherwise)."""
+        fr = self._first_run
+        if fr is not None:
+            self._forward_fn = fr.finish()
+            self._first_run = None
 
     def compile_repackers(self) -> None:
         """Compile (or load) the load-time repackers of this file's types, so that the next load
@@ -459,8 +488,7 @@ class Model:
             s = int(sq[pos.argmax()])
             raise GGQError(f"context full: sequence {s} holds {self._past[s]} tokens, n_ctx={self.n_ctx}")
         lg = np.empty((n, self.n_vocab), np.float32)
-        self._forward_fn(toks, pos, sq, True, self.arena.args, self._vecs, self._lay, self._ip, self._fp,
-                         self._inv_freq, self._rope_mscale, self._kc, self._vc, lg)
+        self._forward_fn(*self._forward_args(toks, pos, sq, True, self._ip, lg))
         if not np.isfinite(lg).all():
             bad = [int(sq[i]) for i in range(n) if not np.isfinite(lg[i]).all()]
             raise GGQError(f"{self.path.name}: the model produced non-finite values (NaN or infinity) for "
@@ -472,9 +500,13 @@ class Model:
     def _forward(self, chunk, logits, all_logits, ip=None, seq=0):
         T = chunk.shape[0]
         p0 = self._past[seq]
-        self._forward_fn(chunk, np.arange(p0, p0 + T, dtype=np.int64), np.full(T, seq, np.int64), all_logits,
-                         self.arena.args, self._vecs, self._lay, self._ip if ip is None else ip, self._fp,
-                         self._inv_freq, self._rope_mscale, self._kc, self._vc, logits)
+        self._forward_fn(*self._forward_args(chunk, np.arange(p0, p0 + T, dtype=np.int64), np.full(T, seq, np.int64),
+                                             all_logits, self._ip if ip is None else ip, logits))
+
+    def _forward_args(self, tokens, pos, seq, all_logits, ip, logits) -> tuple:
+        """The arguments of the family's ``forward`` (see :func:`ggq.models.llama.forward`)."""
+        return (tokens, pos, seq, all_logits, self.arena.args, self._vecs, self._lay, ip, self._fp,
+                self._inv_freq, self._rope_mscale, self._kc, self._vc, logits)
 
     def _first_non_finite_layer(self, chunk, all_logits, seq=0) -> str:
         """Where a batch whose logits were not finite first went wrong, for the error message: the
