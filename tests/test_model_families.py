@@ -402,3 +402,22 @@ def test_mix_types_match_llamacpp(type_files, name, t):
     ours = {n: x.tensor_type for n, x in _tensors(type_files(name, "ggq", t)).items()}
     ref = {n: x.tensor_type for n, x in _tensors(type_files(name, "llamacpp", t)).items()}
     assert ours == ref
+
+
+@pytest.mark.parametrize("name", RUN_CASES)
+def test_python_forward_matches_compiled(type_files, name):
+    """A first run's forward (ggq.runtime.firstrun.python_forward: the family's forward as Python
+    over the compiled ops) gives the compiled forward's logits bit for bit, in every family: a
+    prompt longer than the sliding window, then decode steps."""
+    from ggq.runtime.firstrun import python_forward
+
+    m = Model.load(type_files(name, "ggq", "Q8_0"), n_ctx=128)
+    fwd = m.family.forward
+    got = []
+    for fn in (fwd, python_forward(fwd)):
+        m._forward_fn = fn
+        m.reset()
+        got.append([m.eval(_prompt(512, 40, seed=3), all_logits=True)] + [m.eval([t]) for t in (5, 9, 400)])
+    m._forward_fn = fwd
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
