@@ -26,14 +26,14 @@ def test_python_forward_matches_compiled(smollm2_gguf):
     """SmolLM2 Q4_1 (llama.cpp's file): a prompt batch, decode steps and a batched decode of two
     sequences through firstrun.python_forward give the compiled forward's logits bit for bit."""
     _need_runtime()
-    from ggq.runtime import firstrun
+    from ggq.runtime import firstrun, ops
     from ggq.runtime.model import Model
 
     m = Model.load(smollm2_gguf, n_ctx=128, n_seq=2)
     fwd = m.family.forward
     prompt = [1, 504, 3458, 282, 4649, 314, 17, 2080, 28, 253]
     outs = {}
-    for name, fn in (("compiled", fwd), ("python", firstrun.python_forward(fwd, lambda: None))):
+    for name, fn in (("compiled", fwd), ("python", firstrun.python_forward(fwd, ops.attention))):
         m._forward_fn = fn
         m.reset(0)
         m.reset(1)

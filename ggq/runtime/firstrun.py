@@ -66,29 +66,32 @@ def load_cached(dispatcher, sig) -> bool | None:
 
 
 class _OpsView(types.ModuleType):
-    """:mod:`ggq.runtime.ops` as :func:`python_forward`'s forward sees it: ``before_attention()``
-    runs before ``ops.attention`` is looked up; everything else is the module's."""
+    """:mod:`ggq.runtime.ops` as :func:`python_forward`'s forward sees it: the module's names,
+    those in ``overrides`` replaced."""
 
-    def __init__(self, before_attention):
+    def __init__(self, overrides: dict):
         super().__init__("ggq.runtime.ops")
-        self._before_attention = before_attention
+        self._overrides = overrides
 
     def __getattr__(self, name):
-        if name == "attention":
-            self._before_attention()
+        if name in self._overrides:
+            return self._overrides[name]
         return getattr(ops, name)
 
 
-def python_forward(forward, before_attention=None):
+def python_forward(forward, attention=None):
     """A family's ``@njit`` ``forward`` as a plain Python function over the same compiled ops
     (same arguments, same results bit for bit: the forward's own body only indexes and loops).
-    ``before_attention``: called before each ``ops.attention`` call (to wait for it to be
-    compiled elsewhere)."""
+    ``attention``: called instead of :func:`ggq.runtime.ops.attention` (same arguments)."""
     py = forward.py_func
     env = dict(py.__globals__)
-    if before_attention is not None:
-        env["ops"] = _OpsView(before_attention)
+    if attention is not None:
+        env["ops"] = _OpsView({"attention": attention})
     return types.FunctionType(py.__code__, env, py.__name__, py.__defaults__, py.__closure__)
+
+
+def _no_attention(*args):
+    """:func:`FirstRun.compile_rest`'s attention: nothing (the output stays as it was)."""
 
 
 class FirstRun:
@@ -103,7 +106,7 @@ class FirstRun:
         self.failed = False
         self.cpu_seconds = [0.0, 0.0]  # the helper's CPU time when it had compiled each job
         py = forward.py_func
-        self.python_forward = python_forward(forward, lambda: self.wait_for(0))
+        self.python_forward = python_forward(forward, self._attention)
         jobs = [(ops.attention.py_func.__module__, "attention", attention_sig),
                 (py.__module__, py.__name__, forward_sig)]
         root = str(Path(__file__).resolve().parents[2])  # where this ggq is imported from
@@ -137,6 +140,17 @@ class FirstRun:
             self._proc.wait()
             if not all(e.is_set() for e in self._done):
                 self._fail()
+
+    def _attention(self, *args):
+        self.wait_for(0)  # then loaded from the cache the helper wrote (or compiled here if it failed)
+        return ops.attention(*args)
+
+    def compile_rest(self, args) -> None:
+        """Compile here every op the forward calls but the attention (which the helper compiles
+        meanwhile): one pass of the forward on ``args`` (its arguments; the outputs are garbage)
+        with the attention skipped, so that this process does not wait for the helper while it
+        has ops of its own left to compile."""
+        python_forward(self.forward, _no_attention)(*args)
 
     def wait_for(self, job: int, timeout: float | None = None) -> bool:
         """Block until the helper has compiled job 0 (the attention) or 1 (the forward), or failed."""

@@ -367,8 +367,10 @@ class Model:
                 q = np.empty((1, self.n_head * self.head_dim), np.float32)
                 kv = np.empty((1, self.n_kv * self.head_dim), np.float32)
                 att = firstrun.signature((0, q, kv, kv, self._kc, self._vc, i1, i1, self._ip, self._fp, False, q))
-                self._first_run = firstrun.FirstRun(fwd, sig, att)
-                self._forward_fn = self._first_run.python_forward
+                fr = self._first_run = firstrun.FirstRun(fwd, sig, att)
+                self._forward_fn = fr.python_forward
+                fr.compile_rest(self._forward_args(i1, i1, i1, False, self._ip,
+                                                   np.empty((1, self.n_vocab), np.float32)))
         self.eval([0])
         self.reset()
         if wait:

@@ -176,7 +176,7 @@ def mm(W, m, x, A, out):
 @njit(cache=True)
 def linear(W, m, x, A, out):
     """out = x @ W[m].T, quantizing ``x`` into ``A`` first when ``m`` needs it."""
-    quantize_for(W, x, A, m, -1, -1)
+    quantize_for(W, x, A, m, np.int64(-1), np.int64(-1))  # np.int64, not literals: one quantize_for compiled
     mm(W, m, x, A, out)
 
 
@@ -203,7 +203,7 @@ def attn_inputs(W, L, vecs, s, ip):
     quantize_for(W, s.h, s.ae, L[L_WQ], L[L_WK], L[L_WV])
     if L[L_WK] < 0:  # fused rows: one parallel region
         mm(W, L[L_WQ], s.h, s.ae, s.qkv)
-        copy_cols(s.q, s.qkv, 0)
+        copy_cols(s.q, s.qkv, np.int64(0))  # np.int64, not a literal 0: one copy_cols compiled
         copy_cols(s.k, s.qkv, nq)
         copy_cols(s.v, s.qkv, nq + nkv)
     else:
@@ -223,11 +223,11 @@ def ffn(W, L, s, act):
     whose GLU is computed in place in s.gu's gate columns, then copied to s.gate, the down
     projection's input)."""
     n_ff = s.gate.shape[1]
-    quantize_for(W, s.h, s.ae, L[L_GATE], L[L_UP], -1)
+    quantize_for(W, s.h, s.ae, L[L_GATE], L[L_UP], np.int64(-1))
     if L[L_UP] < 0:  # fused gate|up rows
         mm(W, L[L_GATE], s.h, s.ae, s.gu)
         glu_fused(s.gu, n_ff, act)
-        copy_cols(s.gate, s.gu, 0)
+        copy_cols(s.gate, s.gu, np.int64(0))
     else:
         mm(W, L[L_GATE], s.h, s.ae, s.gate)
         mm(W, L[L_UP], s.h, s.ae, s.up)
@@ -251,7 +251,7 @@ def output(W, ip, fp, vecs, x, all_logits, logits):
         hf = np.empty((1, n_embd), np.float32)
         rmsnorm(x[T - 1:T], w, fp[F_EPS], hf)
     if ip[I_OUT] < 0:
-        copy_cols(logits, hf, 0)  # not logits[:, :] = hf: its shape-check error path costs compile time
+        copy_cols(logits, hf, np.int64(0))  # not logits[:, :] = hf: its shape-check error path costs compile time
         return
     linear(W, ip[I_OUT], hf, act_bufs(hf.shape[0], n_embd), logits)
     cap = np.float32(fp[F_FINAL_SOFTCAP])
@@ -550,12 +550,12 @@ def _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
 
 @njit(cache=True, parallel=True)
 def _decode_items_par(nit, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po):
-    for it in prange(nit):
-        _decode_item(it, nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
+    for it in prange(nit):  # prange's index is unsigned: int64, so that one _decode_item is compiled
+        _decode_item(np.int64(it), nsp, q, kc, vc, lo, n, grp, hd, scale, cap, pm, pl, po)
 
 
 @njit(cache=True, fastmath=True, error_model="numpy")  # 1 / tot: NaN/inf scores give NaN, not ZeroDivisionError
-def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out, par=True):
+def _attention_decode(q, kc, vc, pos0, n_head, n_kv, hd, scale, cap, window, out, par):
     """One decoded token (q (1, n_head*hd)) at position ``pos0``: work items of (KV head, span of
     ``_DEC_SPAN`` positions), in parallel (``par``, False inside another parallel loop) once the
     context pays for a parallel region, then each head's partial
@@ -734,11 +734,11 @@ def _one_run(pos, seq):
 
 
 @njit(cache=True, parallel=True)
-def _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out):
+def _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out, par):
     for t in prange(q.shape[0]):
         s = seq[t]
         _attention_decode(q[t:t + 1], kc[s, l], vc[s, l], pos[t], n_head, n_kv, hd, scale, cap, window,
-                          out[t:t + 1], False)
+                          out[t:t + 1], par)
 
 
 @njit(cache=True)
@@ -755,8 +755,8 @@ def _attention_tokens(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, wind
             s = seq[t]
             _attention_decode(q[t:t + 1], kc[s, l], vc[s, l], pos[t], n_head, n_kv, hd, scale, cap, window,
                               out[t:t + 1], q.shape[0] == 1)
-    else:
-        _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out)
+    else:  # par is False here (q.shape[0] > 1): no parallel region inside the parallel loop
+        _attention_tokens_par(q, kc, vc, l, pos, seq, n_head, n_kv, hd, scale, cap, window, out, q.shape[0] == 1)
 
 
 @njit(cache=True, fastmath=True)
@@ -794,4 +794,5 @@ def attention(l, q, k, v, kc, vc, pos, seq, ip, fp, swa, out):
         _attention_batch(q, kcl, vcl, pos0, n_head, n_kv, hd, scale, cap, window, out)
     else:  # decoding (and batches of 2-3 tokens, one token at a time; their K, V are all stored)
         for t in range(T):
-            _attention_decode(q[t:t + 1], kcl, vcl, pos0 + t, n_head, n_kv, hd, scale, cap, window, out[t:t + 1])
+            _attention_decode(q[t:t + 1], kcl, vcl, pos0 + t, n_head, n_kv, hd, scale, cap, window, out[t:t + 1],
+                              T < 4)  # True, as a run-time bool: all callers compile one _attention_decode
