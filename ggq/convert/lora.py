@@ -369,19 +369,27 @@ def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: s
 # ------------------------------------------------------------------------ merging
 
 def delta(pair: LoraPair) -> np.ndarray:
-    """``B @ A`` in float32, ``(n_out, n_in)``, ``factor`` included (rows in GGUF order)."""
-    d = pair.b.astype(np.float32) @ pair.a.astype(np.float32)
-    return d * np.float32(pair.factor) if pair.factor != 1.0 else d
+    """``B @ A`` in float32, ``(n_out, n_in)`` (rows in GGUF order); the pair's ``factor`` is not
+    included (:meth:`Adapter.scale` has it)."""
+    return pair.b.astype(np.float32) @ pair.a.astype(np.float32)
 
 
 def merge(w: np.ndarray, adapters: list[tuple[Adapter, float]], name: str) -> np.ndarray:
-    """The float32 weight ``w + sum(scale * alpha / r * B @ A)`` over the ``(adapter, user scale)``
-    pairs that adapt GGUF tensor ``name`` (``w``: ``(n_out, n_in)``, rows in GGUF order)."""
+    """The float32 weight ``w + sum(scale * alpha / r * factor * B @ A)`` over the ``(adapter, user
+    scale)`` pairs that adapt GGUF tensor ``name`` (``w``: ``(n_out, n_in)``, rows in GGUF order).
+    GGQError naming the adapter when its change is not finite in float32 (a huge scale, alpha or
+    values) while ``w`` is: the merged model would compute NaN."""
     out = np.array(w, dtype=np.float32, copy=True)
+    base_finite = bool(np.isfinite(out).all())
     for ad, scale in adapters:
         p = ad.pairs.get(name)
         if p is not None:
-            out += np.float32(scale * ad.scale(name)) * delta(p)
+            with np.errstate(over="ignore", invalid="ignore"):
+                f = np.float32(scale * ad.scale(name))
+                out += f * delta(p)
+            if base_finite and not np.isfinite(out).all():
+                raise GGQError(f"{ad.path}: {name}: the adapter's change (scale {scale:g} x {ad.scale(name):g} "
+                               "x lora_b @ lora_a) overflows float32")
     return out
 
 
