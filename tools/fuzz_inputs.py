@@ -1898,6 +1898,14 @@ def make_import_case(rng, cid: str, target: str, seeds: dict, inp: Path) -> Case
                         (dst / "adapter_model.safetensors").unlink()
                     elif how == "bin_garbage":
                         (dst / "adapter_model.safetensors").unlink()
+                        if rng.random() < 0.4:  # a valid torch.save of something other than named tensors
+                            import torch
+
+                            buf = io.BytesIO()
+                            torch.save(rng.choice([[torch.zeros(2)], {"a": 1}, {1: torch.zeros(2)}, torch.zeros(3)]), buf)
+                            (dst / "adapter_model.bin").write_bytes(buf.getvalue())
+                            descs.append("adapter_model.bin: torch.save of no named tensors")
+                            continue
                         (dst / "adapter_model.bin").write_bytes(rng.choice([b"", b"PK\x03\x04" + rng.randbytes(200),
                                                                             b"\x80\x02}q\x00.", rng.randbytes(64)]))
                     else:
@@ -2158,9 +2166,11 @@ def _model_problems(doc: GGUFDoc) -> list:
 _TRACE_RE = re.compile(r'File "([^"]+)", line (\d+)')
 _EXC_RE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|Warning|Exit|Interrupt))\b(?::|\()")
 _PROGRESS_RE = re.compile(r"\d+%\||it/s\]|s/it\]|\|\s*\d+/\d+ \[")
-#: status lines, not errors: progress bars, and the runtime's compile status (shown when loading
-#: the compiled kernels takes over a second, e.g. on a loaded machine)
-_STATUS_RE = re.compile(_PROGRESS_RE.pattern + r"|^ggq: (compiling the runtime for |compiled in |finishing the one-time compile)")
+#: status lines, not errors: progress bars, the runtime's compile status (shown when loading
+#: the compiled kernels takes over a second, e.g. on a loaded machine), and ggq's own warnings and
+#: notes (a conversion warns about its type before a tensor read later turns out bad)
+_STATUS_RE = re.compile(_PROGRESS_RE.pattern + r"|^ggq: (compiling the runtime for |compiled in |finishing the one-time compile)"
+                        r"|^ggq: (warning|note): ")
 _MEM_RE = re.compile(r"MemoryError|Unable to allocate|Cannot allocate memory|std::bad_alloc|out of memory|"
                      r"ArrayMemoryError|mmap length is greater", re.I)
 
