@@ -458,6 +458,7 @@ def test_convert_merge_rslora_matches_peft_merged(peft_dirs, tmp_path):
         assert np.allclose(got[_gguf_name(k)], _gguf_order(k, np.asarray(w)), rtol=0, atol=2e-6), k
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_adapter_overflow_names_the_adapter(peft_dirs, bases, adapters, tmp_path):
     """A scale or alpha whose change overflows float32: one line naming the adapter (it blamed the
     base's tensor, or the model's NaN at run time, after numpy's overflow warning)."""
@@ -495,3 +496,18 @@ def test_bad_adapter_bin(peft_dirs, tmp_path, payload, needles):
                                   "-o", str(tmp_path / "a.gguf")])
     _clean_error(r, *needles)
     assert "Error" not in r.output and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("outtype,value", [("f16", 1e30), ("q8_0", 1e30), ("bf16", 3.4e38)])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_convert_lora_value_beyond_outtype(peft_dirs, tmp_path, outtype, value):
+    """A finite float32 adapter value that the output type cannot hold (found by the fuzzer: f16 wrote
+    infinity into the file): one line naming the adapter and tensor, no file."""
+    bad = _copy_adapter(peft_dirs["main"], tmp_path / "bad", None, lambda t: t[QA].__setitem__((0, 0), value))
+    r = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", outtype,
+                                  "-o", str(tmp_path / "a.gguf")])
+    _clean_error(r, "bad", "blk.0.attn_q.weight.lora_a", "range", "--outtype f32")
+    assert not (tmp_path / "a.gguf").exists()
+    ok = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", "f32",
+                                   "-o", str(tmp_path / "f32.gguf")])
+    assert ok.exit_code == 0, ok.output

@@ -110,3 +110,22 @@ def test_hostile(w8_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(GGQError, match="format 'marlin-24' is not supported"):
         prepare(open_checkpoint(d))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_weight(w8_dirs, tmp_path, kind):
+    """An int8 weight with no columns (found by tools/fuzz_inputs.py: a ZeroDivisionError computing
+    the group count, reported as an internal error): one line naming the file and tensor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs[kind], d)
+    t = load_file(str(d / "model.safetensors"))
+    k = "model.layers.0.self_attn.k_proj.weight"
+    t[k] = torch.zeros((128, 0), dtype=torch.int8)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GGQError, match="k_proj.weight' has no weights|k_proj.weight has no weights") as e:
+        _convert(d, tmp_path / "x.gguf")
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()

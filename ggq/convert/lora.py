@@ -312,6 +312,15 @@ def _encode(x: np.ndarray, qtype: T) -> tuple[np.ndarray, T]:
     return quants.quantize(x.astype(np.float32), qtype), qtype
 
 
+def _decoded(arr: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 values of ``arr`` as :func:`_encode` stored them in ``qtype``."""
+    from ggq import quants
+
+    if qtype == T.F16:
+        return np.asarray(arr).astype(np.float32)
+    return quants.dequantize(np.asarray(arr), qtype)
+
+
 def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: str | Path | None = None,
                  outtype: str = "f16", force: bool = False) -> Path:
     """``ggq convert-lora``: write the PEFT adapter ``adapter_dir`` as a llama.cpp GGUF LoRA file.
@@ -349,7 +358,11 @@ def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: s
         p = ad.pairs[name]
         b = p.b if p.factor == 1.0 else p.b.astype(np.float32) * np.float32(p.factor)
         for suffix, x in ((".lora_a", p.a), (".lora_b", b)):
-            arr, qt = _encode(x, OUTTYPES[key])
+            with np.errstate(over="ignore", invalid="ignore"):  # checked here, one line instead of a warning
+                arr, qt = _encode(x, OUTTYPES[key])
+            if qt != T.F32 and not np.isfinite(_decoded(arr, qt)).all():
+                raise GGQError(f"{d}: {name}{suffix} has values beyond {qt.name}'s range (largest "
+                               f"{float(np.abs(x).max()):.3g}); use --outtype f32")
             w.add_tensor_info(name + suffix, x.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=qt)
             data.append(arr)
     with atomic_output(out_p, force) as tmp:

@@ -119,6 +119,8 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
             n_in = tg.shape[0]
         else:
             n_in = tp.shape[1] * per_word
+        if out <= 0 or n_in <= 0:
+            raise GGQError(f"{tp.origin}: {pname} has no weights (shape {list(tp.shape)}, {n_in} inputs)")
         if packed and -(-n_in // per_word) != tp.shape[1]:
             raise GGQError(f"{tp.origin}: {pname} has shape {list(tp.shape)}, which does not hold {bits}-bit codes "
                            f"of {n_in} inputs (quantization_config says num_bits={bits})")

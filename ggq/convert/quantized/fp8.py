@@ -263,7 +263,7 @@ def _fp8_weights(ck, suffix: str, info):
             ts = ck.tensors.get(f"{prefix}.{suffix}")
             if ts is None:
                 raise GGQError(f"{t.origin}: {show(k)} is {t.dtype} but has no {show(prefix + '.' + suffix)}")
-            if len(t.shape) != 2:
+            if len(t.shape) != 2 or min(t.shape) <= 0:
                 raise GGQError(f"{t.origin}: {show(k)} is {t.dtype} {list(t.shape)}, an fp8 layer needs a matrix")
             yield prefix, t, ts
 
