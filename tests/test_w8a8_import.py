@@ -129,3 +129,25 @@ def test_empty_weight(w8_dirs, tmp_path, kind):
         _convert(d, tmp_path / "x.gguf")
     assert str(d) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("value,message", [(float("-inf"), "are not all finite"), (float("nan"), "are not all finite"),
+                                           (3e38, "put its weights beyond float32's range")])
+@pytest.mark.parametrize("qtype", [None, "Q4_0"])
+def test_bad_scales(w8_dirs, tmp_path, value, message, qtype):
+    """Non-finite or overflowing int8 scales (found by tools/fuzz_inputs.py: numpy's warning, then
+    a message about the weight's non-finite values): one line naming the file and weight, no output."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs["ct-w8a8-channel"], d)
+    t = load_file(str(d / "model.safetensors"))
+    k = "model.layers.0.mlp.up_proj.weight_scale"
+    t[k] = torch.full_like(t[k].float(), value)  # float32: 3e38 is not a bf16 overflow by itself
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GGQError, match="the scales of 'model.layers.0.mlp.up_proj.weight' " + message) as e:
+        _convert(d, tmp_path / "x.gguf", qtype)
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
