@@ -308,3 +308,26 @@ def test_autofp8_weight_scale_names(fp8_dirs, tmp_path, per_row):
     assert not [k for k in ck.tensors if "scale" in k]
     for name, w in fc.reference_dequantize(src).items():
         assert np.array_equal(ck.tensors[name].load(), w), name
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("block_structure", float("nan"), "weight block size nan is not two positive integers"),
+    ("block_structure", None, "weight block size \\[\\] is not two positive integers"),
+    ("block_structure", {"a": 1}, "is not two positive integers"),
+    ("block_structure", [128, "128"], "is not two positive integers"),
+    ("group_size", [64], "group strategy without a positive integer group_size"),
+])
+def test_hostile_ct_weight_scheme(fp8_dirs, tmp_path, key, value, message):
+    """compressed-tensors weight schemes with a block structure or group size of the wrong type (found by
+    tools/fuzz_inputs.py: ``block_structure: NaN`` was a TypeError, reported as an internal error)."""
+    d = tmp_path / "bad"
+    shutil.copytree(fp8_dirs["ct-fp8-block"], d)
+    c = json.loads((d / "config.json").read_text())
+    for g in c["quantization_config"]["config_groups"].values():
+        g["weights"][key] = value
+        if key == "group_size":
+            g["weights"]["strategy"] = "group"
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(GGQError, match=message) as e:
+        _convert(d, tmp_path / "bad.gguf")
+    assert "\n" not in str(e.value) and str(d) in str(e.value)

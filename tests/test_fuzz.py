@@ -59,7 +59,8 @@ def test_fuzz_import_campaign_is_clean(stories_dir, cache_dir):
     (out / "summary.json").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     r = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz_inputs.py"), "--cases", str(cases), "--seed", "14",
-                        "--targets", "quantized,convert-lora,lora", "--jobs", "2", "--out", str(out),
+                        "--targets", "quantized,convert-lora,lora", "--jobs", os.environ.get("GGQ_FUZZ_JOBS", "2"),
+                        "--out", str(out),
                         "--seeds", str(seeds)], env=env, capture_output=True, text=True, timeout=3600)
     print(r.stdout[-6000:])
     assert (out / "summary.json").exists(), f"the fuzzer failed: {r.stderr[-2000:]}"

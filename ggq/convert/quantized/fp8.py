@@ -334,7 +334,9 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
         if strategy not in ("tensor", "channel", "group", "block"):
             raise GGQError(f"{where}: compressed-tensors strategy {show(strategy)} is not supported "
                            "(tensor, channel, group, block)")
-        key = (strategy, w.get("group_size"), tuple(w.get("block_structure") or ()))
+        # (hashable whatever config.json holds: block_structure is validated below, group_size too)
+        key = (strategy, w.get("group_size") if type(w.get("group_size")) is int else repr(w.get("group_size")),
+               repr(w.get("block_structure")))
         if key not in schemes:
             schemes.append(key)
         a = g.get("input_activations")
@@ -343,10 +345,11 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
                         f"{'dynamic' if a.get('dynamic') else 'static'}")
     if len(schemes) > 1:
         raise GGQError(f"{where}: compressed-tensors config_groups with different weight schemes are not supported")
-    strategy, group_size, block_structure = schemes[0]
+    strategy, group_size, _ = schemes[0]
+    block_structure = next(iter(groups.values()))["weights"].get("block_structure")
     if strategy == "group" and not (type(group_size) is int and group_size > 0):
         raise GGQError(f"{where}: group strategy without a positive integer group_size")
-    block = _block_of(list(block_structure), where) if strategy == "block" else None
+    block = _block_of([] if block_structure is None else block_structure, where) if strategy == "block" else None
     info = Fp8Info("compressed-tensors", 8, group_size if strategy == "group" else -1, True, False,
                    fmt="float-quantized")
     _activation_note(info, "; ".join(sorted(set(acts))) or "weights only")
