@@ -151,3 +151,26 @@ def test_bad_scales(w8_dirs, tmp_path, value, message, qtype):
         _convert(d, tmp_path / "x.gguf", qtype)
     assert str(d) in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(group_size=float("nan")), "without a positive integer group_size \\(group_size nan\\)"),
+    (dict(group_size=[64]), "without a positive integer group_size"),
+    (dict(group_size=1e400), "without a positive integer group_size"),
+    (dict(group_size=64.5), "without a positive integer group_size"),
+    (dict(num_bits=8.0), "with 8.0 bits is not supported"),
+    (dict(num_bits=[8]), "with \\[8\\] bits is not supported"),
+])
+def test_hostile_weight_scheme(w8_dirs, tmp_path, change, message):
+    """int-quantized schemes with values of the wrong JSON type (found by reading the code the fuzzer's
+    fp8 finding pointed at: group_size NaN or a list raised ValueError/TypeError, an internal error,
+    and 64.5 was taken as 64): one line naming config.json."""
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs["ct-w8a8-group"], d)
+    c = json.loads((d / "config.json").read_text())
+    for g in c["quantization_config"]["config_groups"].values():
+        g["weights"].update(change)
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(GGQError, match=message) as e:
+        prepare(open_checkpoint(d))
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
