@@ -511,3 +511,23 @@ def test_convert_lora_value_beyond_outtype(peft_dirs, tmp_path, outtype, value):
     ok = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", "f32",
                                    "-o", str(tmp_path / "f32.gguf")])
     assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("pattern,edit,needles", [
+    ({"q_proj": -1e308}, None, ["cannot express PEFT's scaling"]),
+    ({"q_proj": 1e30}, lambda t: t[QA.replace("lora_A", "lora_B")].__setitem__((0, 0), 1e30),
+     ["blk.0.attn_q.weight.lora_b times PEFT's scaling factor", "overflows float32"]),
+])
+def test_alpha_pattern_overflow(peft_dirs, tmp_path, pattern, edit, needles):
+    """An alpha_pattern whose scaling (folded into lora_b) leaves float32 (found by the fuzzer: infinity
+    written into an f32 adapter after numpy's overflow warning): one line, no file; `convert --lora` too."""
+    bad = _copy_adapter(peft_dirs["main"], tmp_path / "bad", {"alpha_pattern": pattern}, edit)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", "f32",
+                                  "-o", str(out / "a.gguf")])
+    _clean_error(r, "bad", *needles)
+    r = CliRunner().invoke(main, ["convert", str(peft_dirs["base"]), "--lora", str(bad), "-o", str(out / "m.gguf")])
+    _clean_error(r, "bad")
+    assert not list(out.iterdir())

@@ -286,7 +286,7 @@ def read_peft_adapter(adapter_dir: str | Path, base: str | Path | None = None) -
         peft_scale = m_alpha / (math.sqrt(r) if rslora else r)
         llama_scale = alpha / r if alpha else 1.0
         factor = 1.0 if peft_scale == llama_scale else peft_scale / llama_scale
-        if not math.isfinite(factor):
+        if not math.isfinite(factor) or abs(factor) > float(np.finfo(np.float32).max):
             raise GGQError(f"{wfile}: {show(module)}: lora_alpha {alpha} cannot express PEFT's scaling {peft_scale}")
         ad.pairs[rule.name] = LoraPair(rule.name, np.ascontiguousarray(a), np.ascontiguousarray(b), factor)
     return ad, model_dir
@@ -356,7 +356,11 @@ def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: s
     data = []
     for name in sorted(ad.pairs, key=natural_key):
         p = ad.pairs[name]
-        b = p.b if p.factor == 1.0 else p.b.astype(np.float32) * np.float32(p.factor)
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = p.b if p.factor == 1.0 else p.b.astype(np.float32) * np.float32(p.factor)
+        if not np.isfinite(b).all():
+            raise GGQError(f"{d}: {name}.lora_b times PEFT's scaling factor {p.factor:g} (use_rslora / alpha_pattern) "
+                           "overflows float32")
         for suffix, x in ((".lora_a", p.a), (".lora_b", b)):
             with np.errstate(over="ignore", invalid="ignore"):  # checked here, one line instead of a warning
                 arr, qt = _encode(x, OUTTYPES[key])
