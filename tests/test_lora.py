@@ -531,3 +531,18 @@ def test_alpha_pattern_overflow(peft_dirs, tmp_path, pattern, edit, needles):
     r = CliRunner().invoke(main, ["convert", str(peft_dirs["base"]), "--lora", str(bad), "-o", str(out / "m.gguf")])
     _clean_error(r, "bad")
     assert not list(out.iterdir())
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_merged_beyond_lora_type(bases, adapters, tmp_path):
+    """A valid but huge adapter merged into an F16 (`--lora-type f16`) tensor (found by the fuzzer:
+    numpy's overflow warning, then the model's NaN blamed on the base file): one line naming the
+    adapter and the way out; the f32 merge loads."""
+    from ggq.runtime.model import Model
+
+    big = _rewrite(adapters["main", "f32"], tmp_path / "big.gguf",
+                   tensors=lambda t: {k: v * np.float32(1e8) if k.endswith("lora_b") else v for k, v in t.items()})
+    r = CliRunner().invoke(main, ["generate", str(bases["Q8_0"]), "-p", "x", "-n", "1", "--lora", str(big),
+                                  "--lora-type", "f16"])
+    _clean_error(r, "big.gguf", "beyond F16's range", "--lora-type f32")
+    Model.load(bases["Q8_0"], n_ctx=16, n_threads=1, loras=[(str(big), 1.0)], lora_type="f32")
