@@ -13,7 +13,14 @@ The random Llama of ``bnb_checkpoints`` (hidden 256, 2 layers, stories260K's tok
   64 with int8 per-token activations), as llm-compressor writes them: the scheme applied
   with ``apply_quantization_config``, the scales computed by its ``calculate_qparams`` from each
   weight's min/max (what llm-compressor's min-max observer feeds it), the weights compressed by
-  ``ModelCompressor.compress_model`` and the config written by ``update_config``.
+  ``ModelCompressor.compress_model`` and the config written by ``update_config``;
+* ``fp8-e5m2-block``, ``fp8-e5m2-tensor``: ``quant_method: fp8`` with ``fmt: e5m2``: the same
+  transformers op with its fp8 dtype and range set to torch's ``float8_e5m2`` (transformers itself
+  only writes e4m3fn; the op is dtype-generic: scale ``max|w| / 57344`` per block, clamp, cast),
+  and ``fp8-e5m2-channel``: AutoFP8-style per-row ``weight_scale`` (``(out, 1)``), the rows
+  quantized with torch the same way. compressed-tensors cannot write e5m2 (its 8-bit float
+  ``QuantizationArgs`` are e4m3fn only: ``FP8_E4M3_DATA``), so there is no compressed-tensors
+  e5m2 checkpoint.
 
 Cached under ``CACHE/fp8/<transformers>-<compressed-tensors>-r<RECIPE>/<kind>``.
 """
@@ -32,6 +39,8 @@ KINDS = ["fp8-block", "fp8-ue8m0", "fp8-tensor", "ct-fp8-channel", "ct-fp8-block
 #: llm-compressor's W8A8 output format (compressed-tensors int-quantized): channel scales (the W8A8
 #: preset) and group scales (int8 weights in groups of 64, int8 dynamic per-token activations)
 INT8_KINDS = ["ct-w8a8-channel", "ct-w8a8-group"]
+#: float8_e5m2 weights (``fmt: e5m2``): 128x128 block scales, one scale per tensor, one per row
+E5M2_KINDS = ["fp8-e5m2-block", "fp8-e5m2-tensor", "fp8-e5m2-channel"]
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -55,27 +64,67 @@ def _finish(model, tmp: Path, stories: Path) -> None:
         shutil.copy(stories / f, tmp / f)
 
 
-def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str, block=(128, 128)) -> None:
+def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str, block=(128, 128), e5m2: bool = False) -> None:
+    import contextlib
+    from unittest import mock
+
+    import torch
     from safetensors.torch import save_file
     from transformers import FineGrainedFP8Config
+    from transformers.integrations import finegrained_fp8
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
     model = _model()
     cfg = FineGrainedFP8Config(weight_block_size=list(block) if block else None, scale_fmt=scale_fmt)
     op = Fp8Quantize(types.SimpleNamespace(quantization_config=cfg))
+    fi = torch.finfo(torch.float8_e5m2)
+    # the op reads its target dtype and range from these module globals (e4m3fn, +-448)
+    dtype = (mock.patch.multiple(finegrained_fp8, _FP8_DTYPE=torch.float8_e5m2, _FP8_MIN=fi.min, _FP8_MAX=fi.max)
+             if e5m2 else contextlib.nullcontext())
+    sd = {}
+    with dtype:
+        for k, v in model.state_dict().items():
+            if k == "lm_head.weight":
+                continue
+            if k.endswith(".weight") and k.split(".")[-2] in LINEARS:
+                sd.update(op._quantize_one(k, v))
+            else:
+                sd[k] = v
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.config.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    c = json.loads((tmp / "config.json").read_text())
+    c["quantization_config"] = cfg.to_dict()
+    if e5m2:
+        c["quantization_config"]["fmt"] = "e5m2"
+    (tmp / "config.json").write_text(json.dumps(c, indent=2))
+
+
+def _e5m2_channel(tmp: Path, stories: Path) -> None:
+    """AutoFP8-style per-row scales: ``P.weight`` float8_e5m2, ``P.weight_scale`` float32 ``(out, 1)``
+    = each row's ``max|w| / 57344``; quantized with torch (scale, clamp to e5m2's range, cast)."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = _model()
+    fi = torch.finfo(torch.float8_e5m2)
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight":
             continue
         if k.endswith(".weight") and k.split(".")[-2] in LINEARS:
-            sd.update(op._quantize_one(k, v))
+            w = v.float()
+            amax = w.abs().amax(dim=1, keepdim=True)
+            s = torch.where(amax > 0, amax / fi.max, torch.ones_like(amax))
+            sd[k] = (w / s).clamp(fi.min, fi.max).to(torch.float8_e5m2)
+            sd[k[: -len("weight")] + "weight_scale"] = s
         else:
             sd[k] = v
     model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     c = json.loads((tmp / "config.json").read_text())
-    c["quantization_config"] = cfg.to_dict()
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic"}
     (tmp / "config.json").write_text(json.dumps(c, indent=2))
 
 
@@ -127,7 +176,8 @@ def _ct(tmp: Path, stories: Path, preset: str, model=None) -> None:
 
 
 def build(cache: Path, stories: Path, kind: str) -> Path:
-    """The checkpoint folder of ``kind`` (one of :data:`KINDS` or :data:`INT8_KINDS`), made once and cached."""
+    """The checkpoint folder of ``kind`` (one of :data:`KINDS`, :data:`E5M2_KINDS` or :data:`INT8_KINDS`),
+    made once and cached."""
     root = cache / "fp8" / _version_key()
     d = root / kind
     if (d / "config.json").exists():
@@ -142,6 +192,12 @@ def build(cache: Path, stories: Path, kind: str) -> Path:
         _transformers_fp8(tmp, stories, "ue8m0")
     elif kind == "fp8-tensor":
         _transformers_fp8(tmp, stories, "float", None)
+    elif kind == "fp8-e5m2-block":
+        _transformers_fp8(tmp, stories, "float", e5m2=True)
+    elif kind == "fp8-e5m2-tensor":
+        _transformers_fp8(tmp, stories, "float", None, e5m2=True)
+    elif kind == "fp8-e5m2-channel":
+        _e5m2_channel(tmp, stories)
     else:
         _ct(tmp, stories, {"ct-fp8-channel": "FP8_DYNAMIC", "ct-fp8-block": "FP8_BLOCK", "ct-fp8-tensor": "TENSOR",
                            "ct-w8a8-channel": "W8A8", "ct-w8a8-group": "W8A8_GROUP"}[kind])
@@ -164,9 +220,10 @@ def reference_dequantize(path: Path) -> dict:
         from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
         for k, v in t.items():
-            if v.dtype == torch.float8_e4m3fn:
-                s = t[k + "_scale_inv"]
-                out[k] = _dequantize_fp8_weight(v.clone(), s.to(torch.float32), cfg["weight_block_size"],
+            if v.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                # block or tensor scales (weight_scale_inv), or AutoFP8's per-row weight_scale (out, 1)
+                s = t[k + "_scale_inv"] if k + "_scale_inv" in t else t[k + "_scale"]
+                out[k] = _dequantize_fp8_weight(v.clone(), s.to(torch.float32), cfg.get("weight_block_size"),
                                                 torch.float32).numpy()
     else:
         from compressed_tensors.quantization import QuantizationArgs

@@ -294,6 +294,27 @@ def test_hostile_values_on_load(bnb_dirs, tmp_path):
         ck.tensors[Q].load()
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("kind,edit,message", [
+    ("fp4", lambda t: t[Q + ".absmax"].__setitem__(3, 1e30), "scales of 'model.layers.0.self_attn.q_proj.weight' "
+     "\\(absmax\\) put its weights beyond float16's range"),
+    ("nf4-dq", _set_qs(nested_offset=3.4e38), "\\(absmax, nested_absmax, nested_offset\\) "
+     "put its weights beyond bfloat16's range"),
+    ("int8", lambda t: t["model.layers.0.self_attn.q_proj.SCB"].__setitem__(0, 3e38),
+     "SCB' puts the weights of 'model.layers.0.self_attn.q_proj.weight' beyond float32's range"),
+])
+def test_finite_scales_beyond_range(bnb_dirs, tmp_path, kind, edit, message):
+    """Finite scales whose products leave the model's float type (found by tools/fuzz_inputs.py: numpy's
+    overflow warning, then an error about the weight's non-finite values): one line naming the scales."""
+    d = _copy(bnb_dirs[kind], tmp_path / "big")
+    _edit(d, edit)
+    ck = open_checkpoint(d)
+    prepare(ck)
+    with pytest.raises(GGQError, match=message) as e:
+        ck.tensors[Q].load()
+    assert "\n" not in str(e.value) and str(d) in str(e.value)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(load_in_4bit=False, _load_in_4bit=False), "exactly one of load_in_4bit and load_in_8bit"),
     (dict(bnb_4bit_quant_type="int4"), "bnb_4bit_quant_type 'int4' is not supported"),

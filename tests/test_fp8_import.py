@@ -33,11 +33,13 @@ from ggq.convert.quantized.fp8 import E4M3, E5M2, e8m0_values, fp8_to_q8_0  # no
 from ggq.errors import GGQError  # noqa: E402
 
 KINDS = fc.KINDS
+#: every FP8 checkpoint: e4m3fn (transformers, compressed-tensors) and e5m2 (``fmt: e5m2``)
+ALL_KINDS = fc.KINDS + fc.E5M2_KINDS
 
 
 @pytest.fixture(scope="session")
 def fp8_dirs(cache_dir, stories_dir):
-    return {k: fc.build(cache_dir, stories_dir, k) for k in KINDS}
+    return {k: fc.build(cache_dir, stories_dir, k) for k in ALL_KINDS}
 
 
 def test_byte_tables_match_torch():
@@ -55,7 +57,25 @@ def test_byte_tables_match_torch():
         assert np.array_equal(np.isnan(got), np.isnan(ref)) and np.array_equal(got[:255], ref[:255])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+def _safetensors_dtypes(d: Path) -> set:
+    import struct
+
+    with open(d / "model.safetensors", "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+@pytest.mark.parametrize("kind", fc.E5M2_KINDS)
+def test_e5m2_checkpoints_are_e5m2(fp8_dirs, kind):
+    """The e5m2 fixtures hold float8_e5m2 weights (safetensors ``F8_E5M2``), no e4m3fn, and say so."""
+    d = fp8_dirs[kind]
+    dts = _safetensors_dtypes(d)
+    assert "F8_E5M2" in dts and "F8_E4M3" not in dts, dts
+    assert json.loads((d / "config.json").read_text())["quantization_config"]["fmt"] == "e5m2"
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_loader_is_library_dequantization(fp8_dirs, kind):
     d = fp8_dirs[kind]
     ref = fc.reference_dequantize(d)
@@ -70,7 +90,7 @@ def test_loader_is_library_dequantization(fp8_dirs, kind):
         assert got.dtype == np.float32 and np.array_equal(got, w), name
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_q8_0_never_worse_than_baseline(fp8_dirs, kind):
     d = fp8_dirs[kind]
     ck = open_checkpoint(d)
@@ -102,6 +122,24 @@ def test_fp8_blocks_within_4_binades_are_exact():
     assert np.array_equal(quants.dequantize(data, T.Q8_0), w)
 
 
+def test_e5m2_blocks_within_5_binades_are_exact():
+    """e5m2 has 2 mantissa bits, so the aligned step keeps values within 5 binades of the block's
+    largest (codes up to 112); torch's float8_e5m2 is the reference for the values."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    b = rng.integers(0, 256, size=(8, 64)).astype(np.uint8)
+    v = torch.from_numpy(b).view(torch.float8_e5m2).float().numpy()
+    v = np.where(np.isfinite(v), v, 0).reshape(8, 2, 32)
+    m = np.abs(v).max(-1, keepdims=True)
+    v = np.where(np.abs(v) >= m / 16, v, 0).reshape(8, 64).astype(np.float32)
+    s = np.full_like(v, 2.0 ** -14)
+    w = v * s
+    data, st = fp8_to_q8_0(v, s, w)
+    assert st["exact"] == 1.0
+    assert np.array_equal(quants.dequantize(data, T.Q8_0), w)
+
+
 # ------------------------------------------------------------------------ conversion
 
 def _convert(d: Path, out: Path, qtype=None, report=None) -> Path:
@@ -110,12 +148,15 @@ def _convert(d: Path, out: Path, qtype=None, report=None) -> Path:
     return convert(str(d), str(out), qtype=qtype, force=True, progress=False, import_report=report)
 
 
-@pytest.mark.parametrize("kind", ["fp8-block", "ct-fp8-channel"])
+@pytest.mark.parametrize("kind", ["fp8-block", "ct-fp8-channel", "fp8-e5m2-block", "fp8-e5m2-channel"])
 @pytest.mark.parametrize("qtype", [None, "F32", "BF16", "Q6_K"])
 def test_convert(fp8_dirs, kind, qtype, tmp_path, capfd):
     d = fp8_dirs[kind]
     path = _convert(d, tmp_path / "out.gguf", qtype, report=tmp_path / "r.tsv")
-    assert "import: 14 tensors" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "import: 14 tensors" in err
+    if qtype is None:  # e5m2's 2 mantissa bits: one binade more is kept exactly than with e4m3's 3
+        assert ("within 5 binades" if "e5m2" in kind else "within 4 binades") in err
     rows = [r.split("\t") for r in (tmp_path / "r.tsv").read_text().splitlines()[1:]]
     assert len(rows) == 14
     got = _gguf_tensors(path)
@@ -135,12 +176,15 @@ def test_convert(fp8_dirs, kind, qtype, tmp_path, capfd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", ALL_KINDS)
 def test_logits_llama_cpp_and_transformers(fp8_dirs, kind, tmp_path):
     """F32 GGUF == a float32 Llama holding the library's dequantized weights; the default Q8_0 GGUF
     agrees with transformers (which loads FP8 on a CPU by dequantizing to bf16) about as closely in
     llama.cpp as in ggq's runtime, and is closer to the exact logits than dequantize-then-quantize
-    is... or as close, within noise."""
+    is... or as close, within noise. e5m2 too: transformers loads a ``fmt: e5m2`` checkpoint's
+    float8_e5m2 weights and block/tensor scales (asserted: its logits are those of the dequantized
+    weights up to its bf16 arithmetic); it does not read AutoFP8's per-row ``weight_scale`` (it drops
+    the scales), so the per-row e5m2 checkpoint is compared with the exact float32 model only."""
     llama_cpp = pytest.importorskip("llama_cpp")
     from ggq.runtime.model import Model
 
@@ -162,9 +206,11 @@ def test_logits_llama_cpp_and_transformers(fp8_dirs, kind, tmp_path):
     assert rms(lc, exact) < 1e-4 * spread and rms(g, exact) < 1e-4 * spread
     lc, g = run(_convert(d, tmp_path / "q8.gguf"))
     assert rms(lc, exact) < 0.05 * spread
-    if kind == "fp8-ue8m0":
+    if kind in ("fp8-ue8m0", "fp8-e5m2-channel"):
         return  # transformers 5.24 cannot read its own UE8M0 scales from safetensors (unknown dtype F8_E8M0)
     hf = bc.hf_logits(d, TOKENS)
+    if kind in fc.E5M2_KINDS:
+        assert rms(hf, exact) < 0.02 * spread  # transformers read the e5m2 checkpoint as ggq did (measured 0.006)
     e_lc, e_g = rms(lc, hf), rms(g, hf)
     assert e_lc <= 1.25 * e_g + 0.01 * spread and e_g <= 1.25 * e_lc + 0.01 * spread, (e_lc, e_g)
 
@@ -197,6 +243,10 @@ def _nan_weight(t):
     ("fp8-block", None, dict(fmt="e3m4"), "fp8 fmt 'e3m4' is not supported"),
     ("fp8-block", None, dict(weight_block_size=[128]), "weight block size \\[128\\] is not two positive integers"),
     ("fp8-block", _nan_weight, None, "NaN or infinite fp8 values"),
+    ("fp8-e5m2-block", lambda t: t.__setitem__(Q + ".weight", t[Q + ".weight"][:, :0].clone()), None,
+     "is F8_E5M2 \\[256, 0\\], an fp8 layer needs a matrix"),
+    ("fp8-e5m2-channel", lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"] * float("inf")), None,
+     "non-finite scales"),
     ("fp8-block", None, dict(quant_method="gptq", bits=4), "no tensor of the checkpoint is packed"),
     ("ct-fp8-channel", lambda t: t.__setitem__(Q + ".weight_scale", t[Q + ".weight_scale"][:3].clone()), None,
      "weight_scale' is BF16 \\[3, 1\\], channel-strategy scales need"),
@@ -258,3 +308,26 @@ def test_autofp8_weight_scale_names(fp8_dirs, tmp_path, per_row):
     assert not [k for k in ck.tensors if "scale" in k]
     for name, w in fc.reference_dequantize(src).items():
         assert np.array_equal(ck.tensors[name].load(), w), name
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("block_structure", float("nan"), "weight block size nan is not two positive integers"),
+    ("block_structure", None, "weight block size \\[\\] is not two positive integers"),
+    ("block_structure", {"a": 1}, "is not two positive integers"),
+    ("block_structure", [128, "128"], "is not two positive integers"),
+    ("group_size", [64], "group strategy without a positive integer group_size"),
+])
+def test_hostile_ct_weight_scheme(fp8_dirs, tmp_path, key, value, message):
+    """compressed-tensors weight schemes with a block structure or group size of the wrong type (found by
+    tools/fuzz_inputs.py: ``block_structure: NaN`` was a TypeError, reported as an internal error)."""
+    d = tmp_path / "bad"
+    shutil.copytree(fp8_dirs["ct-fp8-block"], d)
+    c = json.loads((d / "config.json").read_text())
+    for g in c["quantization_config"]["config_groups"].values():
+        g["weights"][key] = value
+        if key == "group_size":
+            g["weights"]["strategy"] = "group"
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(GGQError, match=message) as e:
+        _convert(d, tmp_path / "bad.gguf")
+    assert "\n" not in str(e.value) and str(d) in str(e.value)

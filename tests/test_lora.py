@@ -443,3 +443,106 @@ def test_hostile_peft_adapter(peft_dirs, tmp_path, cfg, edit, needles):
     r = CliRunner().invoke(main, ["convert", str(peft_dirs["base"]), "--lora", str(bad), "-o", str(out / "m.gguf")])
     _clean_error(r, *needles)
     assert not list(out.iterdir())
+
+
+# ------------------------------------------------------------------------ (g) found by tools/fuzz_inputs.py
+
+def test_convert_merge_rslora_matches_peft_merged(peft_dirs, tmp_path):
+    """`convert BASE --lora RSLORA_DIR`: rsLoRA's and alpha_pattern's scaling (folded into the pair's
+    factor) applied once, as PEFT's merge_and_unload does (it was applied twice: 0.85 off)."""
+    out = convert(peft_dirs["base"], tmp_path / "m.gguf", qtype="F32", force=True, progress=False,
+                  loras=[str(peft_dirs["rslora"])])
+    ref = lc.peft_merged_weights(peft_dirs["base"], peft_dirs["rslora"])
+    got = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(out).tensors}
+    for k, w in ref.items():
+        assert np.allclose(got[_gguf_name(k)], _gguf_order(k, np.asarray(w)), rtol=0, atol=2e-6), k
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_adapter_overflow_names_the_adapter(peft_dirs, bases, adapters, tmp_path):
+    """A scale or alpha whose change overflows float32: one line naming the adapter (it blamed the
+    base's tensor, or the model's NaN at run time, after numpy's overflow warning)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(main, ["convert", str(peft_dirs["base"]), "--lora", f"{peft_dirs['main']}:3e38",
+                                  "-o", str(out / "m.gguf")])  # 3e38 * alpha / r = 6e38 > float32's 3.4e38
+    _clean_error(r, str(peft_dirs["main"]), "overflows float32")
+    assert not list(out.iterdir())
+    r = CliRunner().invoke(main, ["generate", str(bases["Q8_0"]), "-p", "x", "-n", "1", "--lora",
+                                  f"{adapters['main', 'f32']}:3e38"])
+    _clean_error(r, "main-f32.gguf", "overflows float32")
+
+
+@pytest.mark.parametrize("payload,needles", [
+    (b"PK\x03\x04" + bytes(200), ["adapter_model.bin", "cannot read the pytorch checkpoint", "not a zip archive"]),
+    (b"\x80\x02}q\x00.", ["adapter_model.bin", "cannot read the pytorch checkpoint"]),
+    ("list", ["adapter_model.bin", "not a dict of named tensors"]),
+])
+def test_bad_adapter_bin(peft_dirs, tmp_path, payload, needles):
+    """A damaged adapter_model.bin (torch's error text, with its exception name, was passed on), or
+    a valid torch.save of something other than named tensors (a traceback)."""
+    import shutil
+
+    import torch
+
+    bad = tmp_path / "bad"
+    shutil.copytree(peft_dirs["main"], bad)
+    (bad / "adapter_model.safetensors").unlink()
+    if payload == "list":
+        torch.save([torch.zeros(2)], bad / "adapter_model.bin")
+    else:
+        (bad / "adapter_model.bin").write_bytes(payload)
+    r = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]),
+                                  "-o", str(tmp_path / "a.gguf")])
+    _clean_error(r, *needles)
+    assert "Error" not in r.output and not (tmp_path / "a.gguf").exists()
+
+
+@pytest.mark.parametrize("outtype,value", [("f16", 1e30), ("q8_0", 1e30), ("bf16", 3.4e38)])
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_convert_lora_value_beyond_outtype(peft_dirs, tmp_path, outtype, value):
+    """A finite float32 adapter value that the output type cannot hold (found by the fuzzer: f16 wrote
+    infinity into the file): one line naming the adapter and tensor, no file."""
+    bad = _copy_adapter(peft_dirs["main"], tmp_path / "bad", None, lambda t: t[QA].__setitem__((0, 0), value))
+    r = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", outtype,
+                                  "-o", str(tmp_path / "a.gguf")])
+    _clean_error(r, "bad", "blk.0.attn_q.weight.lora_a", "range", "--outtype f32")
+    assert not (tmp_path / "a.gguf").exists()
+    ok = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", "f32",
+                                   "-o", str(tmp_path / "f32.gguf")])
+    assert ok.exit_code == 0, ok.output
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("pattern,edit,needles", [
+    ({"q_proj": -1e308}, None, ["cannot express PEFT's scaling"]),
+    ({"q_proj": 1e30}, lambda t: t[QA.replace("lora_A", "lora_B")].__setitem__((0, 0), 1e30),
+     ["blk.0.attn_q.weight.lora_b times PEFT's scaling factor", "overflows float32"]),
+])
+def test_alpha_pattern_overflow(peft_dirs, tmp_path, pattern, edit, needles):
+    """An alpha_pattern whose scaling (folded into lora_b) leaves float32 (found by the fuzzer: infinity
+    written into an f32 adapter after numpy's overflow warning): one line, no file; `convert --lora` too."""
+    bad = _copy_adapter(peft_dirs["main"], tmp_path / "bad", {"alpha_pattern": pattern}, edit)
+    out = tmp_path / "out"
+    out.mkdir()
+    r = CliRunner().invoke(main, ["convert-lora", str(bad), "--base", str(peft_dirs["base"]), "--outtype", "f32",
+                                  "-o", str(out / "a.gguf")])
+    _clean_error(r, "bad", *needles)
+    r = CliRunner().invoke(main, ["convert", str(peft_dirs["base"]), "--lora", str(bad), "-o", str(out / "m.gguf")])
+    _clean_error(r, "bad")
+    assert not list(out.iterdir())
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_merged_beyond_lora_type(bases, adapters, tmp_path):
+    """A valid but huge adapter merged into an F16 (`--lora-type f16`) tensor (found by the fuzzer:
+    numpy's overflow warning, then the model's NaN blamed on the base file): one line naming the
+    adapter and the way out; the f32 merge loads."""
+    from ggq.runtime.model import Model
+
+    big = _rewrite(adapters["main", "f32"], tmp_path / "big.gguf",
+                   tensors=lambda t: {k: v * np.float32(1e8) if k.endswith("lora_b") else v for k, v in t.items()})
+    r = CliRunner().invoke(main, ["generate", str(bases["Q8_0"]), "-p", "x", "-n", "1", "--lora", str(big),
+                                  "--lora-type", "f16"])
+    _clean_error(r, "big.gguf", "beyond F16's range", "--lora-type f32")
+    Model.load(bases["Q8_0"], n_ctx=16, n_threads=1, loras=[(str(big), 1.0)], lora_type="f32")

@@ -110,3 +110,67 @@ def test_hostile(w8_dirs, tmp_path):
     (d / "config.json").write_text(json.dumps(c))
     with pytest.raises(GGQError, match="format 'marlin-24' is not supported"):
         prepare(open_checkpoint(d))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_empty_weight(w8_dirs, tmp_path, kind):
+    """An int8 weight with no columns (found by tools/fuzz_inputs.py: a ZeroDivisionError computing
+    the group count, reported as an internal error): one line naming the file and tensor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs[kind], d)
+    t = load_file(str(d / "model.safetensors"))
+    k = "model.layers.0.self_attn.k_proj.weight"
+    t[k] = torch.zeros((128, 0), dtype=torch.int8)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GGQError, match="k_proj.weight' has no weights|k_proj.weight has no weights") as e:
+        _convert(d, tmp_path / "x.gguf")
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("value,message", [(float("-inf"), "are not all finite"), (float("nan"), "are not all finite"),
+                                           (3e38, "put its weights beyond float32's range")])
+@pytest.mark.parametrize("qtype", [None, "Q4_0"])
+def test_bad_scales(w8_dirs, tmp_path, value, message, qtype):
+    """Non-finite or overflowing int8 scales (found by tools/fuzz_inputs.py: numpy's warning, then
+    a message about the weight's non-finite values): one line naming the file and weight, no output."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs["ct-w8a8-channel"], d)
+    t = load_file(str(d / "model.safetensors"))
+    k = "model.layers.0.mlp.up_proj.weight_scale"
+    t[k] = torch.full_like(t[k].float(), value)  # float32: 3e38 is not a bf16 overflow by itself
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GGQError, match="the scales of 'model.layers.0.mlp.up_proj.weight' " + message) as e:
+        _convert(d, tmp_path / "x.gguf", qtype)
+    assert str(d) in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(group_size=float("nan")), "without a positive integer group_size \\(group_size nan\\)"),
+    (dict(group_size=[64]), "without a positive integer group_size"),
+    (dict(group_size=1e400), "without a positive integer group_size"),
+    (dict(group_size=64.5), "without a positive integer group_size"),
+    (dict(num_bits=8.0), "with 8.0 bits is not supported"),
+    (dict(num_bits=[8]), "with \\[8\\] bits is not supported"),
+])
+def test_hostile_weight_scheme(w8_dirs, tmp_path, change, message):
+    """int-quantized schemes with values of the wrong JSON type (found by reading the code the fuzzer's
+    fp8 finding pointed at: group_size NaN or a list raised ValueError/TypeError, an internal error,
+    and 64.5 was taken as 64): one line naming config.json."""
+    d = tmp_path / "bad"
+    shutil.copytree(w8_dirs["ct-w8a8-group"], d)
+    c = json.loads((d / "config.json").read_text())
+    for g in c["quantization_config"]["config_groups"].values():
+        g["weights"].update(change)
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(GGQError, match=message) as e:
+        prepare(open_checkpoint(d))
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)

@@ -1,5 +1,6 @@
 """A structure-aware fuzzer for ggq's inputs: GGUF files, safetensors checkpoints, config.json and
-tokenizer files, run through ``ggq info``, ``generate``, ``quantize``, ``convert`` and ``perplexity``.
+tokenizer files, run through ``ggq info``, ``generate``, ``quantize``, ``convert`` and ``perplexity``;
+and (``--targets quantized,convert-lora,lora``) quantized checkpoints, PEFT adapters and LoRA GGUF files.
 
     python tools/fuzz_inputs.py --cases 2000 --seed 1 --targets info,generate,quantize,convert,perplexity \\
         --jobs 2 --out .cache/fuzz/run1
@@ -14,6 +15,41 @@ How it works
 stories260K checkpoint of ``../shared/data`` as a Hugging Face folder and converted by ggq to F32,
 Q8_0 and Q4_K_M GGUF files; a tiny random Llama with a ``tokenizer.json`` (F16 safetensors); and a
 tiny random Qwen2 GGUF with a byte-level BPE vocabulary and a ChatML template.
+
+*Import seeds* (targets ``quantized``, ``convert-lora``, ``lora``; built on first use by the tests'
+fixture builders, i.e. by the real libraries: transformers + bitsandbytes, transformers' FP8 op,
+compressed-tensors, peft): bitsandbytes NF4 (± double quant), FP4 and LLM.int8 checkpoints; FP8
+``quant_method: fp8`` with 128x128 float32 and UE8M0 block scales and e5m2 with per-row scales;
+compressed-tensors FP8 (channel, block) and W8A8 int8 (channel, group) checkpoints, all of the
+tests' random Llama (hidden 256); its float32 base as a folder and as F32 / Q8_0 GGUF files; two
+PEFT adapters (rank 8 on every projection; rsLoRA with an alpha_pattern) and the first as LoRA
+GGUF files (f32, q8_0) written by ``ggq convert-lora``.
+
+*Import mutators*: ``quantized`` cases change the tensors that carry the quantization (a scale,
+code book, quant state or zero point removed; dtypes changed with or without data to match;
+shapes changed with data to match; NaN/inf/zero/negative scales, fp8 NaN/inf codes; the 4-bit
+quant state's JSON given wrong types/values, broken, not an object, not UTF-8, huge; LLM.int8's
+``weight_format``; two quantization tensors swapped), or ``quantization_config`` (another or no
+``quant_method``, each method's keys and the compressed-tensors weight scheme set to wrong types
+or edge values), or apply the generic safetensors/config damage (truncation, header lengths...),
+then run ``convert`` (default or another ``--type``, sometimes ``--import-report``).
+``convert-lora`` cases change ``adapter_config.json`` (rank, alpha, type, targets, patterns and the
+options ggq refuses, wrong types, deleted, not an object, broken bytes) or
+``adapter_model.safetensors`` (a lora_A/B without its pair, rank or width changed with data to
+match, A and B swapped, modules past the last layer or unknown, embedding/lm_head/bias/DoRA
+tensors added, NaN/inf, dtypes, 1-D/3-D tensors, generic damage) or the folder (no config, no
+weights, a damaged ``adapter_model.bin`` or a valid ``torch.save`` of no named tensors), then run
+``convert-lora`` (any ``--outtype``) or ``convert BASE --lora DIR[:SCALE]``. ``lora`` cases change
+a LoRA GGUF (pair shapes with data to match, a half removed, names the model lacks or may not
+adapt, ``general.type``/``adapter.type``/``adapter.lora.alpha``/architecture/aLoRA keys, tensor
+types, data, offsets, counts) and a hostile ``:SCALE`` (nan, inf, 1e309, 1e38, empty, text), then
+run ``generate BASE.gguf --lora FILE[:SCALE]`` (F32 or Q8_0 base, any ``--lora-type``) or
+``convert BASE --lora FILE``. A success is judged by :func:`check_gguf` on the output and, for an
+adapter written or accepted, by :func:`check_lora` (gguf-py: pairs, ranks, shapes against the base
+GGUF, finite alpha, values and scale). Measured: four campaigns (seeds 14-17, 3900 cases, 0.2-0.7 s a
+case with ``--jobs 1``) found 10 bugs (an 11th sat next to one of them), all fixed with regression
+tests; a fifth (seed 18, 600 cases) on the fixed code was clean. The table and the list are in
+``specs/imports.md``.
 
 *Mutators* parse a seed into its structure (GGUF: header counts, key/values, tensor infos, tensor
 data; safetensors: header JSON and data; JSON files as objects), change one to three things
@@ -37,7 +73,8 @@ attempted instead of refused), ``partial_output`` (a failure that left a
 file in the output or input folder or in TMPDIR), ``invalid_accepted`` (success on an input, or
 writing an output, that fails the independent checks of :func:`check_gguf`: gguf-py's
 ``GGUFReader`` plus structure and hyperparameter consistency, and ``ggq info`` on the output) and
-``multi_line_error``. Each case goes to ``cases.jsonl``; the inputs of every non-clean case are
+``multi_line_error`` (ggq's own ``ggq: warning:``/``ggq: note:`` lines before the error do not
+count; Python warnings do). Each case goes to ``cases.jsonl``; the inputs of every non-clean case are
 kept in ``findings/<case>/`` with ``case.json`` for ``--replay``. At the end a table of counts
 per target and outcome and the distinct failure sites (a traceback's innermost ggq frame, or the
 signal) are printed and written to ``summary.json``.
@@ -70,12 +107,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GGQ_SHARED", REPO.parent / "shared")) / "data"
 STORIES = SHARED / "stories260K"
 DEFAULT_OUT = REPO / ".cache" / "fuzz"
-TARGETS = ("info", "generate", "quantize", "convert", "perplexity")
+TARGETS = ("info", "generate", "quantize", "convert", "perplexity", "quantized", "convert-lora", "lora")
+#: targets whose seeds are made by torch, bitsandbytes, compressed-tensors and peft (built on first use)
+IMPORT_TARGETS = ("quantized", "convert-lora", "lora")
+#: what a campaign runs without --targets (the import targets need torch, bitsandbytes, peft, ...)
+DEFAULT_TARGETS = tuple(t for t in TARGETS if t not in IMPORT_TARGETS)
 OUTCOMES = ("ok", "clean_error", "traceback", "crash", "hang", "memory", "partial_output", "invalid_accepted",
             "multi_line_error")
 CLEAN = ("ok", "clean_error")
 #: wall-clock limit per target (s); generate/perplexity may compile a kernel for a type not warmed
-TIMEOUTS = {"info": 30, "generate": 150, "quantize": 90, "convert": 90, "perplexity": 150, "check": 60}
+TIMEOUTS = {"info": 30, "generate": 150, "quantize": 90, "convert": 90, "perplexity": 150, "check": 60,
+            "quantized": 120, "convert-lora": 120, "lora": 150}
 PROMPT = "Once upon a time"
 #: the text ``perplexity`` scores (written here; ~120 tokens with stories260K's vocabulary)
 PPL_TEXT = ("Once upon a time, there was a little girl named Lily. She liked to play in the park with her "
@@ -1057,6 +1099,420 @@ def mutate_bytes(rng, b: bytes, what: str) -> tuple[bytes, str]:
         return bytes(bb), f"{what}: {k} bit flips"
     return b"", f"{what} emptied"
 
+# ===================================================================================== quantized checkpoints, LoRA
+
+#: bytes per element of the safetensors dtypes
+ST_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+            "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "U16": 2, "U32": 4}
+#: tensors that carry a quantization (scales, code books, quant states, zero points, fp8/int8 codes)
+_QUANT_RE = re.compile(r"absmax|quant_map|quant_state|\.SCB$|weight_format|_scale(_inv)?$|zero_point|input_scale|"
+                       r"weight_packed|weight_shape")
+#: hostile bytes per fp8/int dtype: NaN and infinity patterns, extremes
+_BAD_BYTES = {"F8_E4M3": [0x7F, 0xFF, 0x7E], "F8_E5M2": [0x7C, 0xFC, 0x7E, 0x7B], "F8_E8M0": [0xFF, 0x00, 0xFE],
+              "I8": [0x80, 0x7F], "U8": [0xFF, 0x00, 0x10]}
+
+
+def _st_split(buf: bytes) -> tuple[dict, dict]:
+    """(header, {name: bytes}) of a safetensors file we made."""
+    header, data = parse_safetensors(buf)
+    return header, {k: data[v["data_offsets"][0]:v["data_offsets"][1]] for k, v in header.items() if k != "__metadata__"}
+
+
+def _st_join(header: dict, blobs: dict) -> bytes:
+    return write_safetensors(header, st_relayout(header, b"", blobs))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for x in shape:
+        n *= x
+    return n
+
+
+def _resized(blob: bytes, n: int) -> bytes:
+    return (blob * (n // max(1, len(blob)) + 1))[:n] if blob else b"\0" * n
+
+
+def _bad_values(rng, dtype: str, blob: bytes) -> tuple[bytes, str]:
+    """``blob`` (of ``dtype``) with one or all values set to NaN, an infinity, zero, a negative or huge
+    value (float dtypes), or the fp8/int8 NaN/inf/extreme byte patterns."""
+    import numpy as np
+
+    every = rng.random() < 0.4
+    if dtype in ("F32", "F16", "BF16"):
+        a = np.frombuffer(blob, np.float32 if dtype == "F32" else np.uint16).copy()
+        if not len(a):
+            return blob, "empty"
+        v = rng.choice([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e30, 1e-40, 65504.0 * 4])
+        if dtype == "F32":
+            a[slice(None) if every else rng.randrange(len(a))] = v
+        else:
+            f = np.float32(v)
+            bits = (np.array([f]).view(np.uint32) >> 16).astype(np.uint16)[0] if dtype == "BF16" else \
+                np.array([f], np.float32).astype(np.float16).view(np.uint16)[0]
+            a[slice(None) if every else rng.randrange(len(a))] = bits
+        return a.tobytes(), f"{'all' if every else 'one'} = {v}"
+    b = bytearray(blob)
+    if not b:
+        return blob, "empty"
+    pat = _BAD_BYTES.get(dtype, [0xFF, 0x00])
+    for i in (range(len(b)) if every else [rng.randrange(len(b)) for _ in range(rng.choice([1, 5]))]):
+        b[i] = rng.choice(pat)
+    return bytes(b), f"{'all' if every else 'some'} bytes in {[hex(p) for p in pat]}"
+
+
+QUANT_STATE_VALUES = {
+    "quant_type": ["nf4", "fp4", "int8", "", 5, None],
+    "blocksize": [0, -1, 7, 63, 16, 2**40, "64", 64.0, None, True, 8192],
+    "dtype": ["float64", "int8", "torch.float16", "", 5, None, "bfloat16"],
+    "shape": [[0, 256], [-1, 256], [256], [2**31, 2**31], ["256", 256], None, [256, 256, 1], [1, 1], [512, 256],
+              [256, 128], 5],
+    "nested_blocksize": [0, -1, 100, 2**40, "256", None],
+    "nested_dtype": ["float64", "", None],
+    "nested_offset": [math.nan, math.inf, "0.1", None, 1e308, []],
+}
+
+
+def mutate_quant_state(rng, raw: bytes) -> tuple[bytes, str]:
+    """A bitsandbytes 4-bit quant state (UTF-8 JSON in a uint8 tensor) changed: a key set to a wrong
+    type or value, deleted, the JSON broken, not an object, not UTF-8, huge."""
+    try:
+        qs = json.loads(raw)
+    except ValueError:
+        qs = {}
+    how = rng.choice(["key", "key", "key", "key", "delete", "not_object", "bad_json", "bad_utf8", "huge"])
+    if how == "key" and isinstance(qs, dict):
+        k = rng.choice(list(QUANT_STATE_VALUES))
+        qs[k] = rng.choice(QUANT_STATE_VALUES[k])
+        return json.dumps(qs).encode(), f"quant_state {k} = {_short(qs[k])}"
+    if how == "delete" and isinstance(qs, dict) and qs:
+        k = rng.choice(list(qs))
+        del qs[k]
+        return json.dumps(qs).encode(), f"quant_state delete {k}"
+    if how == "not_object":
+        v = rng.choice([[qs], "x", 5, None])
+        return json.dumps(v).encode(), f"quant_state = {_short(v)}"
+    if how == "bad_json":
+        return raw[:len(raw) // 2], "quant_state JSON cut in half"
+    if how == "bad_utf8":
+        return b"\xff\xfe" + raw, "quant_state not UTF-8"
+    return json.dumps(dict(qs if isinstance(qs, dict) else {}, pad="x" * 100000)).encode(), "quant_state 100 kB"
+
+
+def mutate_quant_safetensors(rng, buf: bytes) -> tuple[bytes, str]:
+    """One change of a quantized checkpoint's tensors aimed at its quantization: a scale, code book,
+    quant state or zero point removed; a dtype changed (data matched or not); a shape changed with
+    data to match; NaN/inf/zero/negative scales, fp8 NaN/inf codes; the quant state's JSON broken;
+    LLM.int8's weight_format changed; two quantization tensors swapped."""
+    header, blobs = _st_split(buf)
+    names = [k for k in header if k != "__metadata__"]
+    quant = [k for k in names if _QUANT_RE.search(k) or header[k]["dtype"] in ("F8_E4M3", "F8_E5M2", "I8", "U8")]
+    name = rng.choice(quant or names)
+    e = header[name]
+    states = [k for k in names if "quant_state" in k]
+    how = rng.choice(["delete", "delete", "dtype", "dtype_matched", "shape_matched", "shape_matched", "values",
+                      "values", "values", "quant_state", "quant_state", "weight_format", "zero", "swap"])
+    if how == "quant_state" and states:
+        name = rng.choice(states)
+        raw, desc = mutate_quant_state(rng, blobs[name])
+        blobs[name] = raw
+        header[name]["shape"] = [len(raw)]
+        return _st_join(header, blobs), f"{name}: {desc}"
+    if how == "weight_format":
+        wf = [k for k in names if k.endswith("weight_format")]
+        if wf:
+            name = rng.choice(wf)
+            v = rng.choice([1, 2, 255])
+            blobs[name] = bytes([v]) * len(blobs[name])
+            return _st_join(header, blobs), f"{name} = {v}"
+    if how == "delete":
+        del header[name]
+        blobs.pop(name)
+        return _st_join(header, blobs), f"delete {name}"
+    if how in ("dtype", "dtype_matched"):
+        old = e["dtype"]
+        e["dtype"] = rng.choice([d for d in ("F32", "F16", "BF16", "I8", "U8", "I32", "F8_E4M3", "F8_E5M2", "F8_E8M0",
+                                             "I64", "BOOL", "F64") if d != old])
+        if how == "dtype_matched":
+            blobs[name] = _resized(blobs[name], _numel(e["shape"]) * ST_SIZES[e["dtype"]])
+        return _st_join(header, blobs), f"{name} dtype {old} -> {e['dtype']}{' (data matched)' if how == 'dtype_matched' else ''}"
+    if how == "shape_matched":
+        s = list(e["shape"])
+        opts = [s[::-1], s + [1], [_numel(s)], [1] * max(1, len(s)), []]
+        if s:
+            opts += [[s[0] + 1] + s[1:], [max(1, s[0] // 2)] + s[1:], [s[0] * 2] + s[1:]]
+        if len(s) > 1:
+            opts += [s[:-1] + [s[-1] + 1], s[:-1] + [max(1, s[-1] // 2)]]
+        new = rng.choice(opts)
+        e["shape"] = new
+        blobs[name] = _resized(blobs[name], _numel(new) * ST_SIZES.get(e["dtype"], 1))
+        return _st_join(header, blobs), f"{name} shape {s} -> {new} (data matched)"
+    if how == "zero":
+        s = list(e["shape"]) or [1]
+        s[rng.randrange(len(s))] = 0
+        e["shape"] = s
+        blobs[name] = b""
+        return _st_join(header, blobs), f"{name} shape -> {s} (empty)"
+    if how == "swap" and len(quant) > 1:
+        other = rng.choice([k for k in quant if k != name])
+        header[name], header[other] = header[other], header[name]
+        blobs[name], blobs[other] = blobs[other], blobs[name]
+        return _st_join(header, blobs), f"{name} and {other} swapped"
+    blobs[name], desc = _bad_values(rng, e["dtype"], blobs[name])
+    return _st_join(header, blobs), f"{name} ({e['dtype']}) values: {desc}"
+
+
+QC_KEYS = {
+    "bitsandbytes": ["load_in_4bit", "load_in_8bit", "_load_in_4bit", "_load_in_8bit", "bnb_4bit_quant_type",
+                     "bnb_4bit_quant_storage", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+                     "llm_int8_skip_modules", "llm_int8_threshold"],
+    "fp8": ["fmt", "weight_block_size", "activation_scheme", "scale_fmt", "modules_to_not_convert"],
+    "compressed-tensors": ["format", "config_groups", "ignore", "quantization_status", "kv_cache_scheme"],
+}
+QC_GROUP_KEYS = ["num_bits", "type", "strategy", "group_size", "block_structure", "symmetric", "dynamic", "actorder"]
+QC_VALUES = [None, 0, -1, 1, 4, 7, 8, 16, 128, "8", "128", 2**40, 1.5, math.nan, True, False, [], {}, [128], [0, 128],
+             [128, 128, 1], [-128, 128], ["a", "b"], [128.0, 128.0], [2**40, 1], "bogus", "e5m2", "e4m3", "E4M3", "nf4",
+             "fp4", "int", "float", "channel", "group", "block", "tensor", "token", "float-quantized", "int-quantized",
+             "pack-quantized", "naive-quantized", "uint8", "float16", "ue8m0"]
+
+
+def mutate_qconfig(rng, cfg: dict) -> tuple[object, str]:
+    """One change of config.json's ``quantization_config``: another or no quant_method, a key of its
+    method set to a wrong type or edge value, deleted, the compressed-tensors weights scheme
+    changed (bits, type, strategy, group size, block structure), or not an object."""
+    cfg = copy.deepcopy(cfg)
+    qc = cfg.get("quantization_config")
+    how = rng.choice(["method", "key", "key", "key", "key", "delete", "group", "group", "group", "not_object"])
+    if how == "not_object" or not isinstance(qc, dict):
+        cfg["quantization_config"] = rng.choice([None, [], "fp8", 5, {}, {"quant_method": None}])
+        return cfg, f"quantization_config = {_short(cfg['quantization_config'])}"
+    method = qc.get("quant_method")
+    if how == "method":
+        qc["quant_method"] = rng.choice(["bitsandbytes", "fp8", "compressed-tensors", "gptq", "awq", "FP8", "", None,
+                                         5, "hqq"])
+        return cfg, f"quant_method {method!r} -> {qc['quant_method']!r}"
+    if how == "delete" and qc:
+        k = rng.choice(list(qc))
+        del qc[k]
+        return cfg, f"quantization_config delete {k}"
+    groups = qc.get("config_groups")
+    if how == "group" and isinstance(groups, dict) and groups:
+        g = groups[rng.choice(list(groups))]
+        part = rng.choice(["weights", "weights", "weights", "input_activations"])
+        if isinstance(g, dict) and isinstance(g.get(part), dict) and rng.random() < 0.9:
+            k = rng.choice(QC_GROUP_KEYS)
+            g[part][k] = rng.choice(QC_VALUES)
+            return cfg, f"config_groups {part}.{k} = {_short(g[part][k])}"
+        if isinstance(g, dict):
+            g[part] = rng.choice([None, 5, "x", {}])
+            return cfg, f"config_groups {part} = {_short(g[part])}"
+    keys = QC_KEYS.get(method, []) + rng.sample(sum(QC_KEYS.values(), []), 2)
+    k = rng.choice(keys)
+    qc[k] = rng.choice(QC_VALUES)
+    return cfg, f"quantization_config {k} = {_short(qc[k])}"
+
+
+ADAPTER_CONFIG_VALUES = {
+    "r": [0, -1, 2**31, "8", 8.5, None, math.nan, 4, 16, True],
+    "lora_alpha": [0, math.nan, math.inf, -1, "16", None, 1e308, [], 32],
+    "peft_type": ["PREFIX_TUNING", "lora", None, 5, "ADALORA", "LOHA", ""],
+    "target_modules": [["q_proj"], "all-linear", [], None, ["nope"], 5, "q_proj|v_proj", ["embed_tokens"], ["lm_head"]],
+    "use_rslora": [True, "yes", None, 1],
+    "rank_pattern": [{"q_proj": 0}, {"x": "a"}, [1], {"model.layers.0.self_attn.q_proj": 2**40},
+                     {"model.layers.0.self_attn.q_proj": -4}, {"q_proj": math.nan}, "q_proj"],
+    "alpha_pattern": [{"q_proj": math.nan}, {"x": "a"}, [1], {"model.layers.1.self_attn.o_proj": math.inf},
+                      {"q_proj": None}, {"q_proj": -1e308}],
+    "fan_in_fan_out": [True, "true"],
+    "bias": ["all", "lora_only", None, 5],
+    "use_dora": [True, 1],
+    "modules_to_save": [["lm_head"], ["embed_tokens"], "lm_head", [5]],
+    "layers_to_transform": [[0], [99], 0, "0"],
+    "layers_pattern": ["layers", 5],
+    "base_model_name_or_path": ["/nonexistent/model", None, 5, "", "../../etc", "x" * 500],
+    "task_type": [None, "SEQ_CLS", 5],
+    "layer_replication": [[[0, 1]], "x"],
+    "target_parameters": [["mlp.experts.gate_up_proj"], []],
+    "trainable_token_indices": [[1, 2], {"embed_tokens": [1]}],
+    "alora_invocation_tokens": [[1, 2, 3]],
+    "use_qalora": [True],
+}
+
+
+def mutate_adapter_config(rng, cfg) -> tuple[object, str]:
+    """One change of a PEFT ``adapter_config.json``: a key (rank, alpha, type, targets, patterns, the
+    options ggq refuses) set to a wrong type or edge value, deleted, or the file not an object."""
+    cfg = copy.deepcopy(cfg)
+    how = rng.choice(["key", "key", "key", "key", "delete", "not_object"])
+    if how == "not_object" or not isinstance(cfg, dict):
+        return rng.choice([[cfg], "adapter", 5, None]), "adapter_config.json not an object"
+    if how == "delete":
+        k = rng.choice(["r", "lora_alpha", "peft_type", "target_modules", "base_model_name_or_path"])
+        cfg.pop(k, None)
+        return cfg, f"adapter_config delete {k}"
+    k = rng.choice(list(ADAPTER_CONFIG_VALUES))
+    cfg[k] = rng.choice(ADAPTER_CONFIG_VALUES[k])
+    return cfg, f"adapter_config {k} = {_short(cfg[k])}"
+
+
+def mutate_adapter_tensors(rng, buf: bytes) -> tuple[bytes, str]:
+    """One change of ``adapter_model.safetensors`` aimed at LoRA pairs: a lora_B (or lora_A) removed,
+    a pair's rank or width changed (data matched), A and B swapped, a module past the model's layers
+    or unknown, embedding/lm_head/bias adapters added, NaN/inf values, another dtype, a 3-D tensor."""
+    header, blobs = _st_split(buf)
+    names = [k for k in header if k != "__metadata__"]
+    name = rng.choice(names)
+    e = header[name]
+    s = list(e["shape"])
+    isz = ST_SIZES.get(e["dtype"], 4)
+    how = rng.choice(["unpair", "rank", "width", "swap", "rename", "rename", "add", "add", "values", "values",
+                      "dtype", "ndim"])
+    if how == "unpair":
+        del header[name]
+        blobs.pop(name)
+        return _st_join(header, blobs), f"delete {name} (its pair stays)"
+    if how in ("rank", "width") and len(s) == 2:
+        i = (0 if "lora_A" in name else 1) if how == "rank" else (1 if "lora_A" in name else 0)
+        new = list(s)
+        new[i] = rng.choice([s[i] + 1, max(1, s[i] // 2), s[i] * 2, 1, 0])
+        e["shape"] = new
+        blobs[name] = _resized(blobs[name], _numel(new) * isz)
+        return _st_join(header, blobs), f"{name} shape {s} -> {new} ({how}; data matched)"
+    if how == "swap" and "lora_A" in name:
+        other = name.replace("lora_A", "lora_B")
+        if other in header:
+            header[name], header[other] = header[other], header[name]
+            blobs[name], blobs[other] = blobs[other], blobs[name]
+            return _st_join(header, blobs), f"{name} and its lora_B swapped"
+    if how == "rename":
+        new = rng.choice([name.replace("layers.0.", "layers.9.").replace("layers.1.", "layers.99."),
+                          name.replace("q_proj", "nope_proj"), name.replace("lora_A", "lora_C"),
+                          name.replace("base_model.model.", ""), name.replace(".weight", ""),
+                          name.replace("lora_A.weight", "lora_A.default.weight"), name + ".extra"])
+        header = {new if k == name else k: v for k, v in header.items()}
+        blobs[new] = blobs.pop(name)
+        return _st_join(header, blobs), f"rename {name} -> {new}"
+    if how == "add":
+        r = s[0] if "lora_A" in name else s[-1]
+        new, shape = rng.choice([
+            ("base_model.model.model.embed_tokens.lora_embedding_A", [r, 512]),
+            ("base_model.model.lm_head.lora_A.weight", [r, 256]),
+            ("base_model.model.lm_head.lora_B.weight", [512, r]),
+            (name.replace("lora_A.weight", "lora_B.bias").replace("lora_B.weight", "lora_B.bias"), [s[0]]),
+            ("base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", [256]),
+            ("base_model.model.model.norm.lora_A.weight", [r, 256]),
+            ("base_model.model.model.layers.0.mlp.gate_proj.base_layer.weight", [512, 256])])
+        header[new] = {"dtype": e["dtype"], "shape": shape, "data_offsets": [0, 0]}
+        blobs[new] = _resized(blobs[name], _numel(shape) * isz)
+        return _st_join(header, blobs), f"add {new} {shape}"
+    if how == "dtype":
+        old = e["dtype"]
+        e["dtype"] = rng.choice(["F16", "BF16", "F64", "I8", "U8", "I32", "F8_E4M3", "BOOL"])
+        if rng.random() < 0.6:
+            blobs[name] = _resized(blobs[name], _numel(s) * ST_SIZES[e["dtype"]])
+        return _st_join(header, blobs), f"{name} dtype {old} -> {e['dtype']}"
+    if how == "ndim":
+        e["shape"] = rng.choice([[1] + s, s[:1], [], s + [1]])
+        blobs[name] = _resized(blobs[name], _numel(e["shape"]) * isz)
+        return _st_join(header, blobs), f"{name} shape {s} -> {e['shape']} (data matched)"
+    blobs[name], desc = _bad_values(rng, e["dtype"], blobs[name])
+    return _st_join(header, blobs), f"{name} values: {desc}"
+
+
+def _lora_tensor(rng, doc, suffix=None):
+    ts = [t for t in doc.tensors if t.name.endswith((b".lora_a", b".lora_b") if suffix is None else (suffix,))]
+    return rng.choice(ts) if ts else None
+
+
+def m_lora_shape(rng, doc) -> str:
+    """A lora_a/lora_b shape changed with data to match: ranks of a pair differ, the input or output
+    width no longer the base matrix's, a vector, three dimensions."""
+    t = _lora_tensor(rng, doc)
+    if t is None or len(t.ne) != 2:
+        return "no lora tensor"
+    old = list(t.ne)
+    bs = GGML_SIZES.get(t.ttype, (1, 1))[0]
+    t.ne = rng.choice([[old[0], old[1] + 1], [old[0], max(1, old[1] // 2)], [old[0] + bs, old[1]], old[::-1],
+                       [old[0] * 2, old[1]], old[:1], old + [2], [old[0], old[1] * 2]])
+    nb = tensor_nbytes(t.ne, t.ttype)
+    if nb is not None:
+        t.blob = _float_blob(rng, t.ttype, nb) if t.ttype in (0, 1, 30) else rng.randbytes(nb)
+    doc.relayout()
+    return f"tensor {t.name.decode(errors='replace')} ne {old} -> {t.ne} (data matched)"
+
+
+def m_lora_unpair(rng, doc) -> str:
+    """One half of a lora_a/lora_b pair removed (or duplicated under the other suffix)."""
+    t = _lora_tensor(rng, doc)
+    if t is None:
+        return "no lora tensor"
+    if rng.random() < 0.7:
+        doc.tensors.remove(t)
+        doc.relayout()
+        return f"delete {t.name.decode(errors='replace')}"
+    other = t.name[:-1] + (b"b" if t.name.endswith(b"a") else b"a")
+    for o in doc.tensors:
+        if o.name == other:
+            o.name = t.name
+    return f"{other.decode(errors='replace')} renamed to {t.name.decode(errors='replace')}"
+
+
+def m_lora_name(rng, doc) -> str:
+    """A lora tensor renamed: for a matrix the model lacks or may not adapt (a layer past the last,
+    token_embd, output, a norm), without or with another suffix."""
+    t = _lora_tensor(rng, doc)
+    if t is None:
+        return "no lora tensor"
+    old = t.name
+    base, suf = old.rsplit(b".", 1)
+    t.name = rng.choice([b"blk.9." + base.split(b".", 2)[-1] + b"." + suf, b"token_embd.weight." + suf,
+                         b"output.weight." + suf, b"blk.0.attn_norm.weight." + suf, base, base + b".lora_c",
+                         b"output_norm.weight." + suf, base + b"." + suf + b".lora_a", b"." + suf])
+    return f"tensor {old.decode(errors='replace')} renamed to {t.name.decode(errors='replace')}"
+
+
+def m_lora_kv(rng, doc) -> str:
+    """An adapter key changed: general.type, adapter.type, adapter.lora.alpha (NaN, inf, negative,
+    a string), the architecture, aLoRA invocation tokens added."""
+    how = rng.choice(["type", "adapter_type", "alpha", "alpha", "arch", "alora"])
+    if how == "type":
+        doc.set("general.type", GT_STR, rng.choice([b"model", b"", b"adapterx", b"\xff"]))
+    elif how == "adapter_type":
+        doc.set("adapter.type", rng.choice([GT_STR, GT_STR, GT_U32]),
+                rng.choice([b"control_vector", b"LORA", b"", b"alora"]) if rng.random() < 0.8 else 1)
+    elif how == "alpha":
+        vt = rng.choice([GT_F32, GT_F32, GT_F64, GT_U32, GT_STR, GT_ARR])
+        doc.set("adapter.lora.alpha", vt, _rand_value(rng, vt))
+    elif how == "arch":
+        doc.set("general.architecture", GT_STR, rng.choice([b"qwen2", b"gemma3", b"", b"nope"]))
+    else:
+        doc.set("adapter.alora.invocation_tokens", GT_ARR, (GT_U32, rng.choice([[1, 2, 3], [], [2**31]])))
+    return f"{how}: {_short(doc.get({'type': 'general.type', 'adapter_type': 'adapter.type', 'alpha': 'adapter.lora.alpha', 'arch': 'general.architecture', 'alora': 'adapter.alora.invocation_tokens'}[how]))}"
+
+
+LORA_MUTATORS = [(m_lora_shape, 8), (m_lora_unpair, 5), (m_lora_name, 5), (m_lora_kv, 6), (m_tensor_type, 4),
+                 (m_tensor_data, 4), (m_tensor_ne, 2), (m_tensor_offset, 2), (m_tensor_dup, 2), (m_kv_delete, 2),
+                 (m_kv_type, 2), (m_counts, 1), (m_alignment, 1)]
+#: the SCALE of ``--lora FILE:SCALE``, hostile
+LORA_SCALES = ["", ":1", ":0.5", ":-1", ":0", ":nan", ":inf", ":-inf", ":1e309", ":abc", ":1:2", ":", ":1e38"]
+
+
+def mutate_lora_gguf(rng, buf: bytes) -> tuple[bytes, list]:
+    """1-2 LoRA-aware GGUF mutations (and, sometimes, one raw byte-level one)."""
+    doc = parse_gguf(buf)
+    muts, weights = zip(*LORA_MUTATORS)
+    descs = []
+    for _ in range(rng.choice([1, 1, 2])):
+        m = rng.choices(muts, weights)[0]
+        try:
+            descs.append(f"{m.__name__[2:]}: {m(rng, doc)}")
+        except Exception as e:  # noqa: BLE001 - a mutator found nothing to do
+            descs.append(f"{m.__name__[2:]}: skipped ({type(e).__name__})")
+    data, fields = write_gguf(doc)
+    if rng.random() < 0.15:
+        data, d = raw_mutation(rng, data, fields)
+        descs.append(d)
+    return data, descs
+
 # ===================================================================================== seeds
 
 
@@ -1108,8 +1564,9 @@ def _run_ggq(args, cwd=None):
         raise RuntimeError(f"ggq {' '.join(args)} failed: {r.stderr[-2000:]}")
 
 
-def build_seeds(seed_dir: Path) -> dict:
-    """Make the seed inputs (idempotent; kept in ``seed_dir``): returns name -> path."""
+def build_seeds(seed_dir: Path, targets=None) -> dict:
+    """Make the seed inputs (idempotent; kept in ``seed_dir``): returns name -> path. With an import
+    target among ``targets``, also :func:`build_import_seeds`."""
     import numpy as np
 
     seed_dir.mkdir(parents=True, exist_ok=True)
@@ -1226,6 +1683,58 @@ def build_seeds(seed_dir: Path) -> dict:
         w.close()
         part.rename(p)
     seeds["tiny-qwen2-bpe"] = p
+    if any(t in IMPORT_TARGETS for t in (targets or ())):
+        seeds.update(build_import_seeds(seed_dir))
+    return seeds
+
+
+#: quantized checkpoints (seed name -> (fixture module, kind)), made by the real libraries through the
+#: tests' fixture builders (tests/bnb_checkpoints.py, tests/fp8_checkpoints.py)
+QUANT_SEEDS = {"q-nf4": ("bnb", "nf4"), "q-nf4-dq": ("bnb", "nf4-dq"), "q-fp4": ("bnb", "fp4"), "q-int8": ("bnb", "int8"),
+               "q-fp8-block": ("fp8", "fp8-block"), "q-fp8-ue8m0": ("fp8", "fp8-ue8m0"),
+               "q-fp8-e5m2-channel": ("fp8", "fp8-e5m2-channel"), "q-ct-fp8-channel": ("fp8", "ct-fp8-channel"),
+               "q-ct-fp8-block": ("fp8", "ct-fp8-block"), "q-w8a8-channel": ("fp8", "ct-w8a8-channel"),
+               "q-w8a8-group": ("fp8", "ct-w8a8-group")}
+
+
+def build_import_seeds(seed_dir: Path) -> dict:
+    """Seeds of the import targets (idempotent): the quantized checkpoints of :data:`QUANT_SEEDS`, the
+    tests' float32 LoRA base (an HF folder and its F32 / Q8_0 GGUF files), two PEFT adapters (rank 8 on
+    every projection; rsLoRA with an alpha_pattern) and the first as llama.cpp LoRA GGUF files (f32,
+    q8_0) written by ``ggq convert-lora``. Made by the tests' fixture builders (transformers +
+    bitsandbytes, transformers' FP8 op, compressed-tensors, peft) into ``seed_dir/fixtures``."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import bnb_checkpoints
+    import fp8_checkpoints
+    import lora_checkpoints
+
+    fix = seed_dir / "fixtures"
+    fix.mkdir(parents=True, exist_ok=True)
+    mods = {"bnb": bnb_checkpoints, "fp8": fp8_checkpoints}
+    seeds = {}
+    for name, (mod, kind) in QUANT_SEEDS.items():
+        d = seed_dir / name
+        if not d.exists():
+            src = mods[mod].build(fix, STORIES, kind)
+            shutil.copytree(src, seed_dir / f"{name}.tmp", dirs_exist_ok=True)
+            (seed_dir / f"{name}.tmp").rename(d)
+        seeds[name] = d
+    seeds["lora-base"] = lora_checkpoints.base(fix, STORIES)
+    for a in ("main", "rslora"):
+        seeds[f"peft-{a}"] = lora_checkpoints.adapter(fix, STORIES, a)
+    for t in ("F32", "Q8_0"):
+        p = seed_dir / f"lora-base-{t}.gguf"
+        if not p.exists():
+            _run_ggq(["convert", str(seeds["lora-base"]), "--type", t, "-o", str(p.with_suffix(".part.gguf"))])
+            p.with_suffix(".part.gguf").rename(p)
+        seeds[f"lora-base-{t}"] = p
+    for t in ("f32", "q8_0"):
+        p = seed_dir / f"lora-main-{t}.gguf"
+        if not p.exists():
+            _run_ggq(["convert-lora", str(seeds["peft-main"]), "--base", str(seeds["lora-base"]), "--outtype", t,
+                      "-o", str(p.with_suffix(".part.gguf"))])
+            p.with_suffix(".part.gguf").rename(p)
+        seeds[f"lora-main-{t}"] = p
     return seeds
 
 
@@ -1247,6 +1756,9 @@ class Case:
     inputs: list = field(default_factory=list)  # files/folders under in/ that the command reads
     output: str | None = None  # the GGUF the command writes (quantize/convert), relative
     env: dict = field(default_factory=dict)
+    model_output: bool = True  # the output is a model (False: a LoRA adapter GGUF)
+    lora_base: str | None = None  # the adapter (output, else input) is checked against this base GGUF
+    lora_scale: str = ""  # the ":SCALE" given with it
 
 
 def _case_rng(campaign_seed: int, i: int) -> random.Random:
@@ -1281,6 +1793,8 @@ def make_case(campaign_seed: int, i: int, targets: list, seeds: dict, case_dir: 
     for d in ("in", "out", "tmp"):
         (case_dir / d).mkdir(parents=True, exist_ok=True)
     inp = case_dir / "in"
+    if target in IMPORT_TARGETS:
+        return make_import_case(rng, cid, target, seeds, inp)
     if target == "convert" and rng.random() < 0.85:
         seed = rng.choice(HF_SEEDS)
         src = seeds[seed]
@@ -1350,6 +1864,124 @@ def make_case(campaign_seed: int, i: int, targets: list, seeds: dict, case_dir: 
     args = ["convert", src, "-o", "out/model.gguf", "--type", qtype] + (["--allow-requantize"] if quantized else [])
     return Case(cid, target, seed, descs, args, [src], "out/model.gguf")
 
+def _mutate_file(rng, p: Path, fn, what: str, raw: bool = False) -> str:
+    """Apply ``fn`` (a JSON-object mutator for ``.json`` files, else or with ``raw`` a bytes mutator)
+    to the file ``p``; returns the description."""
+    if p.suffix == ".json" and not raw:
+        try:
+            obj = json.loads(p.read_text())
+        except ValueError:
+            obj = {}
+        obj, d = fn(rng, obj)
+        p.write_text(json.dumps(obj))
+        return d
+    b, d = fn(rng, p.read_bytes())
+    p.write_bytes(b)
+    return d
+
+
+def make_import_case(rng, cid: str, target: str, seeds: dict, inp: Path) -> Case:
+    """A case of the import targets. ``quantized``: ``ggq convert`` of a bitsandbytes / FP8 /
+    compressed-tensors W8A8 checkpoint with its quantization tensors, quant states or
+    quantization_config mutated (or generic safetensors/config damage); ``convert-lora``:
+    ``ggq convert-lora`` (or ``convert BASE --lora``) of a mutated PEFT folder; ``lora``: ``ggq
+    generate BASE.gguf --lora FILE[:SCALE]`` (or ``convert BASE --lora FILE``) with a mutated LoRA GGUF."""
+    descs = []
+    if target == "quantized":
+        seed = rng.choice(list(QUANT_SEEDS))
+        dst = inp / "model"
+        shutil.copytree(seeds[seed], dst, copy_function=shutil.copyfile)
+        st = dst / "model.safetensors"
+        for _ in range(rng.choice([1, 1, 2])):
+            what = rng.choices(["quant", "qconfig", "safetensors", "config", "raw"], [8, 5, 2, 1, 1])[0]
+            try:
+                if what == "quant":
+                    d = _mutate_file(rng, st, mutate_quant_safetensors, what)
+                elif what == "qconfig":
+                    d = _mutate_file(rng, dst / "config.json", mutate_qconfig, what)
+                elif what == "safetensors":
+                    d = _mutate_file(rng, st, mutate_safetensors, what)
+                elif what == "config":
+                    d = _mutate_file(rng, dst / "config.json", mutate_config, what)
+                else:
+                    d = _mutate_file(rng, dst / "config.json", lambda r, b: mutate_bytes(r, b, "config.json"), what, True)
+            except Exception as e:  # noqa: BLE001 - an earlier mutation broke the file for this one
+                d = f"{what}: skipped ({type(e).__name__})"
+            descs.append(d)
+        qtype = rng.choice([None, None, None, "F32", "F16", "Q8_0", "Q4_K_M", "BF16", "Q4_0"])
+        args = ["convert", "in/model", "-o", "out/model.gguf"] + (["--type", qtype] if qtype else [])
+        if rng.random() < 0.3:
+            args += ["--import-report", "out/report.tsv"]
+        return Case(cid, target, seed, descs, args, ["in/model"], "out/model.gguf")
+    if target == "convert-lora":
+        seed = rng.choice(["peft-main", "peft-main", "peft-rslora"])
+        dst = inp / "adapter"
+        shutil.copytree(seeds[seed], dst, copy_function=shutil.copyfile)
+        for _ in range(rng.choice([1, 1, 2])):
+            what = rng.choices(["tensors", "config", "safetensors", "raw", "files"], [6, 5, 2, 1, 1])[0]
+            try:
+                if what == "tensors":
+                    d = _mutate_file(rng, dst / "adapter_model.safetensors", mutate_adapter_tensors, what)
+                elif what == "config":
+                    d = _mutate_file(rng, dst / "adapter_config.json", mutate_adapter_config, what)
+                elif what == "safetensors":
+                    d = _mutate_file(rng, dst / "adapter_model.safetensors", mutate_safetensors, what)
+                elif what == "raw":
+                    d = _mutate_file(rng, dst / "adapter_config.json",
+                                     lambda r, b: mutate_bytes(r, b, "adapter_config.json"), what, True)
+                else:
+                    how = rng.choice(["no_config", "no_weights", "bin_garbage", "bin_and_st"])
+                    if how == "no_config":
+                        (dst / "adapter_config.json").unlink()
+                    elif how == "no_weights":
+                        (dst / "adapter_model.safetensors").unlink()
+                    elif how == "bin_garbage":
+                        (dst / "adapter_model.safetensors").unlink()
+                        if rng.random() < 0.4:  # a valid torch.save of something other than named tensors
+                            import torch
+
+                            buf = io.BytesIO()
+                            torch.save(rng.choice([[torch.zeros(2)], {"a": 1}, {1: torch.zeros(2)}, torch.zeros(3)]), buf)
+                            (dst / "adapter_model.bin").write_bytes(buf.getvalue())
+                            descs.append("adapter_model.bin: torch.save of no named tensors")
+                            continue
+                        (dst / "adapter_model.bin").write_bytes(rng.choice([b"", b"PK\x03\x04" + rng.randbytes(200),
+                                                                            b"\x80\x02}q\x00.", rng.randbytes(64)]))
+                    else:
+                        (dst / "adapter_model.bin").write_bytes(rng.randbytes(64))
+                    d = f"adapter folder: {how}"
+            except Exception as e:  # noqa: BLE001
+                d = f"{what}: skipped ({type(e).__name__})"
+            descs.append(d)
+        base = str(seeds["lora-base"])
+        if rng.random() < 0.7:
+            outtype = rng.choice(["f16", "f32", "bf16", "q8_0"])
+            args = ["convert-lora", "in/adapter", "--base", base, "-o", "out/lora.gguf", "--outtype", outtype]
+            return Case(cid, target, seed, descs, args, ["in/adapter"], "out/lora.gguf", model_output=False,
+                        lora_base=str(seeds["lora-base-F32"]))
+        scale = rng.choice(LORA_SCALES)
+        args = ["convert", base, "--lora", "in/adapter" + scale, "-o", "out/model.gguf",
+                "--type", rng.choice(["F32", "Q8_0", "F16"])]
+        return Case(cid, target, seed, descs, args, ["in/adapter"], "out/model.gguf")
+    # lora: a hostile LoRA GGUF applied at load
+    seed = rng.choice(["lora-main-f32", "lora-main-f32", "lora-main-q8_0"])
+    data, descs = mutate_lora_gguf(rng, seeds[seed].read_bytes())
+    (inp / "lora.gguf").write_bytes(data)
+    scale = rng.choice(LORA_SCALES)
+    if scale not in ("", ":1", ":0.5"):
+        descs.append(f"scale {scale!r}")
+    if rng.random() < 0.2:
+        args = ["convert", str(seeds["lora-base"]), "--lora", "in/lora.gguf" + scale, "-o", "out/model.gguf",
+                "--type", "F32"]
+        return Case(cid, target, seed, descs, args, ["in/lora.gguf"], "out/model.gguf",
+                    lora_base=str(seeds["lora-base-F32"]), lora_scale=scale)
+    base = seeds[rng.choice(["lora-base-F32", "lora-base-Q8_0"])]
+    args = ["generate", str(base), "--lora", "in/lora.gguf" + scale, "-p", PROMPT, "-n", "2", "-t", "1", "--temp",
+            "0", "--seed", "1", "-c", "32"]
+    if rng.random() < 0.3:
+        args += ["--lora-type", rng.choice(["f32", "f16", "q8_0"])]
+    return Case(cid, target, seed, descs, args, ["in/lora.gguf"], lora_base=str(base), lora_scale=scale)
+
 # ===================================================================================== checking outputs
 
 
@@ -1409,6 +2041,76 @@ def check_gguf(path: Path, model: bool = True) -> list:
     if model and not problems:
         problems += _model_problems(doc)
     return problems
+
+
+def check_lora(path: Path, base: Path, scale: str = "") -> list:
+    """Problems of the LoRA adapter GGUF at ``path`` for the model GGUF ``base`` (empty: valid),
+    judged with gguf-py (llama.cpp's ``llama_adapter_lora_init`` rules): ``general.type`` adapter,
+    ``adapter.type`` lora, the base's architecture, a finite ``adapter.lora.alpha``; every tensor
+    ``NAME.lora_a`` with ``ne [n_in, r]`` and ``NAME.lora_b`` with ``ne [r, n_out]`` in pairs, one rank,
+    ``NAME`` a matrix of the base with ``ne [n_in, n_out]`` other than token_embd; finite values (F32,
+    F16, BF16, Q8_0 decoded by gguf-py); and a finite ``:SCALE`` (``scale``, as on the command line)."""
+    import gguf
+    import numpy as np
+
+    def field(r, key):
+        f = r.fields.get(key)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    p = []
+    lr, br = gguf.GGUFReader(path), gguf.GGUFReader(base)
+    if field(lr, "general.type") != "adapter":
+        p.append(f"general.type {field(lr, 'general.type')!r}")
+    if field(lr, "adapter.type") != "lora":
+        p.append(f"adapter.type {field(lr, 'adapter.type')!r}")
+    if field(lr, "general.architecture") != field(br, "general.architecture"):
+        p.append(f"architecture {field(lr, 'general.architecture')!r}")
+    alpha = field(lr, "adapter.lora.alpha")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
+        p.append(f"adapter.lora.alpha {alpha!r}")
+    if "adapter.alora.invocation_tokens" in lr.fields:
+        p.append("aLoRA invocation tokens")
+    if scale:
+        try:
+            ok = math.isfinite(float(scale.rsplit(":", 1)[1]))
+        except ValueError:
+            ok = True  # not a number: part of the path, scale 1
+        if not ok:
+            p.append(f"scale {scale!r}")
+    base_ne = {t.name: [int(x) for x in t.shape] for t in br.tensors}
+    ts = {t.name: t for t in lr.tensors}
+    ranks = set()
+    for name, t in ts.items():
+        ne = [int(x) for x in t.shape]
+        if not name.endswith((".lora_a", ".lora_b")):
+            p.append(f"{name}: not a lora_a/lora_b tensor")
+            continue
+        stem, half = name[:-7], name[-1]
+        other = ts.get(f"{stem}.lora_{'b' if half == 'a' else 'a'}")
+        bne = base_ne.get(stem)
+        if other is None or bne is None or len(bne) != 2 or stem == "token_embd.weight" or len(ne) != 2:
+            p.append(f"{name}: unpaired, not a matrix of the base, or not 2-D")
+            continue
+        if half == "a":
+            if ne[0] != bne[0]:
+                p.append(f"{name}: ne {ne}, base {stem} ne {bne}")
+            ranks.add(ne[1])
+        else:
+            if ne[1] != bne[1]:
+                p.append(f"{name}: ne {ne}, base {stem} ne {bne}")
+            ranks.add(ne[0])
+        try:
+            v = gguf.quants.dequantize(t.data, t.tensor_type)
+            if not np.isfinite(v).all():
+                p.append(f"{name}: non-finite values")
+        except (NotImplementedError, ValueError) as e:
+            p.append(f"{name}: type {t.tensor_type!r} ({type(e).__name__})")
+    if len(ranks) > 1:
+        p.append(f"ranks {sorted(ranks)}")
+    return p[:10]
 
 
 def _model_problems(doc: GGUFDoc) -> list:
@@ -1503,9 +2205,11 @@ def _model_problems(doc: GGUFDoc) -> list:
 _TRACE_RE = re.compile(r'File "([^"]+)", line (\d+)')
 _EXC_RE = re.compile(r"\b([A-Z]\w*(?:Error|Exception|Warning|Exit|Interrupt))\b(?::|\()")
 _PROGRESS_RE = re.compile(r"\d+%\||it/s\]|s/it\]|\|\s*\d+/\d+ \[")
-#: status lines, not errors: progress bars, and the runtime's compile status (shown when loading
-#: the compiled kernels takes over a second, e.g. on a loaded machine)
-_STATUS_RE = re.compile(_PROGRESS_RE.pattern + r"|^ggq: (compiling the runtime for |compiled in |finishing the one-time compile)")
+#: status lines, not errors: progress bars, the runtime's compile status (shown when loading
+#: the compiled kernels takes over a second, e.g. on a loaded machine), and ggq's own warnings and
+#: notes (a conversion warns about its type before a tensor read later turns out bad)
+_STATUS_RE = re.compile(_PROGRESS_RE.pattern + r"|^ggq: (compiling the runtime for |compiled in |finishing the one-time compile)"
+                        r"|^ggq: (warning|note): ")
 _MEM_RE = re.compile(r"MemoryError|Unable to allocate|Cannot allocate memory|std::bad_alloc|out of memory|"
                      r"ArrayMemoryError|mmap length is greater", re.I)
 
@@ -1597,8 +2301,9 @@ def _spawn_run(argv, cwd, stdout, stderr, timeout, mem_bytes, env) -> tuple:
         return _wait(p.pid, t0, timeout)
 
 
-def _fork_check(path: Path, model: bool, mem_bytes: int) -> list:
-    """:func:`check_gguf` in a forked child with limits (the file may be hostile)."""
+def _fork_check(path: Path, model: bool, mem_bytes: int, lora_base: Path | None = None, scale: str = "") -> list:
+    """:func:`check_gguf` in a forked child with limits (the file may be hostile); with ``lora_base``
+    the file is a LoRA adapter for that base GGUF, checked by :func:`check_lora` too."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
@@ -1606,6 +2311,8 @@ def _fork_check(path: Path, model: bool, mem_bytes: int) -> list:
         try:
             _child_limits(mem_bytes, TIMEOUTS["check"])
             res = check_gguf(path, model)
+            if lora_base is not None and not res:
+                res = check_lora(path, lora_base, scale)
         except BaseException as e:  # noqa: BLE001
             res = [f"checker failed: {type(e).__name__}: {str(e)[:80]}"]
         os.write(w, json.dumps(res).encode()[:60000])
@@ -1722,13 +2429,18 @@ def run_case(case: Case, case_dir: Path, opts) -> dict:
             if not out.exists():
                 problems = ["success without the output file"]
             else:
-                problems = _fork_check(out, True, mem)
+                problems = _fork_check(out, case.model_output, mem,
+                                       Path(case.lora_base) if case.lora_base and not case.model_output else None)
                 if not problems:
                     c2, s2, t2, _, _ = runner(["info", case.output], case_dir, case_dir / "info_out.txt",
                                               case_dir / "info_err.txt", TIMEOUTS["info"], mem, env)
                     if c2 != 0:
                         problems = [f"ggq info on the output failed: "
                                     f"{_last_line((case_dir / 'info_err.txt').read_text(errors='replace'))[:100]}"]
+        if case.target == "lora" and not problems:  # the adapter it accepted (applied, or merged by convert)
+            problems = _fork_check(case_dir / case.inputs[0], False, mem, Path(case.lora_base), case.lora_scale)
+        elif case.target == "lora":
+            pass
         elif case.target in ("info", "generate", "perplexity"):
             problems = _fork_check(case_dir / case.inputs[0], case.target != "info", mem)
         if problems:
@@ -1747,7 +2459,7 @@ def run_case(case: Case, case_dir: Path, opts) -> dict:
 
 def _prepare(opts) -> dict:
     """Seeds, and the parent's imports (ggq and the modules its commands load; no Numba code runs)."""
-    seeds = build_seeds(Path(opts.seeds))
+    seeds = build_seeds(Path(opts.seeds), opts.targets.split(","))
     if not opts.spawn:
         import ggq.cli  # noqa: F401
         import ggq.convert.pipeline  # noqa: F401
@@ -1768,16 +2480,26 @@ def _prepare(opts) -> dict:
 
 def warm_up(seeds: dict, opts, work: Path) -> None:
     """Compile (or load) Numba's cache in throwaway children before the campaign: one generate and
-    one perplexity per GGUF seed, one quantize per common type."""
+    one perplexity per GGUF seed, one quantize per common type (when a GGUF/HF target runs); with the
+    import targets, one conversion per quantized seed and the LoRA base files run with an adapter
+    under every ``--lora-type``."""
     work.mkdir(parents=True, exist_ok=True)
     (work / "text.txt").write_text(PPL_TEXT * 2)
     jobs = []
-    for s in GGUF_SEEDS:
+    gguf_targets = any(t not in IMPORT_TARGETS for t in opts.targets.split(","))
+    for s in GGUF_SEEDS if gguf_targets else ():
         jobs.append(["generate", str(seeds[s]), "-p", PROMPT, "-n", "2", "-t", "1", "-c", "64"])
         jobs.append(["generate", str(seeds[s]), "-p", PROMPT, "-n", "2", "-t", "1", "-c", "64", "--chat"])
         jobs.append(["perplexity", str(seeds[s]), "-f", "text.txt", "-c", "16", "--chunks", "1", "-t", "1", "-q"])
-    for t in ("Q8_0", "Q4_0", "F16", "Q4_K_M", "Q6_K", "Q5_1", "Q3_K_S", "BF16"):
+    for t in ("Q8_0", "Q4_0", "F16", "Q4_K_M", "Q6_K", "Q5_1", "Q3_K_S", "BF16") if gguf_targets else ():
         jobs.append(["quantize", str(seeds["stories-F32"]), f"warm-{t}.gguf", t, "-q", "--force"])
+    if "lora-base" in seeds:  # the import targets: one conversion per quantized seed, adapters applied
+        for s in QUANT_SEEDS:
+            jobs.append(["convert", str(seeds[s]), "-o", f"warm-{s}.gguf", "--force"])
+        for b in ("lora-base-F32", "lora-base-Q8_0"):
+            for lt in ("same", "f32", "f16", "q8_0"):
+                jobs.append(["generate", str(seeds[b]), "--lora", str(seeds["lora-main-f32"]), "-p", PROMPT, "-n", "2",
+                             "-t", "1", "-c", "32", "--lora-type", lt])
     for k, argv in enumerate(jobs):
         t0 = time.time()
         code, sig, to, dt, _ = _fork_run(argv, work, work / "o.txt", work / "e.txt", 600, 0, {"HF_HUB_OFFLINE": "1"})
@@ -1872,6 +2594,8 @@ def campaign(opts) -> int:
             shutil.rmtree(keep, ignore_errors=True)
             shutil.copytree(cdir / "in", keep / "in")
             (keep / "case.json").write_text(json.dumps({**rec, "env": case.env, "output": case.output,
+                                                         "model_output": case.model_output,
+                                                         "lora_base": case.lora_base, "lora_scale": case.lora_scale,
                                                          "inputs": case.inputs}, indent=1))
         shutil.rmtree(cdir, ignore_errors=True)
         n_done += 1
@@ -1961,7 +2685,8 @@ def replay(opts) -> int:
         (work / d).mkdir(parents=True)
     shutil.copytree(keep / "in", work / "in")
     case = Case(meta["case"], meta["target"], meta["seed"], meta["mutations"], meta["args"], meta.get("inputs", []),
-                meta.get("output"), meta.get("env", {}))
+                meta.get("output"), meta.get("env", {}), meta.get("model_output", True), meta.get("lora_base"),
+                meta.get("lora_scale", ""))
     if not opts.spawn:
         _prepare(opts)
     rec = run_case(case, work, opts)
@@ -1984,7 +2709,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0, help="campaign seed: case i depends only on (seed, i)")
     ap.add_argument("--start", type=int, default=0, help="first case index (to split a campaign)")
-    ap.add_argument("--targets", default=",".join(TARGETS))
+    ap.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                    help=f"comma-separated, from {', '.join(TARGETS)} (default: {', '.join(DEFAULT_TARGETS)})")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--out", default=str(DEFAULT_OUT / "run"))
     ap.add_argument("--seeds", default=str(DEFAULT_OUT / "seeds"), help="folder of the seed inputs (built once)")

@@ -176,7 +176,13 @@ def _torch_file_sources(path: Path) -> dict[str, TensorSource]:
     try:
         sd = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # torch raises many types for corrupt pickles
-        raise GGQError(f"{path}: cannot read pytorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        msg = str(e)
+        why = ("it holds objects other than tensors (not unpickled: that could run code)" if "Weights only" in msg
+               else "not a zip archive as torch.save writes it (damaged, truncated, or the legacy format)"
+               if "zip" in msg or "mmap" in msg or "central directory" in msg else "damaged or not a torch.save file")
+        raise GGQError(f"{path}: cannot read the pytorch checkpoint: {why}") from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise GGQError(f"{path}: the pytorch checkpoint is not a dict of named tensors")
     names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
     def loader(t):

@@ -286,7 +286,7 @@ def read_peft_adapter(adapter_dir: str | Path, base: str | Path | None = None) -
         peft_scale = m_alpha / (math.sqrt(r) if rslora else r)
         llama_scale = alpha / r if alpha else 1.0
         factor = 1.0 if peft_scale == llama_scale else peft_scale / llama_scale
-        if not math.isfinite(factor):
+        if not math.isfinite(factor) or abs(factor) > float(np.finfo(np.float32).max):
             raise GGQError(f"{wfile}: {show(module)}: lora_alpha {alpha} cannot express PEFT's scaling {peft_scale}")
         ad.pairs[rule.name] = LoraPair(rule.name, np.ascontiguousarray(a), np.ascontiguousarray(b), factor)
     return ad, model_dir
@@ -310,6 +310,15 @@ def _encode(x: np.ndarray, qtype: T) -> tuple[np.ndarray, T]:
     if qtype in (T.F32, T.F16):
         return np.ascontiguousarray(x.astype(np.float32 if qtype == T.F32 else np.float16)), qtype
     return quants.quantize(x.astype(np.float32), qtype), qtype
+
+
+def _decoded(arr: np.ndarray, qtype: T) -> np.ndarray:
+    """float32 values of ``arr`` as :func:`_encode` stored them in ``qtype``."""
+    from ggq import quants
+
+    if qtype == T.F16:
+        return np.asarray(arr).astype(np.float32)
+    return quants.dequantize(np.asarray(arr), qtype)
 
 
 def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: str | Path | None = None,
@@ -347,9 +356,17 @@ def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: s
     data = []
     for name in sorted(ad.pairs, key=natural_key):
         p = ad.pairs[name]
-        b = p.b if p.factor == 1.0 else p.b.astype(np.float32) * np.float32(p.factor)
+        with np.errstate(over="ignore", invalid="ignore"):
+            b = p.b if p.factor == 1.0 else p.b.astype(np.float32) * np.float32(p.factor)
+        if not np.isfinite(b).all():
+            raise GGQError(f"{d}: {name}.lora_b times PEFT's scaling factor {p.factor:g} (use_rslora / alpha_pattern) "
+                           "overflows float32")
         for suffix, x in ((".lora_a", p.a), (".lora_b", b)):
-            arr, qt = _encode(x, OUTTYPES[key])
+            with np.errstate(over="ignore", invalid="ignore"):  # checked here, one line instead of a warning
+                arr, qt = _encode(x, OUTTYPES[key])
+            if qt != T.F32 and not np.isfinite(_decoded(arr, qt)).all():
+                raise GGQError(f"{d}: {name}{suffix} has values beyond {qt.name}'s range (largest "
+                               f"{float(np.abs(x).max()):.3g}); use --outtype f32")
             w.add_tensor_info(name + suffix, x.shape, np.dtype(np.float32), arr.nbytes, raw_dtype=qt)
             data.append(arr)
     with atomic_output(out_p, force) as tmp:
@@ -369,19 +386,27 @@ def convert_lora(adapter_dir: str | Path, base: str | Path | None = None, out: s
 # ------------------------------------------------------------------------ merging
 
 def delta(pair: LoraPair) -> np.ndarray:
-    """``B @ A`` in float32, ``(n_out, n_in)``, ``factor`` included (rows in GGUF order)."""
-    d = pair.b.astype(np.float32) @ pair.a.astype(np.float32)
-    return d * np.float32(pair.factor) if pair.factor != 1.0 else d
+    """``B @ A`` in float32, ``(n_out, n_in)`` (rows in GGUF order); the pair's ``factor`` is not
+    included (:meth:`Adapter.scale` has it)."""
+    return pair.b.astype(np.float32) @ pair.a.astype(np.float32)
 
 
 def merge(w: np.ndarray, adapters: list[tuple[Adapter, float]], name: str) -> np.ndarray:
-    """The float32 weight ``w + sum(scale * alpha / r * B @ A)`` over the ``(adapter, user scale)``
-    pairs that adapt GGUF tensor ``name`` (``w``: ``(n_out, n_in)``, rows in GGUF order)."""
+    """The float32 weight ``w + sum(scale * alpha / r * factor * B @ A)`` over the ``(adapter, user
+    scale)`` pairs that adapt GGUF tensor ``name`` (``w``: ``(n_out, n_in)``, rows in GGUF order).
+    GGQError naming the adapter when its change is not finite in float32 (a huge scale, alpha or
+    values) while ``w`` is: the merged model would compute NaN."""
     out = np.array(w, dtype=np.float32, copy=True)
+    base_finite = bool(np.isfinite(out).all())
     for ad, scale in adapters:
         p = ad.pairs.get(name)
         if p is not None:
-            out += np.float32(scale * ad.scale(name)) * delta(p)
+            with np.errstate(over="ignore", invalid="ignore"):
+                f = np.float32(scale * ad.scale(name))
+                out += f * delta(p)
+            if base_finite and not np.isfinite(out).all():
+                raise GGQError(f"{ad.path}: {name}: the adapter's change (scale {scale:g} x {ad.scale(name):g} "
+                               "x lora_b @ lora_a) overflows float32")
     return out
 
 

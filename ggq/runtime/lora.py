@@ -171,8 +171,18 @@ def _merged_bytes(t, qt: T, adapters) -> np.ndarray:
         from gguf.quants import dequantize
 
         w = dequantize(raw, t.qtype).astype(np.float32)
-    w = w.reshape(t.ne[1], t.ne[0])
-    data = quants.quantize(merge(w, adapters, t.name), qt)
+    w = merge(w.reshape(t.ne[1], t.ne[0]), adapters, t.name)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked below: one line, not numpy's warning
+        data = quants.quantize(w, qt)
+    # every type holds |w| <= 65504 (fp16's largest; block scales are at most that); beyond it, decode
+    amax = float(np.abs(w).max(initial=0.0))
+    if qt != T.F32 and amax > 65504 and np.isfinite(w).all():
+        with np.errstate(over="ignore", invalid="ignore"):
+            ok = np.isfinite(quants.dequantize(np.asarray(data), qt)).all()
+        if not ok:
+            who = ", ".join(str(ad.path) for ad, _ in adapters if t.name in ad.pairs)
+            raise GGQError(f"{who}: merged into {t.name}, the adapter gives weights beyond {qt.name}'s range "
+                           f"(largest {amax:.3g}); --lora-type f32 keeps them")
     return np.ascontiguousarray(data).view(np.uint8).reshape(t.ne[1], -1)
 
 

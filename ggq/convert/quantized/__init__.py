@@ -200,7 +200,9 @@ class QuantizedWeight:
         if bg is None:
             return None, "blocks of 32 inputs span several groups (act-order or group size not a multiple of 32)"
         s = self.scales[:, bg]  # (out, nb) float32
-        if not np.array_equal(s.astype(np.float16).astype(np.float32), s):
+        with np.errstate(over="ignore"):  # a scale beyond fp16 is simply not exact in it
+            exact = np.array_equal(s.astype(np.float16).astype(np.float32), s)
+        if not exact:
             return None, "scales are not exact in fp16"
         z = self.zeros[:, bg].astype(np.int32)
         out, n = self.q.shape
@@ -404,14 +406,24 @@ def make_source(name: str, shape: tuple[int, int], dtype: str, decode: Callable[
             if hasattr(p, "release"):
                 p.release()
 
+    def checked() -> QuantizedWeight:
+        qw = decode()
+        if not np.isfinite(qw.scales).all():
+            raise GGQError(f"{origin}: the scales of {show(name)} are not all finite")
+        return qw
+
     def loader() -> np.ndarray:
-        return decode().dequantize()
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = checked().dequantize()
+        if not np.isfinite(w).all():
+            raise GGQError(f"{origin}: the scales of {show(name)} put its weights beyond float32's range")
+        return w
 
     def native(qtype):
         qt = _as_ggml_type(qtype)
         if qt not in NATIVE_TYPES:
             return None
-        qw = decode()
+        qw = checked()
         data, why = qw.to_blocks(qt)
         if data is None:
             info.stats.setdefault("not_native", {})[name] = why
@@ -425,7 +437,8 @@ def make_source(name: str, shape: tuple[int, int], dtype: str, decode: Callable[
             bg = qw.block_groups()
             s = qw.scales[:, bg]
             m = -s * qw.zeros[:, bg].astype(np.float32)
-            err = np.abs(m.astype(np.float16).astype(np.float32) - m) / np.where(s == 0, 1, np.abs(s))
+            with np.errstate(over="ignore", invalid="ignore"):
+                err = np.abs(m.astype(np.float16).astype(np.float32) - m) / np.where(s == 0, 1, np.abs(s))
             e = float(err.max(initial=0.0))
             info.m_error = max(info.m_error, e)
             info.stats.setdefault("m_error", {})[name] = e

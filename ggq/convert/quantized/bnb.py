@@ -314,10 +314,17 @@ def _source_4bit(ck, wname: str, qsname: str, info: BnbInfo):
         if nested:
             book = _finite(np.asarray(parts["nested_quant_map"].load(), np.float32), parts["nested_quant_map"])
             top = _finite(np.asarray(parts["nested_absmax"].load(), np.float32), parts["nested_absmax"])
-            absmax = nested_absmax(parts["absmax"].load(), book, top, qs["nested_blocksize"], qs["nested_offset"])
+            with np.errstate(over="ignore", invalid="ignore"):  # checked on the weights below
+                absmax = nested_absmax(parts["absmax"].load(), book, top, qs["nested_blocksize"], qs["nested_offset"])
         else:
             absmax = _finite(np.asarray(parts["absmax"].load(), np.float32), parts["absmax"])
-        return dequantize_4bit(tw.load(), absmax, qs["quant_type"], bs, (out, n_in), qs["dtype"])
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = dequantize_4bit(tw.load(), absmax, qs["quant_type"], bs, (out, n_in), qs["dtype"])
+        if not np.isfinite(w).all():  # finite scales whose product leaves the model's float type
+            names = "absmax" + (", nested_absmax, nested_offset" if nested else "")
+            raise GGQError(f"{origin}: the scales of {show(wname)} ({names}) put its weights beyond "
+                           f"{qs['dtype']}'s range")
+        return w
 
     def releaser() -> None:
         for p in (tw, *parts.values()):
@@ -353,7 +360,11 @@ def _source_int8(ck, prefix: str, info: BnbInfo):
         return s
 
     def loader() -> np.ndarray:
-        return dequantize_int8(np.asarray(tw.load()), scb())
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = dequantize_int8(np.asarray(tw.load()), scb())
+        if not np.isfinite(w).all():
+            raise GGQError(f"{ts.origin}: {show(ts.name)} puts the weights of {show(wname)} beyond float32's range")
+        return w
 
     def native(qtype):
         if _as_ggml_type(qtype) != T.Q8_0 or n_in % 32:

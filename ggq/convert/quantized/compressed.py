@@ -68,19 +68,18 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
     """
     where = f"{ck.path}/config.json"
     w = _weights_args(qc, where)
-    try:
-        bits = int(w.get("num_bits") or 0)
-    except (TypeError, ValueError):
-        bits = 0
-    if bits not in BITS:
+    bits = w.get("num_bits")
+    if type(bits) is not int or bits not in BITS:
         raise GGQError(f"{where}: compressed-tensors with {w.get('num_bits')} bits is not supported "
                        f"(ggq imports {', '.join(map(str, BITS))}-bit pack-quantized)")
     strategy = str(w.get("strategy") or "tensor").lower()
     if strategy not in ("group", "channel", "tensor"):
         raise GGQError(f"{where}: compressed-tensors strategy {show(strategy)} is not supported (group, channel, tensor)")
-    group_size = int(w.get("group_size") or -1) if strategy == "group" else -1
-    if strategy == "group" and group_size <= 0:
-        raise GGQError(f"{where}: compressed-tensors group strategy without a group_size")
+    gs = w.get("group_size")
+    if strategy == "group" and not (type(gs) is int and gs > 0):  # (not a string, float, NaN, list...)
+        raise GGQError(f"{where}: compressed-tensors group strategy without a positive integer group_size "
+                       f"(group_size {show(gs)})")
+    group_size = gs if strategy == "group" else -1
     actorder = str(w.get("actorder") or "").lower()
     sym = bool(w.get("symmetric", True))
     packed = w["format"] == "pack-quantized"
@@ -119,6 +118,8 @@ def prepare_compressed(ck, qc: dict) -> QuantizedInfo:
             n_in = tg.shape[0]
         else:
             n_in = tp.shape[1] * per_word
+        if out <= 0 or n_in <= 0:
+            raise GGQError(f"{tp.origin}: {pname} has no weights (shape {list(tp.shape)}, {n_in} inputs)")
         if packed and -(-n_in // per_word) != tp.shape[1]:
             raise GGQError(f"{tp.origin}: {pname} has shape {list(tp.shape)}, which does not hold {bits}-bit codes "
                            f"of {n_in} inputs (quantization_config says num_bits={bits})")

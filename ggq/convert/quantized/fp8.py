@@ -159,8 +159,16 @@ def fp8_to_q8_0(v: np.ndarray, s: np.ndarray, w: np.ndarray, baseline: np.ndarra
 
 # ------------------------------------------------------------------------ reading the checkpoint
 
+def _binades(dtypes) -> str:
+    """How many binades below a block's largest value Q8_0 keeps exactly, for the fp8 ``dtypes`` seen:
+    ``6 - m`` with ``m`` mantissa bits (4 for e4m3, 5 for e5m2)."""
+    n = sorted({{"F8_E4M3": 4, "F8_E5M2": 5}[d] for d in dtypes if d in TABLES}) or [4]
+    return " or ".join(map(str, n)) + " binades"
+
+
 class Fp8Info(QuantizedInfo):
-    """:class:`QuantizedInfo` for FP8 (``fmt``: "fp8" or "float-quantized"); default Q8_0."""
+    """:class:`QuantizedInfo` for FP8 (``fmt``: "fp8" or "float-quantized"); default Q8_0.
+    ``stats["dtypes"]``: the fp8 dtypes of the checkpoint's weights (F8_E4M3, F8_E5M2)."""
 
     def holds(self, qtype) -> bool:
         return _as_ggml_type(qtype) == T.Q8_0
@@ -171,8 +179,9 @@ class Fp8Info(QuantizedInfo):
         if qt == T.F32:
             return None
         if qt == T.Q8_0:
-            return ("Q8_0 keeps each FP8 value within 4 binades of its block's largest exactly (smaller ones are "
-                    "rounded to the block step); the block scale is rounded to fp16 (chosen for the least error)")
+            return (f"Q8_0 keeps each FP8 value within {_binades(self.stats.get('dtypes', ()))} of its block's largest "
+                    "exactly (smaller ones are rounded to the block step); the block scale is rounded to fp16 (chosen "
+                    "for the least error)")
         if qt in (T.F16, T.BF16):
             return f"FP8 weights times their scales rounded to {name}"
         return f"FP8 weights dequantized and quantized again to {name}"
@@ -242,15 +251,19 @@ def _block_of(qc_block, where: str) -> tuple[int, int] | None:
     return qc_block[0], qc_block[1]
 
 
-def _fp8_weights(ck, suffix: str):
-    """(prefix, weight TensorSource, scale TensorSource) for every fp8 weight with a ``suffix`` scale."""
+def _fp8_weights(ck, suffix: str, info):
+    """(prefix, weight TensorSource, scale TensorSource) for every fp8 weight with a ``suffix`` scale;
+    the fp8 dtypes met go to ``info.stats["dtypes"]`` (the tensors decide the format, not ``fmt``)."""
     for k, t in list(ck.tensors.items()):
         if k.endswith(".weight") and t.dtype in TABLES:
+            dts = info.stats.setdefault("dtypes", [])
+            if t.dtype not in dts:
+                dts.append(t.dtype)
             prefix = k[: -len(".weight")]
             ts = ck.tensors.get(f"{prefix}.{suffix}")
             if ts is None:
                 raise GGQError(f"{t.origin}: {show(k)} is {t.dtype} but has no {show(prefix + '.' + suffix)}")
-            if len(t.shape) != 2:
+            if len(t.shape) != 2 or min(t.shape) <= 0:
                 raise GGQError(f"{t.origin}: {show(k)} is {t.dtype} {list(t.shape)}, an fp8 layer needs a matrix")
             yield prefix, t, ts
 
@@ -274,7 +287,7 @@ def prepare_fp8(ck, qc: dict) -> Fp8Info:
     repl = {}
     # AutoFP8 / older vLLM checkpoints name the (multiplying) scale weight_scale: per tensor or per row
     suffix = "weight_scale_inv" if any(k.endswith(".weight_scale_inv") for k in ck.tensors) else "weight_scale"
-    for prefix, tw, ts in _fp8_weights(ck, suffix):
+    for prefix, tw, ts in _fp8_weights(ck, suffix, info):
         out, n_in = tw.shape
         if block is None and math.prod(ts.shape) == out and out > 1 and len(ts.shape) <= 2:
             _check(ts, ts.shape if ts.shape in ((out,), (out, 1)) else (out, 1), ("F32", "BF16", "F16"),
@@ -292,7 +305,8 @@ def prepare_fp8(ck, qc: dict) -> Fp8Info:
         src = _make_source(f"{prefix}.weight", tw, ts, blk, (out, n_in), "float32", info, extra)
         repl[f"{prefix}.weight"] = (src, [f"{prefix}.weight", f"{prefix}.{suffix}",
                                           f"{prefix}.activation_scale", f"{prefix}.input_scale"])
-    info.default_type, info.reason = "Q8_0", "keeps the FP8 values of each block's top 4 binades exactly"
+    info.default_type = "Q8_0"
+    info.reason = f"keeps the FP8 values of each block's top {_binades(info.stats.get('dtypes', ()))} exactly"
     replace_tensors(ck, repl, info)
     return info
 
@@ -320,7 +334,9 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
         if strategy not in ("tensor", "channel", "group", "block"):
             raise GGQError(f"{where}: compressed-tensors strategy {show(strategy)} is not supported "
                            "(tensor, channel, group, block)")
-        key = (strategy, w.get("group_size"), tuple(w.get("block_structure") or ()))
+        # (hashable whatever config.json holds: block_structure is validated below, group_size too)
+        key = (strategy, w.get("group_size") if type(w.get("group_size")) is int else repr(w.get("group_size")),
+               repr(w.get("block_structure")))
         if key not in schemes:
             schemes.append(key)
         a = g.get("input_activations")
@@ -329,16 +345,17 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
                         f"{'dynamic' if a.get('dynamic') else 'static'}")
     if len(schemes) > 1:
         raise GGQError(f"{where}: compressed-tensors config_groups with different weight schemes are not supported")
-    strategy, group_size, block_structure = schemes[0]
+    strategy, group_size, _ = schemes[0]
+    block_structure = next(iter(groups.values()))["weights"].get("block_structure")
     if strategy == "group" and not (type(group_size) is int and group_size > 0):
         raise GGQError(f"{where}: group strategy without a positive integer group_size")
-    block = _block_of(list(block_structure), where) if strategy == "block" else None
+    block = _block_of([] if block_structure is None else block_structure, where) if strategy == "block" else None
     info = Fp8Info("compressed-tensors", 8, group_size if strategy == "group" else -1, True, False,
                    fmt="float-quantized")
     _activation_note(info, "; ".join(sorted(set(acts))) or "weights only")
     info.stats["strategy"] = strategy
     repl = {}
-    for prefix, tw, ts in _fp8_weights(ck, "weight_scale"):
+    for prefix, tw, ts in _fp8_weights(ck, "weight_scale", info):
         out, n_in = tw.shape
         dt = ("F32", "BF16", "F16")
         if strategy == "tensor":
@@ -361,6 +378,7 @@ def prepare_ct_float(ck, qc: dict) -> Fp8Info:
         src = _make_source(f"{prefix}.weight", tw, ts, blk, (out, n_in), out_dtype, info, extra)
         repl[f"{prefix}.weight"] = (src, [f"{prefix}.weight", f"{prefix}.weight_scale", f"{prefix}.weight_zero_point",
                                           f"{prefix}.input_scale", f"{prefix}.input_zero_point"])
-    info.default_type, info.reason = "Q8_0", "keeps the FP8 values of each block's top 4 binades exactly"
+    info.default_type = "Q8_0"
+    info.reason = f"keeps the FP8 values of each block's top {_binades(info.stats.get('dtypes', ()))} exactly"
     replace_tensors(ck, repl, info)
     return info
