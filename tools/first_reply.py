@@ -42,7 +42,8 @@ def one_run(path: str, cache: str, threads: int, question: str) -> dict:
     cmd = [sys.executable, "-m", "ggq.cli", "run", path, "--temp", "0", "-n", "16", "-t", str(threads)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=REPO)  # python -m puts the working folder first on sys.path
     proc.stdin.write((question + "\n/exit\n").encode())
     proc.stdin.close()
     first = None
