@@ -69,7 +69,6 @@ def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str, block=(128, 128)
     from unittest import mock
 
     import torch
-    from safetensors.torch import save_file
     from transformers import FineGrainedFP8Config
     from transformers.integrations import finegrained_fp8
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
@@ -90,13 +89,19 @@ def _transformers_fp8(tmp: Path, stories: Path, scale_fmt: str, block=(128, 128)
                 sd.update(op._quantize_one(k, v))
             else:
                 sd[k] = v
+    _save_quantized(tmp, model, sd, dict(cfg.to_dict(), **({"fmt": "e5m2"} if e5m2 else {})))
+
+
+def _save_quantized(tmp: Path, model, sd: dict, quantization_config: dict) -> None:
+    """Write ``sd`` (the quantized state dict) as ``model``'s checkpoint in ``tmp``, a Llama config
+    with ``quantization_config``."""
+    from safetensors.torch import save_file
+
     model.config.architectures = ["LlamaForCausalLM"]
     model.config.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     c = json.loads((tmp / "config.json").read_text())
-    c["quantization_config"] = cfg.to_dict()
-    if e5m2:
-        c["quantization_config"]["fmt"] = "e5m2"
+    c["quantization_config"] = quantization_config
     (tmp / "config.json").write_text(json.dumps(c, indent=2))
 
 
@@ -104,7 +109,6 @@ def _e5m2_channel(tmp: Path, stories: Path) -> None:
     """AutoFP8-style per-row scales: ``P.weight`` float8_e5m2, ``P.weight_scale`` float32 ``(out, 1)``
     = each row's ``max|w| / 57344``; quantized with torch (scale, clamp to e5m2's range, cast)."""
     import torch
-    from safetensors.torch import save_file
 
     model = _model()
     fi = torch.finfo(torch.float8_e5m2)
@@ -120,12 +124,7 @@ def _e5m2_channel(tmp: Path, stories: Path) -> None:
             sd[k[: -len("weight")] + "weight_scale"] = s
         else:
             sd[k] = v
-    model.config.architectures = ["LlamaForCausalLM"]
-    model.config.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    c = json.loads((tmp / "config.json").read_text())
-    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic"}
-    (tmp / "config.json").write_text(json.dumps(c, indent=2))
+    _save_quantized(tmp, model, sd, {"quant_method": "fp8", "fmt": "e5m2", "activation_scheme": "dynamic"})
 
 
 def _ct(tmp: Path, stories: Path, preset: str, model=None) -> None:

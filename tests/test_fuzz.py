@@ -31,14 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 
 
-def test_fuzz_campaign_is_clean(stories_dir, cache_dir):
-    cases = int(os.environ.get("GGQ_FUZZ_CASES", "150"))
-    out = cache_dir / "fuzz-ci"
-    seeds = cache_dir / "fuzz-seeds"
+def _assert_clean_campaign(cache_dir, name: str, cases: int, args: list[str]) -> None:
+    """Run ``tools/fuzz_inputs.py`` for ``cases`` cases with ``args`` into ``cache_dir / name``
+    and assert every case ended in a success or a one-line error."""
+    out = cache_dir / name
     (out / "summary.json").unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz_inputs.py"), "--cases", str(cases), "--seed", "12",
-                        "--jobs", "2", "--out", str(out), "--seeds", str(seeds)],
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz_inputs.py"), "--cases", str(cases), *args,
+                        "--out", str(out), "--seeds", str(cache_dir / "fuzz-seeds")],
                        env=env, capture_output=True, text=True, timeout=3600)
     print(r.stdout[-6000:])
     assert (out / "summary.json").exists(), f"the fuzzer failed: {r.stderr[-2000:]}"
@@ -49,23 +49,15 @@ def test_fuzz_campaign_is_clean(stories_dir, cache_dir):
                      + "; ".join(f"{s['count']}x {s['site']} (case {s['example']})" for s in summary["sites"][:8]))
 
 
+def test_fuzz_campaign_is_clean(stories_dir, cache_dir):
+    _assert_clean_campaign(cache_dir, "fuzz-ci", int(os.environ.get("GGQ_FUZZ_CASES", "150")),
+                           ["--seed", "12", "--jobs", "2"])
+
+
 def test_fuzz_import_campaign_is_clean(stories_dir, cache_dir):
     """The targets ``quantized``, ``convert-lora`` and ``lora``: every case a success or one line."""
     for m in ("torch", "bitsandbytes", "peft", "compressed_tensors"):
         pytest.importorskip(m)
-    cases = int(os.environ.get("GGQ_FUZZ_IMPORT_CASES", "90"))
-    out = cache_dir / "fuzz-ci-import"
-    seeds = cache_dir / "fuzz-seeds"
-    (out / "summary.json").unlink(missing_ok=True)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "fuzz_inputs.py"), "--cases", str(cases), "--seed", "14",
-                        "--targets", "quantized,convert-lora,lora", "--jobs", os.environ.get("GGQ_FUZZ_JOBS", "2"),
-                        "--out", str(out),
-                        "--seeds", str(seeds)], env=env, capture_output=True, text=True, timeout=3600)
-    print(r.stdout[-6000:])
-    assert (out / "summary.json").exists(), f"the fuzzer failed: {r.stderr[-2000:]}"
-    summary = json.loads((out / "summary.json").read_text())
-    bad = {k: v for k, v in summary["outcomes"].items() if k not in ("ok", "clean_error")}
-    assert sum(summary["outcomes"].values()) == cases
-    assert not bad, (f"non-clean fuzz outcomes {bad}; per target {summary['table']}; first sites: "
-                     + "; ".join(f"{s['count']}x {s['site']} (case {s['example']})" for s in summary["sites"][:8]))
+    _assert_clean_campaign(cache_dir, "fuzz-ci-import", int(os.environ.get("GGQ_FUZZ_IMPORT_CASES", "90")),
+                           ["--seed", "14", "--targets", "quantized,convert-lora,lora",
+                            "--jobs", os.environ.get("GGQ_FUZZ_JOBS", "2")])

@@ -1498,20 +1498,7 @@ LORA_SCALES = ["", ":1", ":0.5", ":-1", ":0", ":nan", ":inf", ":-inf", ":1e309",
 
 def mutate_lora_gguf(rng, buf: bytes) -> tuple[bytes, list]:
     """1-2 LoRA-aware GGUF mutations (and, sometimes, one raw byte-level one)."""
-    doc = parse_gguf(buf)
-    muts, weights = zip(*LORA_MUTATORS)
-    descs = []
-    for _ in range(rng.choice([1, 1, 2])):
-        m = rng.choices(muts, weights)[0]
-        try:
-            descs.append(f"{m.__name__[2:]}: {m(rng, doc)}")
-        except Exception as e:  # noqa: BLE001 - a mutator found nothing to do
-            descs.append(f"{m.__name__[2:]}: skipped ({type(e).__name__})")
-    data, fields = write_gguf(doc)
-    if rng.random() < 0.15:
-        data, d = raw_mutation(rng, data, fields)
-        descs.append(d)
-    return data, descs
+    return mutate_gguf_doc(rng, parse_gguf(buf), LORA_MUTATORS, [1, 1, 2], 0.15)
 
 # ===================================================================================== seeds
 
@@ -1768,17 +1755,23 @@ def _case_rng(campaign_seed: int, i: int) -> random.Random:
 
 def mutate_gguf_bytes(rng, buf: bytes) -> tuple[bytes, list]:
     """1-3 structure-aware GGUF mutations, then (sometimes) one raw byte-level one."""
-    doc = parse_gguf(buf)
+    return mutate_gguf_doc(rng, parse_gguf(buf), GGUF_MUTATORS, [1, 1, 1, 2, 2, 3], 0.2)
+
+
+def mutate_gguf_doc(rng, doc, mutators, counts, p_raw):
+    """Apply ``rng.choice(counts)`` mutators drawn from ``mutators`` ((function, weight) pairs) to
+    the parsed GGUF ``doc``, write it, then with probability ``p_raw`` one raw byte-level mutation.
+    Returns (bytes, descriptions)."""
     descs = []
-    muts, weights = zip(*GGUF_MUTATORS)
-    for _ in range(rng.choice([1, 1, 1, 2, 2, 3])):
+    muts, weights = zip(*mutators)
+    for _ in range(rng.choice(counts)):
         m = rng.choices(muts, weights)[0]
         try:
             descs.append(f"{m.__name__[2:]}: {m(rng, doc)}")
         except Exception as e:  # noqa: BLE001 - a mutator found nothing to do
             descs.append(f"{m.__name__[2:]}: skipped ({type(e).__name__})")
     data, fields = write_gguf(doc)
-    if rng.random() < 0.2:
+    if rng.random() < p_raw:
         data, d = raw_mutation(rng, data, fields)
         descs.append(d)
     return data, descs
