@@ -423,11 +423,14 @@ def test_warmup_compiles_in_the_background_with_a_status_line():
             self.release = threading.Event()
             self.warmed = False
 
-        def warmup(self, repackers=True):
+        def warmup(self, repackers=True, wait=True):
             self.release.wait(5)
             self.warmed = True
 
         def compile_repackers(self):
+            pass
+
+        def finish_compile(self):
             pass
 
     m = SlowModel()
@@ -448,10 +451,13 @@ def test_warmup_reraises_the_compile_error():
     class Broken:
         compiled_types = []
 
-        def warmup(self, repackers=True):
+        def warmup(self, repackers=True, wait=True):
             raise GGQError("boom")
 
         def compile_repackers(self):
+            pass
+
+        def finish_compile(self):
             pass
 
     with pytest.raises(GGQError, match="boom"):
